@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# Telemetry off for everything started from here.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test test-fast bench lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tessera demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra
+
+test-fast: $(STAMP)  # skips the slow integration tests
+	$(BIN)/python -m pytest -ra -m 'not slow'
+
+bench: $(STAMP)
+	$(BIN)/python bench/prep.py
+
+lock:  # re-resolve from pyproject.toml into a fresh venv and record the exact versions
+	rm -rf /tmp/tessera-lock && $(PYTHON) -m venv /tmp/tessera-lock
+	/tmp/tessera-lock/bin/pip install --quiet -e '.[dev,bench]'
+	(echo "# Exact versions of every package, resolved together (pip freeze of a fresh .venv). Regenerate with: make lock"; \
+	 /tmp/tessera-lock/bin/pip freeze --exclude-editable | grep -v -i '^tessera' | sed 's/+cpu//') > constraints.txt
+
+clean:
+	rm -rf $(VENV) .tessera

@@ -1,0 +1,43 @@
+"""The fine-tuning DAG: validate -> prepare -> train -> register. Composition only; logic is in tasks/."""
+
+from __future__ import annotations
+
+from prefect import flow, runtime
+
+from tasks.prepare import prepare_data
+from tasks.register import register_model
+from tasks.train import train_model
+from tasks.validate import validate_data
+from tessera import runs
+
+
+@flow(
+    name="finetune",
+    on_running=[runs.on_running],
+    on_completion=[runs.on_completion],
+    on_failure=[runs.on_failure],
+    on_crashed=[runs.on_failure],
+)
+def finetune(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    task_type: str = "CHAT_COMPLETION",
+    eval_data_path: str | None = None,
+    eval_prompts: list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str = "1ep",
+    learning_rate: float | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+    experiment_path: str | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI."""
+    config = runs.ensure_record(run_name or runtime.flow_run.name, runtime.flow_run.parameters).config
+    if config.validate_inputs:
+        validate_data(config)
+    prepared = prepare_data(config)
+    trained = train_model(config, prepared)
+    return register_model(config, trained).uri

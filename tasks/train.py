@@ -1,0 +1,77 @@
+"""Stage: train. Opens the MLflow run, then launches the training worker under torchrun and follows it."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks import stage_logger
+from tasks.prepare import PreparedData
+from tasks.train_worker import TrainJob
+from tessera import runs
+from tessera.catalog import resolve_model
+from tessera.config import RunConfig, defaults
+from tessera.errors import TesseraError
+from tessera.paths import mlflow_tracking_uri
+from tessera.tracking import experiment_id, mlflow_client
+
+class TrainedModel(BaseModel):
+    model_dir: str
+    experiment_id: str
+    mlflow_run_id: str
+
+
+def torchrun_command(job_file: str, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "tasks.train_worker", job_file,
+    ]
+
+
+def train(config: RunConfig, prepared: PreparedData) -> TrainedModel:
+    model = resolve_model(config.model, config.context_length)
+    lr = config.learning_rate or model.learning_rate or defaults()["train"]["learning_rate"]
+    client = mlflow_client()
+    exp_id = experiment_id(client, config.experiment)
+    run = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name})
+    run_id = run.info.run_id
+    runs.update(config.name, experiment_id=exp_id, run_id=run_id)
+    params = {
+        "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
+        "training_duration": config.training_duration, "learning_rate": lr,
+        "context_length": model.context_length, "register_to": config.register_to,
+        "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
+        **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
+        **{f"train.{k}": v for k, v in config.train.model_dump().items()},
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+
+    out_dir = runs.run_dir(config.name) / "final_model"
+    job = TrainJob(
+        run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
+        prepared_path=prepared.path, output_dir=str(out_dir), duration=config.duration, learning_rate=lr,
+        settings=config.train, mlflow_tracking_uri=mlflow_tracking_uri(), mlflow_run_id=run_id,
+    )
+    job_file = runs.run_dir(config.name) / "train_job.json"
+    job_file.write_text(job.model_dump_json(indent=2))
+
+    log = stage_logger()
+    cmd = torchrun_command(str(job_file), config.train.nproc_per_node)
+    log.info("launching: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log.info(line.rstrip())
+    if proc.returncode != 0 or not out_dir.exists():
+        client.set_terminated(run_id, "FAILED")
+        raise TesseraError(f"training failed (torchrun exit code {proc.returncode}); last output:\n" + "\n".join(tail))
+    return TrainedModel(model_dir=str(out_dir), experiment_id=exp_id, mlflow_run_id=run_id)
+
+
+train_model = task(train, name="train")

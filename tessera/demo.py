@@ -1,0 +1,60 @@
+"""`tessera demo`: the whole pipeline on embedded defaults, ending with one question over HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+
+from tessera.paths import ASSETS_DIR, mlflow_tracking_uri, resolve_data_path, tessera_home
+
+DEMO_DATA = "dbfs:/Volumes/main/default/demo/chat.jsonl"
+REGISTER_TO = "main.demo.tiny_chat"
+DURATION = "150ep"  # 8 conversations, packed into one row: the tiny model sees them 150 times
+
+
+def ask(url: str, messages: list[dict]) -> str:
+    body = json.dumps({"messages": messages, "temperature": 0, "max_tokens": 64})
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)["choices"][0]["message"]["content"]
+
+
+def run_demo() -> int:
+    from tessera import sdk
+    from tessera.cli import follow
+    from tessera.endpoint import start_endpoint
+
+    source = ASSETS_DIR / "demo_chat.jsonl"
+    target = resolve_data_path(DEMO_DATA)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    print(f"1. demo data: 8 conversations in {DEMO_DATA}\n   ({target})")
+
+    run = sdk.create(model="tessera/tiny-chat", train_data_path=DEMO_DATA, register_to=REGISTER_TO, training_duration=DURATION)
+    print(f"2. fine-tuning tessera/tiny-chat: run {run.name}, a Prefect flow in the background", flush=True)
+    if follow(run.name) != 0:
+        return 1
+    model_uri = sdk.get(run.name).registered_model_version
+
+    print(f"3. serving {model_uri} with BentoML on 127.0.0.1", flush=True)
+    log_file = tessera_home() / "runs" / run.name / "endpoint.log"
+    conversation = json.loads(source.read_text().splitlines()[0])["messages"]
+    prompt, expected = conversation[:-1], conversation[-1]["content"]
+    with start_endpoint(model_uri, log_file=log_file) as endpoint:
+        answer = ask(endpoint.url, prompt)
+    for m in prompt:
+        print(f"   {m['role']}: {m['content']}")
+    print(f"   assistant (served): {answer}")
+    matched = answer.strip() == expected.strip()
+    print(f"   {'matches' if matched else 'DOES NOT match'} the trained answer: {expected}")
+
+    print(
+        "\nWhere to look next:\n"
+        f"  mlflow ui --backend-store-uri {mlflow_tracking_uri()}   (the run's loss curve, the registered model)\n"
+        f"  registered model: {model_uri}\n"
+        f"  tessera serve {model_uri}   (then POST /v1/chat/completions on 127.0.0.1:3000)\n"
+        f"  tessera runs get {run.name}"
+    )
+    return 0 if matched else 1

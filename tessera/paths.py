@@ -1,0 +1,80 @@
+"""Where things live: TESSERA_HOME and the UC-style volume paths that resolve under it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tessera.errors import TesseraError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def tessera_home() -> Path:
+    return Path(os.environ.get("TESSERA_HOME", ".tessera")).expanduser().resolve()
+
+
+def volumes_root() -> Path:
+    return Path(os.environ.get("TESSERA_VOLUMES_ROOT", tessera_home() / "volumes")).expanduser().resolve()
+
+
+def runs_dir() -> Path:
+    return tessera_home() / "runs"
+
+
+def models_dir() -> Path:
+    return tessera_home() / "models"
+
+
+def mlflow_tracking_uri() -> str:
+    """The user's MLflow server if they set one, else the embedded SQLite store in TESSERA_HOME."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{tessera_home() / 'mlflow' / 'mlflow.db'}"
+
+
+def mlflow_artifacts_root() -> Path:
+    return tessera_home() / "mlflow" / "artifacts"
+
+
+def is_volume_path(path: str) -> bool:
+    return path.startswith(("dbfs:/Volumes/", "/Volumes/")) or path in ("dbfs:/Volumes", "/Volumes")
+
+
+def resolve_data_path(path: str) -> Path:
+    """Map `dbfs:/Volumes/c/s/v/...` or `/Volumes/c/s/v/...` under the volumes root; anything else is local.
+
+    A volume path must name catalog, schema and volume, and may not leave its volume (by `..` or a
+    symlink): the managed service refused both, and so do we.
+    """
+    if not is_volume_path(path):
+        return Path(path).expanduser().resolve()
+    rel = path.removeprefix("dbfs:").removeprefix("/Volumes").strip("/")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if len(parts) < 3:
+        raise TesseraError(
+            f"{path}: a volume path needs /Volumes/<catalog>/<schema>/<volume>/..., got {len(parts)} level(s)"
+        )
+    if ".." in parts:
+        raise TesseraError(f"{path}: '..' is not allowed in a volume path")
+    volume_dir = volumes_root().joinpath(*parts[:3])
+    target = volume_dir.joinpath(*parts[3:])
+    real_volume, real_target = os.path.realpath(volume_dir), os.path.realpath(target)
+    if real_target != real_volume and not real_target.startswith(real_volume + os.sep):
+        raise TesseraError(f"{path}: resolves outside its volume {'/'.join(parts[:3])} (through a symlink)")
+    return Path(real_target)
+
+
+def apply_engine_defaults() -> None:
+    """Embedded defaults for the engines we start: state in TESSERA_HOME, telemetry off. Users' settings win."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(tessera_home() / "prefect"))
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,175 @@
+"""Reading training records and the rules they must follow: one implementation for validator and trainer.
+
+A record is `(where, data)`: `where` is `path:line` (or the like for other sources), so every error
+can name the exact place a user has to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.config import TaskType
+from tessera.errors import DataValidationError, TesseraError
+from tessera.paths import resolve_data_path
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    where: str
+    message: str
+
+
+def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
+    """Stream a JSONL file line by line; blank lines are skipped, every broken line is reported."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{display}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(data, dict):
+                yield BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
+                continue
+            yield Record(where, data)
+
+
+def local_source(path: str, task_type: TaskType) -> Path:
+    """The local file behind a user's data path; refuses a missing, empty or wrong kind of input up front."""
+    local = resolve_data_path(path)
+    if not local.exists():
+        raise TesseraError(f"{path}: no such file or directory")
+    if local.is_dir():
+        raise TesseraError(f"{path}: is a directory; {task_type.value} data must be a .jsonl file")
+    if local.suffix != ".jsonl":
+        raise TesseraError(f"{path}: {task_type.value} data must be a .jsonl file, not '{local.suffix or 'no extension'}'")
+    if local.stat().st_size == 0:
+        raise TesseraError(f"{path}: file is empty")
+    return local
+
+
+def open_records(path: str, task_type: TaskType) -> Iterator[Record | BadRecord]:
+    return read_jsonl(local_source(path, task_type), path)
+
+
+def supports_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a system message (the Mistral family's raise or drop it)."""
+    probe = "tessera-system-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+            tokenize=False,
+        )
+    except Exception:
+        return False
+    return probe in text
+
+
+def chat_errors(data: dict, allow_system: bool = True) -> list[str]:
+    """Every way a `{"messages": [...]}` record breaks the chat rules (DESIGN §4)."""
+    if "messages" not in data:
+        return [f"missing field 'messages' (found: {', '.join(sorted(data)) or 'nothing'})"]
+    messages = data["messages"]
+    if not isinstance(messages, list):
+        return [f"field 'messages': expected a list of messages, got {type(messages).__name__}"]
+    if not messages:
+        return ["field 'messages': is empty"]
+    errors = []
+    for i, m in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(m, dict):
+            errors.append(f"{field}: expected an object with 'role' and 'content', got {type(m).__name__}")
+            continue
+        if "role" not in m:
+            errors.append(f"{field}: missing field 'role'")
+        elif m["role"] not in ROLES:
+            errors.append(f"{field}.role: {m['role']!r} is not one of {', '.join(ROLES)}")
+        if "content" not in m:
+            errors.append(f"{field}: missing field 'content'")
+        elif not isinstance(m["content"], str):
+            errors.append(f"{field}.content: expected a string, got {type(m['content']).__name__}")
+    if errors:
+        return errors
+    roles = [m["role"] for m in messages]
+    for i, role in enumerate(roles):
+        if role == "system" and i > 0:
+            errors.append(f"messages[{i}].role: 'system' is only allowed as the first message")
+        elif role == "system" and not allow_system:
+            errors.append("messages[0].role: this model's chat template has no system role")
+        if i > 0 and role == roles[i - 1]:
+            errors.append(f"messages[{i}].role: two '{role}' messages in a row; roles must alternate")
+    if "assistant" not in roles:
+        errors.append("field 'messages': needs at least one 'assistant' message")
+    elif roles[-1] != "assistant":
+        errors.append(f"messages[{len(roles) - 1}].role: the last message must be 'assistant', not {roles[-1]!r}")
+    turns = roles[1:] if roles[0] == "system" else roles
+    if turns and turns[0] != "user" and not errors:
+        errors.append(f"messages[{len(roles) - len(turns)}].role: the conversation must start with 'user'")
+    return errors
+
+
+def instruction_errors(data: dict) -> list[str]:
+    """`{"prompt", "response"}` or `{"prompt", "completion"}`, strings, non-empty response."""
+    errors = []
+    if "prompt" not in data:
+        errors.append(f"missing field 'prompt' (found: {', '.join(sorted(data)) or 'nothing'})")
+    elif not isinstance(data["prompt"], str):
+        errors.append(f"field 'prompt': expected a string, got {type(data['prompt']).__name__}")
+    answer_fields = [k for k in ("response", "completion") if k in data]
+    if not answer_fields:
+        errors.append("missing field 'response' (or 'completion')")
+    elif len(answer_fields) == 2:
+        errors.append("has both 'response' and 'completion'; use one")
+    else:
+        key = answer_fields[0]
+        if not isinstance(data[key], str):
+            errors.append(f"field '{key}': expected a string, got {type(data[key]).__name__}")
+        elif not data[key].strip():
+            errors.append(f"field '{key}': is empty")
+    return errors
+
+
+def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) -> list[str]:
+    if task_type is TaskType.CHAT_COMPLETION:
+        return chat_errors(data, allow_system)
+    if task_type is TaskType.INSTRUCTION_FINETUNE:
+        return instruction_errors(data)
+    raise TesseraError(f"{task_type.value} data is not supported yet from a .jsonl file")
+
+
+def valid_records(path: str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:
+    """Yield the valid records; after the last one, raise DataValidationError if any record was bad."""
+    errors: list[str] = []
+    count = 0
+    for rec in open_records(path, task_type):
+        count += 1
+        if isinstance(rec, BadRecord):
+            errors.append(f"{rec.where}: {rec.message}")
+            continue
+        problems = record_errors(rec.data, task_type, allow_system)
+        errors.extend(f"{rec.where}: {p}" for p in problems)
+        if not problems and not errors:
+            yield rec
+    if errors:
+        raise DataValidationError(errors, examples_checked=count)
+    if count == 0:
+        raise TesseraError(f"{path}: contains no records")

@@ -1,0 +1,199 @@
+"""The managed service's Python SDK, self-hosted: `from tessera import foundation_model as fm`.
+
+fm.create() checks what it can at once (names, model, context length, data path), records the run,
+and starts the Prefect flow in a detached process: the run survives the caller, and any process
+sees its status through the run records in TESSERA_HOME.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from pydantic import BaseModel
+
+from tessera import runs
+from tessera.catalog import ModelSpec, catalog, resolve_model
+from tessera.config import RunConfig, build_run_config
+from tessera.errors import TesseraError
+from tessera.paths import apply_engine_defaults, tessera_home
+from tessera.records import local_source
+from tessera.runs import RunRecord, RunStatus
+
+
+class TrainingRun(BaseModel):
+    name: str
+    status: RunStatus
+    created_by: str
+    model: str
+    train_data_path: str
+    register_to: str
+    task_type: str
+    eval_data_path: str | None = None
+    eval_prompts: list[str] | None = None
+    custom_weights_path: str | None = None
+    training_duration: str
+    learning_rate: float | None = None
+    context_length: int | None = None
+    data_prep_cluster_id: str | None = None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    estimated_end_time: dt.datetime | None = None
+    experiment_id: str | None = None
+    run_id: str | None = None
+    save_folder: str
+    registered_model_version: str | None = None
+    details: str | None = None
+
+    @classmethod
+    def from_record(cls, record: RunRecord) -> TrainingRun:
+        c: RunConfig = record.config
+        return cls(
+            **c.model_dump(include={
+                "created_by", "model", "train_data_path", "register_to", "eval_data_path", "eval_prompts",
+                "custom_weights_path", "training_duration", "learning_rate", "context_length", "data_prep_cluster_id",
+            }),
+            name=c.name, task_type=c.task_type.value, status=record.status, created_at=record.created_at,
+            started_at=record.started_at, completed_at=record.completed_at,
+            estimated_end_time=record.estimated_end_time, experiment_id=record.experiment_id, run_id=record.run_id,
+            save_folder=str(runs.run_dir(c.name)), registered_model_version=record.registered_version,
+            details=record.details,
+        )
+
+    def refresh(self) -> TrainingRun:
+        return get(self.name)
+
+    def cancel(self) -> None:
+        cancel(self.name)
+
+    def get_events(self) -> list[dict]:
+        return get_events(self.name)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _current(record: RunRecord) -> RunRecord:
+    """A run whose process died without saying so (killed, machine restarted) is FAILED, not RUNNING forever."""
+    if not record.status.finished and record.pid and not _alive(record.pid):
+        record = runs.update(
+            record.config.name, status=RunStatus.FAILED, completed_at=runs.now(),
+            details=f"the run's process ({record.pid}) exited unexpectedly; see {runs.run_dir(record.config.name) / 'run.log'}",
+        )
+    return record
+
+
+def create(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    *,
+    task_type: str = "CHAT_COMPLETION",
+    eval_data_path: str | None = None,
+    eval_prompts: list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str = "1ep",
+    learning_rate: float | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+    experiment_path: str | None = None,
+) -> TrainingRun:
+    """Start a fine-tuning run in the background and return at once; follow it with get()/get_events()."""
+    apply_engine_defaults()
+    config = build_run_config(
+        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
+        eval_data_path=eval_data_path, eval_prompts=eval_prompts, custom_weights_path=custom_weights_path,
+        training_duration=training_duration, learning_rate=learning_rate, context_length=context_length,
+        validate_inputs=validate_inputs, data_prep_cluster_id=data_prep_cluster_id, experiment_path=experiment_path,
+    )
+    resolve_model(config.model, config.context_length)
+    for path in filter(None, [config.train_data_path, config.eval_data_path]):
+        local_source(path, config.task_type)
+    runs.save(RunRecord(config=config, created_at=runs.now()))
+    log = open(runs.run_dir(config.name) / "run.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tessera.sdk", config.name],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, TESSERA_HOME=str(tessera_home())),
+    )
+    runs.update(config.name, pid=process.pid)
+    runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
+    return get(config.name)
+
+
+def get(run_or_name: TrainingRun | str) -> TrainingRun:
+    name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
+    return TrainingRun.from_record(_current(runs.load(name)))
+
+
+def list(statuses: list[str] | None = None, limit: int | None = None) -> list[TrainingRun]:  # noqa: A001 - the SDK's name
+    found = [TrainingRun.from_record(_current(r)) for r in runs.list_records()]
+    if statuses:
+        found = [r for r in found if r.status.value in {s.upper() for s in statuses}]
+    return found[:limit] if limit else found
+
+
+def cancel(run_or_name: TrainingRun | str) -> None:
+    """Stop a run and everything it started (the flow, torchrun and its workers); nothing is registered."""
+    run = get(run_or_name)
+    if run.status.finished:
+        raise TesseraError(f"run {run.name} already finished ({run.status.value})")
+    record = runs.update(run.name, status=RunStatus.TERMINATING)
+    if record.pid and _alive(record.pid):
+        try:
+            os.killpg(record.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    runs.update(run.name, status=RunStatus.STOPPED, completed_at=runs.now(), details="cancelled by the user")
+    runs.append_event(run.name, "run", "stopped: cancelled by the user")
+
+
+def get_events(run_or_name: TrainingRun | str) -> list[dict]:
+    name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
+    runs.load(name)
+    return runs.read_events(name)
+
+
+def get_models() -> list[ModelSpec]:
+    return [m for m in catalog().values()]
+
+
+def _execute(name: str) -> int:
+    """Body of the detached process fm.create starts: run the flow for a recorded run."""
+    apply_engine_defaults()
+    from flows.finetune import finetune
+
+    params: dict[str, Any] = runs.load(name).config.model_dump(
+        exclude={"name", "created_by", "train"}, mode="json"
+    )
+    try:
+        finetune(run_name=name, **params)
+    except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING
+        record = runs.load(name)
+        if not record.status.finished:
+            runs.update(name, status=RunStatus.FAILED, completed_at=runs.now(), details=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_execute(sys.argv[1]))
