@@ -22,8 +22,9 @@ from tasks import stage_logger
 from tessera.catalog import ResolvedModel, resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import TesseraError
-from tessera.paths import resolve_data_path, tessera_home
+from tessera.paths import tessera_home
 from tessera.records import supports_system_role, valid_records
+from tessera.sources import Source, resolve_source
 
 IGNORE_INDEX = -100
 PREP_FORMAT = 1  # bump when the prepared layout or the tokenization rules change: old caches are then unused
@@ -48,6 +49,7 @@ class PreparedData(BaseModel):
     cache_key: str
     reused: bool
     stats: PrepStats
+    lineage: dict[str, str]
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -130,11 +132,11 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def cache_key(config: RunConfig, model: ResolvedModel, data_path: str) -> str:
+def cache_key(config: RunConfig, model: ResolvedModel, source: Source) -> str:
     tokenizer_files = [p for p in Path(model.path).glob("*") if p.name.startswith(("tokenizer", "special_tokens"))]
     parts = {
         "format": PREP_FORMAT,
-        "data": _hash_files([resolve_data_path(data_path)]),
+        "data": source.fingerprint(),
         "tokenizer": _hash_files(tokenizer_files) if tokenizer_files else model.path,
         "task_type": config.task_type.value,
         "context_length": model.context_length,
@@ -142,10 +144,10 @@ def cache_key(config: RunConfig, model: ResolvedModel, data_path: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenize_records(config: RunConfig, tokenizer, data_path: str, context_length: int):
-    """Yield (input_ids, labels) per valid record, truncated to the context length."""
+def tokenize_records(config: RunConfig, tokenizer, source: Source, context_length: int):
+    """Yield (input_ids, labels, truncated) per valid record."""
     allow_system = supports_system_role(tokenizer)
-    for rec in valid_records(data_path, config.task_type, allow_system):
+    for rec in valid_records(source, config.task_type, allow_system):
         if config.task_type is TaskType.CHAT_COMPLETION:
             ids, labels = tokenize_chat(tokenizer, rec.data["messages"])
         else:
@@ -160,19 +162,20 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     from transformers import AutoTokenizer
 
     data_path = data_path or config.train_data_path
+    source = resolve_source(data_path, config.task_type)
     model = resolve_model(config.model, config.context_length)
-    key = cache_key(config, model, data_path)
+    key = cache_key(config, model, source)
     out = tessera_home() / "prepared" / key
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
-        return PreparedData(path=str(out), cache_key=key, reused=True, stats=PrepStats(**manifest["stats"]))
+        return PreparedData(path=str(out), cache_key=key, reused=True, stats=PrepStats(**manifest["stats"]), lineage=source.lineage())
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     ctx = model.context_length
     examples, truncated, dropped = [], 0, 0
     count = 0
-    for ids, labels, was_truncated in tokenize_records(config, tokenizer, data_path, ctx):
+    for ids, labels, was_truncated in tokenize_records(config, tokenizer, source, ctx):
         count += 1
         truncated += was_truncated
         ids, labels = ids[:ctx], labels[:ctx]
@@ -209,7 +212,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     Dataset.from_dict(columns).save_to_disk(str(tmp / "rows"))
-    manifest = {"source": data_path, "task_type": config.task_type.value, "model": model.name, "cache_key": key, "stats": stats.model_dump()}
+    manifest = {"source": source.model_dump(), "task_type": config.task_type.value, "model": model.name, "cache_key": key, "stats": stats.model_dump()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         os.rename(tmp, out)
@@ -219,7 +222,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         "prepared %d examples into %d rows of %d tokens (fill %.1f%%, %d truncated, %d trainable tokens)",
         count, len(rows), ctx, 100 * stats.fill, truncated, trainable,
     )
-    return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats)
+    return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats, lineage=source.lineage())
 
 
 prepare_data = task(prepare, name="prepare-data")

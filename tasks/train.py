@@ -46,6 +46,7 @@ def train(config: RunConfig, prepared: PreparedData) -> TrainedModel:
         "context_length": model.context_length, "register_to": config.register_to,
         "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
         **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
+        **prepared.lineage,
         **{f"train.{k}": v for k, v in config.train.model_dump().items()},
     }
     for key, value in params.items():

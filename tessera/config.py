@@ -165,5 +165,5 @@ def build_run_config(**kwargs) -> RunConfig:
             raise cause from None
         field = ".".join(str(p) for p in err["loc"])
         raise TesseraError(f"{field}: {err['msg']}") from None
-    config.registered_model_name  # noqa: B018 - validates register_to now, not at the end of training
+    parse_register_to(config.register_to, config.name)  # refuse a bad name now, not after training
     return config

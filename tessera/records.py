@@ -1,74 +1,18 @@
 """Reading training records and the rules they must follow: one implementation for validator and trainer.
 
-A record is `(where, data)`: `where` is `path:line` (or the like for other sources), so every error
-can name the exact place a user has to fix.
+Records come from tessera.sources; each carries `where` (`path:line`, or the like for other sources),
+so every error names the exact place a user has to fix.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 from tessera.config import TaskType
 from tessera.errors import DataValidationError, TesseraError
-from tessera.paths import resolve_data_path
+from tessera.sources import BadRecord, Record, Source, read_records, resolve_source
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class Record:
-    where: str
-    data: dict
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    where: str
-    message: str
-
-
-def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
-    """Stream a JSONL file line by line; blank lines are skipped, every broken line is reported."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{display}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(data, dict):
-                yield BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
-                continue
-            yield Record(where, data)
-
-
-def local_source(path: str, task_type: TaskType) -> Path:
-    """The local file behind a user's data path; refuses a missing, empty or wrong kind of input up front."""
-    local = resolve_data_path(path)
-    if not local.exists():
-        raise TesseraError(f"{path}: no such file or directory")
-    if local.is_dir():
-        raise TesseraError(f"{path}: is a directory; {task_type.value} data must be a .jsonl file")
-    if local.suffix != ".jsonl":
-        raise TesseraError(f"{path}: {task_type.value} data must be a .jsonl file, not '{local.suffix or 'no extension'}'")
-    if local.stat().st_size == 0:
-        raise TesseraError(f"{path}: file is empty")
-    return local
-
-
-def open_records(path: str, task_type: TaskType) -> Iterator[Record | BadRecord]:
-    return read_jsonl(local_source(path, task_type), path)
 
 
 def supports_system_role(tokenizer) -> bool:
@@ -156,11 +100,13 @@ def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) ->
     raise TesseraError(f"{task_type.value} data is not supported yet from a .jsonl file")
 
 
-def valid_records(path: str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:
+def valid_records(source: Source | str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:
     """Yield the valid records; after the last one, raise DataValidationError if any record was bad."""
+    if isinstance(source, str):
+        source = resolve_source(source, task_type)
     errors: list[str] = []
     count = 0
-    for rec in open_records(path, task_type):
+    for rec in read_records(source, task_type):
         count += 1
         if isinstance(rec, BadRecord):
             errors.append(f"{rec.where}: {rec.message}")
@@ -172,4 +118,4 @@ def valid_records(path: str, task_type: TaskType, allow_system: bool = True) -> 
     if errors:
         raise DataValidationError(errors, examples_checked=count)
     if count == 0:
-        raise TesseraError(f"{path}: contains no records")
+        raise TesseraError(f"{source.path}: contains no records")

@@ -21,8 +21,8 @@ from tessera.catalog import ModelSpec, catalog, resolve_model
 from tessera.config import RunConfig, build_run_config
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
-from tessera.records import local_source
 from tessera.runs import RunRecord, RunStatus
+from tessera.sources import resolve_source
 
 
 class TrainingRun(BaseModel):
@@ -127,7 +127,7 @@ def create(
     )
     resolve_model(config.model, config.context_length)
     for path in filter(None, [config.train_data_path, config.eval_data_path]):
-        local_source(path, config.task_type)
+        resolve_source(path, config.task_type)
     runs.save(RunRecord(config=config, created_at=runs.now()))
     log = open(runs.run_dir(config.name) / "run.log", "ab")
     process = subprocess.Popen(

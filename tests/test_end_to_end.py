@@ -1,0 +1,123 @@
+"""The demo's path for real: a Prefect flow run in a detached process, torchrun, an MLflow store,
+and a BentoML server on 127.0.0.1 answering over the OpenAI API."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import chat, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+DATA = [
+    chat("What colour is the sky?", "The sky is blue.", system="Answer in one sentence."),
+    chat("Name a fruit.", "An apple is a fruit."),
+    chat("What is Tessera?", "Tessera trains models on your data."),
+    chat("Say hello.", "Hello from the test!"),
+]
+
+
+def wait_for(name: str, timeout: float = 420):
+    from tessera import foundation_model as fm
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = fm.get(name)
+        if run.status.finished:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"run {name} did not finish in {timeout}s; events: {fm.get_events(name)[-5:]}")
+
+
+def test_chat_data_in_a_volume_becomes_a_served_model(home):
+    from mlflow import MlflowClient
+    from openai import OpenAI
+
+    from tessera import foundation_model as fm
+    from tessera.endpoint import start_endpoint
+    from tessera.paths import mlflow_tracking_uri
+
+    write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", DATA)
+    run = fm.create(
+        model="tessera/tiny-chat",
+        train_data_path="dbfs:/Volumes/main/default/raw/chat.jsonl",
+        register_to="main.finetuning.support_bot",
+        training_duration="150ba",
+    )
+    assert run.status.value in ("PENDING", "RUNNING")
+
+    run = wait_for(run.name)
+    assert run.status.value == "COMPLETED", run.details
+    assert run.registered_model_version == "models:/main.finetuning.support_bot/1"
+
+    # another process sees the same run and its status
+    seen = subprocess.run(
+        [sys.executable, "-c", f"from tessera import foundation_model as fm; print(fm.get('{run.name}').status.value)"],
+        capture_output=True, text=True, env=os.environ.copy(), check=True,
+    )
+    assert seen.stdout.strip() == "COMPLETED"
+    assert [r.name for r in fm.list()] == [run.name]
+    stages = {e["stage"] for e in fm.get_events(run.name)}
+    assert {"run", "train", "register"} <= stages
+
+    client = MlflowClient(mlflow_tracking_uri())
+    losses = [m.value for m in sorted(client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) >= 10
+    assert losses[-1] < losses[0] / 10, losses
+    assert client.get_metric_history(run.run_id, "tokens_per_sec")
+    version = client.get_model_version("main.finetuning.support_bot", "1")
+    assert version.tags == {
+        "base_model": "tessera/tiny-chat",
+        "task_type": "CHAT_COMPLETION",
+        "train_data_path": "dbfs:/Volumes/main/default/raw/chat.jsonl",
+        "run_name": run.name,
+    }
+
+    with start_endpoint(run.registered_model_version, log_file=home / "endpoint.log") as endpoint:
+        openai = OpenAI(base_url=f"{endpoint.url}/v1", api_key="unused")
+        for record in DATA:
+            reply = openai.chat.completions.create(
+                model="support_bot", messages=record["messages"][:-1], temperature=0, max_tokens=40
+            )
+            assert reply.choices[0].message.content == record["messages"][-1]["content"]
+            assert reply.choices[0].finish_reason == "stop"  # it learned to end its turn
+        import urllib.request
+
+        with urllib.request.urlopen(f"{endpoint.url}/readyz") as health:
+            assert health.status == 200
+
+
+def test_a_malformed_line_fails_the_run_with_path_and_line_and_registers_nothing(home):
+    from mlflow import MlflowClient
+
+    from tessera.paths import mlflow_tracking_uri
+
+    path = write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", [
+        DATA[0], '{"messages": [{"role": "user", "content": "unterminated"', DATA[1],
+    ])
+    result = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "create", "--model", "tessera/tiny-chat",
+         "--train-data-path", "/Volumes/main/default/raw/chat.jsonl", "--register-to", "main.finetuning.bad", "--wait"],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=300,
+    )
+    assert result.returncode != 0
+    assert "/Volumes/main/default/raw/chat.jsonl:2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert path.read_text().count("\n") == 3  # the user's file is untouched
+    client = MlflowClient(mlflow_tracking_uri())
+    assert [m.name for m in client.search_registered_models()] == []
+
+
+def test_cli_user_errors_exit_non_zero_without_traceback(home):
+    result = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "create", "--model", "tessera/tiny-chat",
+         "--train-data-path", "/Volumes/main/x", "--register-to", "main.finetuning"],
+        capture_output=True, text=True, env=os.environ.copy(),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: /Volumes/main/x: a volume path needs")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,118 @@
+"""The chat and instruction rules, one by one, and how bad lines are reported."""
+
+import pytest
+
+from tessera.config import TaskType
+from tessera.errors import DataValidationError, TesseraError
+from tessera.records import chat_errors, instruction_errors, supports_system_role, valid_records
+
+from conftest import chat, write_jsonl
+
+
+def test_a_valid_conversation_has_no_errors():
+    assert chat_errors(chat("hi", "hello", "how are you?", "fine", system="be brief")) == []
+
+
+@pytest.mark.parametrize(
+    "messages,expected",
+    [
+        ([{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}], "messages[0].role: 'bot' is not one of"),
+        ([{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+         "messages[1].role: 'system' is only allowed as the first message"),
+        ([{"role": "user", "content": "q"}], "needs at least one 'assistant' message"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}],
+         "the last message must be 'assistant'"),
+        ([{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}],
+         "messages[1].role: two 'user' messages in a row"),
+        ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "must start with 'user'"),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}], "messages[0].content: expected a string, got int"),
+        ([{"role": "user"}, {"role": "assistant", "content": "a"}], "messages[0]: missing field 'content'"),
+        ([{"content": "q"}, {"role": "assistant", "content": "a"}], "messages[0]: missing field 'role'"),
+        (["hello", {"role": "assistant", "content": "a"}], "messages[0]: expected an object"),
+        ([], "'messages': is empty"),
+    ],
+)
+def test_each_chat_rule(messages, expected):
+    errors = chat_errors({"messages": messages})
+    assert any(expected in e for e in errors), errors
+
+
+def test_messages_field_missing_or_wrong_type():
+    assert "missing field 'messages'" in chat_errors({"prompt": "x"})[0]
+    assert "expected a list of messages, got str" in chat_errors({"messages": "hi"})[0]
+
+
+def test_system_refused_when_the_template_has_no_system_role():
+    record = chat("q", "a", system="s")
+    assert chat_errors(record, allow_system=True) == []
+    assert "no system role" in chat_errors(record, allow_system=False)[0]
+
+
+def test_system_role_detection(tokenizer):
+    assert supports_system_role(tokenizer)
+
+    class NoSystem:  # a Mistral-style template raises on a system message
+        def apply_chat_template(self, messages, **kw):
+            if messages[0]["role"] == "system":
+                raise ValueError("Conversation roles must alternate user/assistant")
+            return "ok"
+
+    assert not supports_system_role(NoSystem())
+
+
+def test_instruction_rules():
+    assert instruction_errors({"prompt": "p", "response": "r"}) == []
+    assert instruction_errors({"prompt": "p", "completion": "r"}) == []
+    assert "missing field 'prompt'" in instruction_errors({"response": "r"})[0]
+    assert "missing field 'response'" in instruction_errors({"prompt": "p"})[0]
+    assert "field 'response': is empty" in instruction_errors({"prompt": "p", "response": "  "})[0]
+    assert "field 'prompt': expected a string, got list" in instruction_errors({"prompt": ["p"], "response": "r"})[0]
+    assert "both" in instruction_errors({"prompt": "p", "response": "r", "completion": "c"})[0]
+
+
+def test_bad_lines_are_reported_as_path_line_message(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        chat("q", "a"),
+        "{not json",
+        "[1, 2]",
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        chat("q", "a"),
+    ])
+    with pytest.raises(DataValidationError) as info:
+        list(valid_records(str(path), TaskType.CHAT_COMPLETION))
+    errors = info.value.errors
+    assert errors[0].startswith(f"{path}:2: not valid JSON")
+    assert errors[1] == f"{path}:3: expected a JSON object, got list"
+    assert errors[2].startswith(f"{path}:4: field 'messages': needs at least one 'assistant'")
+    assert len(errors) == 3
+
+
+def test_not_utf8_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b'{"messages": []}\n{"messages": "\xff\xfe"}\n')
+    with pytest.raises(DataValidationError) as info:
+        list(valid_records(str(path), TaskType.CHAT_COMPLETION))
+    assert any(e.startswith(f"{path}:2: not valid UTF-8") for e in info.value.errors)
+
+
+def test_only_the_first_20_errors_are_shown_then_a_count(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", ["nope"] * 25)
+    with pytest.raises(DataValidationError) as info:
+        list(valid_records(str(path), TaskType.CHAT_COMPLETION))
+    message = str(info.value)
+    assert f"{path}:20:" in message and f"{path}:21:" not in message
+    assert "and 5 more error(s)" in message
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("chat.txt", "{}", "must be a .jsonl file"),
+    ("empty.jsonl", "", "file is empty"),
+    ("missing.jsonl", None, "no such file"),
+])
+def test_wrong_files_are_refused_up_front(tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TesseraError, match=expected):
+        list(valid_records(str(path), TaskType.CHAT_COMPLETION))
