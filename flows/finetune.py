@@ -1,4 +1,4 @@
-"""The fine-tuning DAG: validate -> prepare -> train -> register. Composition only; logic is in tasks/."""
+"""The fine-tuning DAG: validate -> prepare -> report -> train -> register. Composition only; logic is in tasks/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prefect import flow, runtime
 from tasks.prepare import prepare_data
 from tasks.register import register_model
 from tasks.train import train_model
-from tasks.validate import validate_data
+from tasks.validate import report_data, validate_data
 from tessera import runs
 
 
@@ -39,5 +39,7 @@ def finetune(
     if config.validate_inputs:
         validate_data(config)
     prepared = prepare_data(config)
-    trained = train_model(config, prepared)
+    eval_prepared = prepare_data(config, config.eval_data_path) if config.eval_data_path else None
+    report = report_data(config, prepared)
+    trained = train_model(config, prepared, report, eval_prepared)
     return register_model(config, trained).uri

@@ -3,6 +3,24 @@
 Loss masks come from the tokenizer's own chat template (never a hand-written copy), so training and
 serving see the same text, and a template whose masks come out empty is refused instead of training
 on nothing.
+
+The input streams through in bounded pieces, so memory does not grow with its size:
+
+    records --batches--> tokenize (threads) --> fit to the context --> pack a window --> append rows to Arrow
+
+The Rust tokenizer releases the GIL, so a few threads tokenize batches in parallel while the main
+thread reads and validates the next ones; this needs no process pool and does not depend on
+TOKENIZERS_PARALLELISM (which our entry points turn off, for safe forking).
+
+The prepared data is `<TESSERA_HOME>/prepared/<key>/`, the key a hash of everything the rows depend on:
+    rows/           a `datasets` Arrow dataset (datasets.load_from_disk), one packed row per record with
+                    columns input_ids, labels, position_ids (int32 lists, at most context_length long).
+                    Examples sit side by side in a row, position_ids restart at 0 for each, and the label
+                    at each example's first position is IGNORE_INDEX, so no loss crosses a boundary.
+                    Continued pretraining rows are context-length blocks of the text (positions 0..n-1).
+    manifest.json   the inputs hashed into the key (source, data fingerprint, tokenizer hash, task type,
+                    context length) and PrepStats (counts, fill, per-example lengths) under "stats".
+Rows are in packing order; the trainer draws its own seeded permutation and each rank takes its slice.
 """
 
 from __future__ import annotations
@@ -13,35 +31,49 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tessera.catalog import ResolvedModel, resolve_model
+from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import TesseraError
 from tessera.paths import tessera_home
 from tessera.records import supports_system_role, valid_records
-from tessera.sources import Source, resolve_source
+from tessera.sources import Record, resolve_source
 
 IGNORE_INDEX = -100
-PREP_FORMAT = 1  # bump when the prepared layout or the tokenization rules change: old caches are then unused
+PREP_FORMAT = 2  # bump when the prepared layout or the tokenization rules change: old caches are then unused
+BATCH_RECORDS = 512  # records per tokenizer call: enough for Rust to amortize the call, small enough to stream
+PACK_WINDOW_TOKENS = 1 << 22  # examples packed together; ~2k rows of 2048 leave < 0.5% of row space empty
+COLUMNS = ("input_ids", "labels", "position_ids")
 
 
 class PrepStats(BaseModel):
+    """What the data report shows. Lengths are per example (a chat, a prompt + response, a document) before truncation."""
+
     examples: int
     truncated: int
     dropped_without_trainable_tokens: int
-    tokens: int
-    trainable_tokens: int
+    tokens: int  # real tokens in the rows
+    trainable_tokens: int  # tokens the trainer computes loss on
     rows: int
     context_length: int
-
-    @property
-    def fill(self) -> float:
-        return self.tokens / max(1, self.rows * self.context_length)
+    fill: float  # packing efficiency: tokens / (rows * context_length)
+    length_min: int
+    length_mean: float
+    length_p50: int
+    length_p95: int
+    length_max: int
+    length_histogram: list[tuple[int, int, int]]  # (first length, end length exclusive, examples), ~20 equal bins
 
 
 class PreparedData(BaseModel):
@@ -50,6 +82,76 @@ class PreparedData(BaseModel):
     reused: bool
     stats: PrepStats
     lineage: dict[str, str]
+
+
+# --- tokenizing, in batches ---------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Tokenized examples laid end to end: example i is [starts[i], starts[i] + lengths[i]) of ids and labels."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]], labels: list[list[int]] | None = None) -> Examples:
+        """From one list of token ids per example; labels default to a copy of the ids (train on every token)."""
+        lengths = np.array([len(x) for x in ids], np.int32)
+        flat_ids = np.fromiter(chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+        if labels is None:
+            return cls(flat_ids, flat_ids.copy(), lengths)
+        return cls(flat_ids, np.fromiter(chain.from_iterable(labels), np.int32, count=len(flat_ids)), lengths)
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "labels", "lengths")))
+
+    def fit(self, context_length: int) -> tuple[Examples, int, int]:
+        """Cut each example to the context, never train its first token (that would be predicting it from the
+        previous example in the row), and drop examples left with nothing to train.
+        Returns (fitted, number truncated, number dropped)."""
+        lengths = np.minimum(self.lengths, context_length)
+        keep = positions(self.lengths) < context_length
+        ids, labels = self.ids[keep], self.labels[keep]
+        labels[np.cumsum(lengths) - lengths] = IGNORE_INDEX
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        trainable = np.bincount(owner[labels != IGNORE_INDEX], minlength=len(lengths)) > 0
+        keep = trainable[owner]
+        fitted = Examples(ids[keep], labels[keep], lengths[trainable])
+        return fitted, int((self.lengths > context_length).sum()), int((~trainable).sum())
+
+
+def positions(lengths: np.ndarray) -> np.ndarray:
+    """0, 1, ... restarting at each segment: the position of every token inside its example (or row)."""
+    return np.arange(int(lengths.sum()), dtype=np.int32) - np.repeat(np.cumsum(lengths) - lengths, lengths).astype(np.int32)
+
+
+def rust_tokenizer(tokenizer):
+    """The `tokenizers.Tokenizer` behind a transformers tokenizer, which batch-encodes in Rust without the GIL.
+
+    Calling it directly (not tokenizer(...), which reconfigures it on every call) is what makes it safe
+    to share between threads. Truncation or padding its files may set is switched off (lengths are
+    counted and cut here); tokenizer(...) sets its own again on each call, so this changes nothing there.
+    """
+    rust = getattr(tokenizer, "backend_tokenizer", None)
+    if rust is None:
+        raise TesseraError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; data prep needs one")
+    if rust.truncation or rust.padding:
+        rust.no_truncation()
+        rust.no_padding()
+    return rust
+
+
+def eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise TesseraError("the model's tokenizer has no EOS token; it cannot learn where a response ends")
+    return tokenizer.eos_token_id
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
@@ -83,24 +185,110 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
+def tokenize_chats(tokenizer, conversations: list[list[dict]]) -> Examples:
+    """Labels are the token itself inside assistant replies and their end tokens, IGNORE_INDEX elsewhere.
+
+    A token is trained when its first character lies in a span; all spans of the batch are put on one
+    character axis so a single searchsorted classifies every token.
+    """
+    rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
+    texts = [text for text, _ in rendered]
+    encodings = rust_tokenizer(tokenizer).encode_batch(texts, add_special_tokens=False)
+    ex = Examples.from_lists([e.ids for e in encodings])
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), np.int64)
+    first, last = offsets[0::2], offsets[1::2]
+    text_at = np.cumsum([len(t) for t in texts]) - [len(t) for t in texts]  # each text's place on the batch axis
+    first_on_axis = first + np.repeat(text_at, ex.lengths)
+    spans = np.array([(at + a, at + b) for at, (_, sp) in zip(text_at, rendered) for a, b in sp], np.int64).reshape(-1, 2)
+    span = np.searchsorted(spans[:, 0], first_on_axis, side="right") - 1
+    inside = (span >= 0) & (first_on_axis < spans[np.maximum(span, 0), 1]) & (last > first)
+    ex.labels[~inside] = IGNORE_INDEX
+    return ex
+
+
+def tokenize_instructions(tokenizer, prompts: list[str], responses: list[str]) -> Examples:
+    """No template (formatting is the user's pre-processing); loss on the response and the EOS token.
+
+    The prompt is encoded as the tokenizer encodes any text (with BOS, if the model has one), the
+    response after it without special tokens.
+    """
+    rust, eos = rust_tokenizer(tokenizer), eos_id(tokenizer)
+    ids, labels = [], []
+    for p, r in zip(rust.encode_batch_fast(prompts), rust.encode_batch_fast(responses, add_special_tokens=False)):
+        p, r = p.ids, r.ids
+        r.append(eos)
+        ids.append(p + r)
+        labels.append([IGNORE_INDEX] * len(p) + r)
+    return Examples.from_lists(ids, labels)
+
+
+def tokenize_documents(tokenizer, texts: list[str]) -> Examples:
+    """Continued pretraining: each document as the tokenizer encodes text (BOS if any), then EOS; loss everywhere."""
+    rust, eos = rust_tokenizer(tokenizer), eos_id(tokenizer)
+    return Examples.from_lists([e.ids + [eos] for e in rust.encode_batch_fast(texts)])
+
+
 def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """input_ids and labels (IGNORE_INDEX outside assistant replies and their end tokens)."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [IGNORE_INDEX] * len(enc["input_ids"])
-    for k, (tok_id, (start, stop)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        if stop > start and any(s <= start < e for s, e in spans):
-            labels[k] = tok_id
-    return enc["input_ids"], labels
+    """One conversation: input_ids and labels (IGNORE_INDEX outside assistant replies and their end tokens)."""
+    ex = tokenize_chats(tokenizer, [messages])
+    return ex.ids.tolist(), ex.labels.tolist()
 
 
 def tokenize_instruction(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """No template (formatting is the user's pre-processing); loss on the response and the EOS token."""
-    if tokenizer.eos_token_id is None:
-        raise TesseraError("the model's tokenizer has no EOS token; it cannot learn where a response ends")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    """One prompt/response pair: input_ids and labels (the response and EOS)."""
+    ex = tokenize_instructions(tokenizer, [prompt], [response])
+    return ex.ids.tolist(), ex.labels.tolist()
+
+
+def tokenize_records(task_type: TaskType, tokenizer, records: list[Record]) -> Examples:
+    if task_type is TaskType.CHAT_COMPLETION:
+        return tokenize_chats(tokenizer, [r.data["messages"] for r in records])
+    if task_type is TaskType.INSTRUCTION_FINETUNE:
+        answers = [r.data["response"] if "response" in r.data else r.data["completion"] for r in records]
+        return tokenize_instructions(tokenizer, [r.data["prompt"] for r in records], answers)
+    return tokenize_documents(tokenizer, [r.data["text"] for r in records])
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def map_ahead(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """fn over items on `workers` threads, results in input order, at most 2 * workers in flight (bounded memory)."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --- packing into rows --------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Rows laid end to end: row k is [offsets[k], offsets[k + 1]) of each column."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def trainable(self) -> int:
+        """Tokens the trainer learns from: it predicts token k from token k - 1 of the same row, never a row's first."""
+        return int((self.labels != IGNORE_INDEX).sum() - (self.labels[self.offsets[:-1]] != IGNORE_INDEX).sum())
+
+    def to_arrow(self):
+        import pyarrow as pa
+
+        offsets = pa.array(self.offsets, pa.int32())
+        return pa.table({c: pa.ListArray.from_arrays(offsets, pa.array(getattr(self, c))) for c in COLUMNS})
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -122,97 +310,182 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.name).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def pack_window(ex: Examples, capacity: int) -> Rows:
+    """Best-fit-decreasing rows of whole examples, position_ids restarting at 0 for each example."""
+    rows = pack_best_fit(ex.lengths.tolist(), capacity)
+    order = np.fromiter(chain.from_iterable(rows), np.int64, count=len(ex.lengths))
+    lengths = ex.lengths[order]
+    gather = np.repeat(ex.starts[order], lengths) + positions(lengths)
+    last_of_row = np.cumsum(np.array([len(r) for r in rows], np.int64)) - 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)[last_of_row]])
+    return Rows(ex.ids[gather], ex.labels[gather], positions(lengths), offsets)
 
 
-def cache_key(config: RunConfig, model: ResolvedModel, source: Source) -> str:
-    tokenizer_files = [p for p in Path(model.path).glob("*") if p.name.startswith(("tokenizer", "special_tokens"))]
-    parts = {
-        "format": PREP_FORMAT,
-        "data": source.fingerprint(),
-        "tokenizer": _hash_files(tokenizer_files) if tokenizer_files else model.path,
-        "task_type": config.task_type.value,
-        "context_length": model.context_length,
+def pack_rows(batches: Iterable[Examples], capacity: int) -> Iterator[Rows]:
+    """Pack windows of about PACK_WINDOW_TOKENS: memory stays bounded, and a window of a few thousand rows
+    packs nearly as tightly as the whole dataset would."""
+    window_tokens = max(PACK_WINDOW_TOKENS, 16 * capacity)
+    window: list[Examples] = []
+    size = 0
+    for ex in batches:
+        window.append(ex)
+        size += len(ex.ids)
+        if size >= window_tokens:
+            yield pack_window(Examples.concat(window), capacity)
+            window, size = [], 0
+    if window:
+        yield pack_window(Examples.concat(window), capacity)
+
+
+def cut_blocks(batches: Iterable[Examples], block: int) -> Iterator[Rows]:
+    """Continued pretraining: documents end to end (each ends in EOS), cut every `block` tokens; the last block
+    may be shorter. A block is continuous text, so its positions run 0..n-1 and every label is the token."""
+    rest = np.empty(0, np.int32)
+    for ex in batches:
+        stream = np.concatenate([rest, ex.ids])
+        full = len(stream) // block * block
+        if full:
+            yield _blocks(stream[:full], block)
+        rest = stream[full:]
+    if len(rest):
+        yield _blocks(rest, block)
+
+
+def _blocks(ids: np.ndarray, block: int) -> Rows:
+    offsets = np.append(np.arange(0, len(ids), block), len(ids))
+    return Rows(ids, ids, positions(np.diff(offsets)), offsets)
+
+
+def write_rows(rows: Iterable[Rows], out: Path, fingerprint: str) -> tuple[int, int, int]:
+    """Append rows to one Arrow file as they come, in the layout Dataset.save_to_disk writes (so
+    datasets.load_from_disk reads it; `fingerprint` names its content for datasets' own caches).
+    Returns (rows, tokens, trainable tokens)."""
+    from datasets import DatasetInfo, Features, List, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    features = Features({c: List(Value("int32")) for c in COLUMNS})
+    shard = "data-00000-of-00001.arrow"
+    out.mkdir(parents=True)
+    n_rows = n_tokens = n_trainable = 0
+    writer = ArrowWriter(features=features, path=str(out / shard))
+    try:
+        for r in rows:
+            writer.write_table(r.to_arrow())
+            n_rows, n_tokens, n_trainable = n_rows + len(r.offsets) - 1, n_tokens + len(r.input_ids), n_trainable + r.trainable
+        writer.finalize()
+    finally:
+        writer.close()
+    state = {
+        "_data_files": [{"filename": shard}], "_fingerprint": fingerprint, "_format_columns": None,
+        "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    (out / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (out / "dataset_info.json").write_text(json.dumps(asdict(DatasetInfo(features=features)), indent=2))
+    return n_rows, n_tokens, n_trainable
 
 
-def tokenize_records(config: RunConfig, tokenizer, source: Source, context_length: int):
-    """Yield (input_ids, labels, truncated) per valid record."""
-    allow_system = supports_system_role(tokenizer)
-    for rec in valid_records(source, config.task_type, allow_system):
-        if config.task_type is TaskType.CHAT_COMPLETION:
-            ids, labels = tokenize_chat(tokenizer, rec.data["messages"])
-        else:
-            answer = rec.data.get("response", rec.data.get("completion"))
-            ids, labels = tokenize_instruction(tokenizer, rec.data["prompt"], answer)
-        yield ids, labels, len(ids) > context_length
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Per-example figures for the report, gathered as batches stream past (4 bytes per example)."""
+
+    lengths: list[np.ndarray] = field(default_factory=list)  # tokens per example, before truncation
+    truncated: int = 0
+    dropped: int = 0
+
+    def fitted(self, batches: Iterable[Examples], context_length: int) -> Iterator[Examples]:
+        for ex in batches:
+            self.lengths.append(ex.lengths)
+            ex, truncated, dropped = ex.fit(context_length)
+            self.truncated += truncated
+            self.dropped += dropped
+            yield ex
+
+    def counted(self, batches: Iterable[Examples]) -> Iterator[Examples]:
+        for ex in batches:
+            self.lengths.append(ex.lengths)
+            yield ex
+
+    def length_report(self, bins: int = 20) -> dict:
+        """min, mean, p50, p95, max, and a histogram of equal-width bins."""
+        lengths = np.concatenate(self.lengths)
+        lo, hi = int(lengths.min()), int(lengths.max())
+        width = -(-(hi - lo + 1) // bins)
+        counts = np.bincount((lengths - lo) // width)
+        p50, p95 = np.percentile(lengths, [50, 95], method="inverted_cdf")
+        return {
+            "length_min": lo, "length_mean": float(lengths.mean()), "length_p50": int(p50), "length_p95": int(p95),
+            "length_max": hi, "length_histogram": [(lo + k * width, lo + (k + 1) * width, int(c)) for k, c in enumerate(counts)],
+        }
+
+
+def stream_rows(task_type: TaskType, tokenizer, records: Iterable[Record], context_length: int, tally: Tally) -> Iterator[Rows]:
+    """Records to rows, a bounded piece at a time: nothing here holds more than a packing window."""
+    rust_tokenizer(tokenizer)  # settles its truncation and padding now, before threads share it
+    workers = len(os.sched_getaffinity(0))
+    batches = map_ahead(lambda batch: tokenize_records(task_type, tokenizer, batch), batched(records, BATCH_RECORDS), workers)
+    if task_type is TaskType.CONTINUED_PRETRAIN:
+        return cut_blocks(tally.counted(batches), context_length)
+    return pack_rows(tally.fitted(batches, context_length), context_length)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Everything tokenizing depends on: the Rust tokenizer (vocab, merges, normalizer, special tokens), template, EOS."""
+    h = hashlib.sha256(rust_tokenizer(tokenizer).to_str().encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token]).encode())
+    return h.hexdigest()
 
 
 def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     """Tokenize and pack `data_path` (default: the run's training data), reusing a cached result."""
-    from datasets import Dataset
     from transformers import AutoTokenizer
 
     data_path = data_path or config.train_data_path
-    source = resolve_source(data_path, config.task_type)
+    cluster = config.data_prep_cluster_id
+    source = resolve_source(data_path, config.task_type, cluster=cluster)
     model = resolve_model(config.model, config.context_length)
-    key = cache_key(config, model, source)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    ctx = model.context_length
+    inputs = {
+        "format": PREP_FORMAT,
+        "data": source.fingerprint(),
+        "tokenizer": tokenizer_hash(tokenizer),
+        "task_type": config.task_type.value,
+        "context_length": ctx,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     out = tessera_home() / "prepared" / key
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
         return PreparedData(path=str(out), cache_key=key, reused=True, stats=PrepStats(**manifest["stats"]), lineage=source.lineage())
 
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
-    ctx = model.context_length
-    examples, truncated, dropped = [], 0, 0
-    count = 0
-    for ids, labels, was_truncated in tokenize_records(config, tokenizer, source, ctx):
-        count += 1
-        truncated += was_truncated
-        ids, labels = ids[:ctx], labels[:ctx]
-        labels[0] = IGNORE_INDEX  # a packed example never learns from the one before it
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-            continue
-        examples.append((ids, labels))
-    trainable = sum(sum(1 for label in labels if label != IGNORE_INDEX) for _, labels in examples)
-    if trainable == 0:
-        raise TesseraError(
-            f"{data_path}: no trainable tokens in {count} example(s) after tokenizing and truncating to "
-            f"{ctx} tokens (the loss mask is empty); nothing to learn from"
-        )
-    rows = pack_best_fit([len(ids) for ids, _ in examples], ctx)
-    columns = {"input_ids": [], "labels": [], "position_ids": []}
-    for row in rows:
-        for name in columns:
-            columns[name].append([])
-        for i in row:
-            ids, labels = examples[i]
-            columns["input_ids"][-1].extend(ids)
-            columns["labels"][-1].extend(labels)
-            columns["position_ids"][-1].extend(range(len(ids)))
-    stats = PrepStats(
-        examples=count,
-        truncated=truncated,
-        dropped_without_trainable_tokens=dropped,
-        tokens=sum(len(ids) for ids, _ in examples),
-        trainable_tokens=trainable,
-        rows=len(rows),
-        context_length=ctx,
-    )
+    records = valid_records(source, config.task_type, supports_system_role(tokenizer), cluster=cluster)
+    tally = Tally()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
-    Dataset.from_dict(columns).save_to_disk(str(tmp / "rows"))
-    manifest = {"source": source.model_dump(), "task_type": config.task_type.value, "model": model.name, "cache_key": key, "stats": stats.model_dump()}
+    try:
+        rows, tokens, trainable = write_rows(stream_rows(config.task_type, tokenizer, records, ctx, tally), tmp / "rows", key)
+        if trainable == 0:
+            raise TesseraError(
+                f"{data_path}: no trainable tokens in {sum(map(len, tally.lengths))} example(s) after tokenizing and "
+                f"truncating to {ctx} tokens (the loss mask is empty); nothing to learn from"
+            )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stats = PrepStats(
+        examples=sum(map(len, tally.lengths)), truncated=tally.truncated, dropped_without_trainable_tokens=tally.dropped,
+        tokens=tokens, trainable_tokens=trainable, rows=rows, context_length=ctx, fill=tokens / (rows * ctx),
+        **tally.length_report(),
+    )
+    manifest = {
+        "cache_key": key, "source": source.model_dump(), **inputs, "model": model.name,
+        "packing": "blocks" if config.task_type is TaskType.CONTINUED_PRETRAIN else "best-fit-decreasing",
+        "stats": stats.model_dump(),
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         os.rename(tmp, out)
@@ -220,7 +493,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         shutil.rmtree(tmp, ignore_errors=True)
     stage_logger().info(
         "prepared %d examples into %d rows of %d tokens (fill %.1f%%, %d truncated, %d trainable tokens)",
-        count, len(rows), ctx, 100 * stats.fill, truncated, trainable,
+        stats.examples, rows, ctx, 100 * stats.fill, stats.truncated, trainable,
     )
     return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats, lineage=source.lineage())
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from tasks import stage_logger
 from tasks.prepare import PreparedData
 from tasks.train_worker import TrainJob
+from tasks.validate import DataReport, histogram_png
 from tessera import runs
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, defaults
@@ -32,7 +33,19 @@ def torchrun_command(job_file: str, nproc: int) -> list[str]:
     ]
 
 
-def train(config: RunConfig, prepared: PreparedData) -> TrainedModel:
+def stop_torchrun(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM first: torchrun then stops its workers (they run in sessions of their own); SIGKILL if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def train(
+    config: RunConfig, prepared: PreparedData, report: DataReport | None = None, eval_prepared: PreparedData | None = None
+) -> TrainedModel:
     model = resolve_model(config.model, config.context_length)
     lr = config.learning_rate or model.learning_rate or defaults()["train"]["learning_rate"]
     client = mlflow_client()
@@ -51,11 +64,15 @@ def train(config: RunConfig, prepared: PreparedData) -> TrainedModel:
     }
     for key, value in params.items():
         client.log_param(run_id, key, value)
+    if report is not None:
+        client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
+        client.log_text(run_id, report.render(), "data_report/report.txt")
+        client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
 
     out_dir = runs.run_dir(config.name) / "final_model"
     job = TrainJob(
         run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
-        prepared_path=prepared.path, output_dir=str(out_dir), duration=config.duration, learning_rate=lr,
+        prepared_path=prepared.path, eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir), duration=config.duration, learning_rate=lr,
         settings=config.train, mlflow_tracking_uri=mlflow_tracking_uri(), mlflow_run_id=run_id,
     )
     job_file = runs.run_dir(config.name) / "train_job.json"
@@ -66,9 +83,14 @@ def train(config: RunConfig, prepared: PreparedData) -> TrainedModel:
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            log.info(line.rstrip())
+        try:
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                log.info(line.rstrip())
+        except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
+            stop_torchrun(proc)
+            client.set_terminated(run_id, "KILLED")
+            raise
     if proc.returncode != 0 or not out_dir.exists():
         client.set_terminated(run_id, "FAILED")
         raise TesseraError(f"training failed (torchrun exit code {proc.returncode}); last output:\n" + "\n".join(tail))

@@ -33,6 +33,7 @@ class TrainJob(BaseModel):
     model_path: str
     custom_weights_path: str | None = None
     prepared_path: str
+    eval_prepared_path: str | None = None
     output_dir: str
     duration: Duration
     learning_rate: float
@@ -41,13 +42,11 @@ class TrainJob(BaseModel):
     mlflow_run_id: str
 
 
-def plan_steps(job: TrainJob, rows: int, tokens: int, world: int) -> tuple[int, int, int]:
+def plan_steps(d: Duration, s: TrainSettings, rows: int, tokens: int, world: int) -> tuple[int, int, int]:
     """(micro_batch_size, steps_per_epoch, total_steps) for this duration, data size and world size."""
-    s = job.settings
     micro = max(1, min(s.micro_batch_size, math.ceil(rows / world)))
     rows_per_step = micro * world * s.grad_accum_steps
     steps_per_epoch = math.ceil(rows / rows_per_step)
-    d = job.duration
     if d.unit == "ep":
         total = d.value * steps_per_epoch
     elif d.unit == "ba":
@@ -80,6 +79,37 @@ def collate(rows: list[dict], pad_id: int, device):
     return ids.to(device), labels.to(device), pos.to(device)
 
 
+def loss_sum(model, ids, labels, pos):
+    """Summed next-token cross-entropy over the trained tokens (labels != IGNORE_INDEX)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def evaluate(model, rows, micro: int, pad_id: int, device, rank: int, world: int) -> float:
+    """Mean loss per trained token over the whole eval set, each rank taking every world-th row."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    mine = list(range(rank, len(rows), world))
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, len(mine), micro):
+            ids, labels, pos = collate([rows[i] for i in mine[start : start + micro]], pad_id, device)
+            total[0] += loss_sum(model, ids, labels, pos).double()
+            total[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
+    model.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
     warmup = int(total * warmup_ratio)
     if step < warmup:
@@ -100,7 +130,6 @@ def progress_line(step: int, total: int, loss: float, lr: float, tok_s: float, e
 def main(job_file: str) -> None:
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from datasets import load_from_disk
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -125,9 +154,10 @@ def main(job_file: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     data = load_from_disk(str(Path(job.prepared_path) / "rows"))
+    eval_rows = load_from_disk(str(Path(job.eval_prepared_path) / "rows")) if job.eval_prepared_path else None
     manifest = json.loads((Path(job.prepared_path) / "manifest.json").read_text())
     n_rows, n_tokens = len(data), manifest["stats"]["tokens"]
-    micro, steps_per_epoch, total_steps = plan_steps(job, n_rows, n_tokens, world)
+    micro, steps_per_epoch, total_steps = plan_steps(job.duration, job.settings, n_rows, n_tokens, world)
     s = job.settings
     rows_per_step = micro * world * s.grad_accum_steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=s.weight_decay)
@@ -162,19 +192,13 @@ def main(job_file: str) -> None:
             [sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in batches)], device=device
         )
         dist.all_reduce(trained)
-        loss_sum = torch.zeros((), device=device)
+        step_loss = torch.zeros((), device=device)
         for a, (ids, labels, pos) in enumerate(batches):
             sync = nullcontext() if world == 1 or a == len(batches) - 1 else ddp.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = ddp(input_ids=ids, position_ids=pos, use_cache=False).logits
-                loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                    labels[:, 1:].reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
+                loss = loss_sum(ddp, ids, labels, pos)
                 (loss * world / trained.clamp(min=1)).backward()
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -182,8 +206,8 @@ def main(job_file: str) -> None:
 
         last = step + 1 == total_steps
         if (step + 1) % s.log_every == 0 or last:
-            dist.all_reduce(loss_sum)
-            mean_loss = float(loss_sum / trained.clamp(min=1))
+            dist.all_reduce(step_loss)
+            mean_loss = float(step_loss / trained.clamp(min=1))
             tok_s = window_tokens / max(1e-9, time.time() - window_start)
             window_tokens, window_start = 0, time.time()
             if rank == 0:
@@ -199,6 +223,18 @@ def main(job_file: str) -> None:
                 line = progress_line(step + 1, total_steps, mean_loss, lr, tok_s, time.time() - start)
                 print(line, file=sys.stderr, flush=True)
                 append_event(job.run_name, "train", line)
+        if eval_rows is not None and ((step + 1) % s.eval_every == 0 or last):
+            eval_loss = evaluate(model, eval_rows, micro, tokenizer.pad_token_id or 0, device, rank, world)
+            if rank == 0:
+                now = int(time.time() * 1000)
+                perplexity = math.exp(min(eval_loss, 50.0))
+                client.log_batch(
+                    job.mlflow_run_id,
+                    metrics=[Metric("eval_loss", eval_loss, now, step + 1), Metric("eval_perplexity", perplexity, now, step + 1)],
+                )
+                line = f"eval at step {step + 1}: loss {eval_loss:.4f} perplexity {perplexity:.2f}"
+                print(line, file=sys.stderr, flush=True)
+                append_event(job.run_name, "eval", line)
 
     if rank == 0:
         out = Path(job.output_dir)

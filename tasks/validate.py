@@ -1,24 +1,166 @@
-"""Stage: validate. Checks every record against the task's rules before anything is tokenized or trained."""
+"""Stage: validate, and the data report (the managed service's "validate and estimate tokens" notebook).
+
+Validation runs the same rules the trainer's data prep runs (tessera.records); the token figures come
+from the prepared data itself, so the estimate is what training will really see.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+from pathlib import Path
 
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.prepare import PreparedData, prepare
+from tasks.train_worker import plan_steps
 from tessera.catalog import resolve_model
-from tessera.config import RunConfig
+from tessera.config import RunConfig, TaskType
+from tessera.errors import DataValidationError
 from tessera.records import supports_system_role, valid_records
+
+MIN_PRETRAIN_TOKENS = 1_500_000
+MAX_EPOCHS = 4
 
 
 def validate(config: RunConfig) -> int:
-    """Number of valid training examples; raises DataValidationError listing every bad record."""
+    """Number of valid examples (train + eval); raises DataValidationError listing every bad record."""
     from transformers import AutoTokenizer
 
     model = resolve_model(config.model, config.context_length)
     allow_system = supports_system_role(AutoTokenizer.from_pretrained(model.path))
     count = 0
     for path in filter(None, [config.train_data_path, config.eval_data_path]):
-        count += sum(1 for _ in valid_records(path, config.task_type, allow_system))
+        count += sum(1 for _ in valid_records(path, config.task_type, allow_system, cluster=config.data_prep_cluster_id))
     return count
 
 
+class TokenStats(BaseModel):
+    min: int
+    mean: float
+    p50: float
+    p95: float
+    max: int
+
+
+class DataReport(BaseModel):
+    data_path: str
+    task_type: str
+    model: str
+    context_length: int
+    valid: bool
+    examples: int
+    errors: list[str] = []
+    error_count: int = 0
+    tokens_per_example: TokenStats | None = None
+    length_histogram: list[tuple[int, int, int]] = []
+    truncated: int = 0
+    trainable_tokens: int = 0
+    tokens_per_epoch: int = 0
+    training_duration: str
+    billed_tokens: int = 0
+    optimizer_steps: int = 0
+    epochs: float = 0.0
+    packed_rows: int = 0
+    packing_fill: float = 0.0
+    warnings: list[str] = []
+
+    def render(self) -> str:
+        lines = [f"{self.data_path} ({self.task_type}, model {self.model}, context length {self.context_length})"]
+        lines.append(f"examples: {self.examples}")
+        if not self.valid:
+            lines.append(f"INVALID: {self.error_count} error(s)")
+            lines += [f"  {e}" for e in self.errors]
+            if self.error_count > len(self.errors):
+                lines.append(f"  ... and {self.error_count - len(self.errors)} more error(s)")
+            return "\n".join(lines)
+        t = self.tokens_per_example
+        lines += [
+            f"tokens per example: min {t.min}, mean {t.mean:.1f}, p50 {t.p50:.0f}, p95 {t.p95:.0f}, max {t.max}",
+            f"truncated at {self.context_length} tokens: {self.truncated}",
+            f"trainable tokens: {self.trainable_tokens:,}",
+            f"tokens per epoch: {self.tokens_per_epoch:,}",
+            f"training duration {self.training_duration}: {self.billed_tokens:,} tokens "
+            f"({self.epochs:.2f} epochs, {self.optimizer_steps} optimizer steps)",
+            f"packed rows: {self.packed_rows} (fill {100 * self.packing_fill:.1f}%)",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def invalid_report(config: RunConfig, data_path: str, error: DataValidationError) -> DataReport:
+    return DataReport(
+        data_path=data_path, task_type=config.task_type.value, model=config.model,
+        context_length=resolve_model(config.model, config.context_length).context_length, valid=False,
+        examples=error.examples_checked or 0, errors=error.errors[: DataValidationError.MAX_SHOWN],
+        error_count=len(error.errors), training_duration=config.training_duration,
+    )
+
+
+def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None = None) -> DataReport:
+    """Token statistics, the billed-token estimate and warnings for valid, prepared data."""
+    s = prepared.stats
+    _, steps_per_epoch, steps = plan_steps(config.duration, config.train, s.rows, s.tokens, config.train.nproc_per_node)
+    epochs = steps / steps_per_epoch
+    warnings = []
+    if config.task_type is TaskType.CONTINUED_PRETRAIN and s.tokens < MIN_PRETRAIN_TOKENS:
+        warnings.append(f"only {s.tokens:,} tokens; continued pretraining usually needs at least {MIN_PRETRAIN_TOKENS:,}")
+    if config.task_type is not TaskType.CONTINUED_PRETRAIN and s.tokens < s.context_length:
+        warnings.append(f"only {s.tokens:,} tokens, less than one full context length ({s.context_length})")
+    if epochs > MAX_EPOCHS:
+        warnings.append(f"{epochs:.1f} epochs: more than {MAX_EPOCHS} risks overfitting")
+    if s.truncated:
+        warnings.append(f"{s.truncated} example(s) longer than the context length were truncated")
+    billed = config.duration.value if config.duration.unit == "tok" else round(epochs * s.tokens)
+    return DataReport(
+        data_path=data_path or config.train_data_path, task_type=config.task_type.value,
+        model=config.model, context_length=s.context_length, valid=True, examples=s.examples,
+        tokens_per_example=TokenStats(min=s.length_min, mean=s.length_mean, p50=s.length_p50, p95=s.length_p95, max=s.length_max),
+        length_histogram=s.length_histogram, truncated=s.truncated, trainable_tokens=s.trainable_tokens,
+        tokens_per_epoch=s.tokens, training_duration=config.training_duration, billed_tokens=billed,
+        optimizer_steps=steps, epochs=epochs, packed_rows=s.rows, packing_fill=s.fill, warnings=warnings,
+    )
+
+
+def report_for(config: RunConfig, data_path: str | None = None) -> DataReport:
+    """The report for a data path without training: validate, prepare (cached for the run that follows), report."""
+    data_path = data_path or config.train_data_path
+    try:
+        prepared = prepare(config, data_path)
+    except DataValidationError as exc:
+        return invalid_report(config, data_path, exc)
+    return data_report(config, prepared, data_path)
+
+
+def histogram_png(report: DataReport, path: Path) -> Path:
+    """Token length histogram, with the context length marked: what truncation will cut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for lo, hi, count in report.length_histogram:
+        ax.bar(lo, count, width=max(1, hi - lo), align="edge", color="#4C72B0", edgecolor="white")
+    ax.axvline(report.context_length, color="#C44E52", linestyle="--", label=f"context length {report.context_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{report.examples} examples, {report.tokens_per_epoch:,} tokens per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 validate_data = task(validate, name="validate-data")
+
+
+@task(name="data-report")
+def report_data(config: RunConfig, prepared: PreparedData) -> DataReport:
+    """The report, also shown in the Prefect UI as the flow run's artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = data_report(config, prepared)
+    create_markdown_artifact(f"```\n{report.render()}\n```", key="data-report", description=f"data report for {config.name}")
+    return report
+

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from tessera.config import CONFIGS_DIR
-from tessera.errors import TesseraError
+from tessera.errors import ConfigError
 from tessera.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel
         path, max_len = name, _context_length_from_config(name)
         warnings.append(f"{name} is not in the model catalog; context length {max_len} read from its config")
     if context_length is not None and context_length > max_len:
-        raise TesseraError(f"context_length {context_length}: above {name}'s maximum of {max_len} tokens")
+        raise ConfigError(f"context_length {context_length}: above {name}'s maximum of {max_len} tokens")
     for w in warnings:
         log.warning(w)
     lr = spec.learning_rate if spec else None
@@ -78,7 +78,7 @@ def _context_length_from_config(name: str) -> int:
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.exists():
-            raise TesseraError(f"model {name}: directory has no config.json (not a Hugging Face model directory)")
+            raise ConfigError(f"model {name}: directory has no config.json (not a Hugging Face model directory)")
         config = json.loads(config_file.read_text())
     else:
         try:
@@ -86,7 +86,7 @@ def _context_length_from_config(name: str) -> int:
 
             config = AutoConfig.from_pretrained(name).to_dict()
         except Exception as exc:  # offline, unknown id, gated repo: all one message for the user
-            raise TesseraError(
+            raise ConfigError(
                 f"model {name}: not in the catalog, not a local directory, and its config could not be "
                 f"loaded from the Hugging Face Hub ({type(exc).__name__})"
             ) from None
@@ -94,4 +94,4 @@ def _context_length_from_config(name: str) -> int:
         value = config.get(key) or config.get("text_config", {}).get(key)
         if value:
             return int(value)
-    raise TesseraError(f"model {name}: its config does not say its maximum context length")
+    raise ConfigError(f"model {name}: its config does not say its maximum context length")

@@ -8,6 +8,7 @@ import sys
 import time
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _print_run(run) -> None:
@@ -78,6 +79,17 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from tessera import sdk
+
+    report = sdk.validate_data(
+        args.train_data_path, model=args.model, task_type=args.task_type,
+        context_length=args.context_length, training_duration=args.training_duration,
+    )
+    print(report.model_dump_json(indent=2) if args.json else report.render())
+    return 0 if report.valid else EXIT_FAILED
+
+
 def cmd_models(args) -> int:
     from tessera import sdk
 
@@ -137,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--follow", action="store_true", help="with events: keep printing until the run ends")
     r.set_defaults(func=cmd_runs)
 
+    v = sub.add_parser("validate", help="check training data and estimate tokens and cost, before training")
+    v.add_argument("train_data_path")
+    v.add_argument("--task-type", default="CHAT_COMPLETION", help="CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN")
+    v.add_argument("--model", required=True)
+    v.add_argument("--context-length", type=int)
+    v.add_argument("--training-duration", default="1ep")
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.set_defaults(func=cmd_validate)
+
     m = sub.add_parser("models", help="the model catalog")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
@@ -155,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tessera.errors import TesseraError
+    from tessera.errors import ConfigError, TesseraError
 
     try:
         return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except TesseraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tessera.errors import TesseraError
+from tessera.errors import ConfigError, TesseraError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -36,13 +36,13 @@ def parse_duration(text: str) -> Duration:
     """`'3ep'` epochs, `'500ba'` optimizer steps, `'1_000_000tok'` tokens."""
     match = _DURATION.match(str(text))
     if not match or match.group(1).endswith("_") or "__" in match.group(1):
-        raise TesseraError(
+        raise ConfigError(
             f"training_duration {text!r}: expected <n>ep (epochs), <n>ba (optimizer steps) or <n>tok (tokens), "
             "e.g. '3ep', '500ba', '1_000_000tok'"
         )
     value = int(match.group(1).replace("_", ""))
     if value <= 0:
-        raise TesseraError(f"training_duration {text!r}: must be positive")
+        raise ConfigError(f"training_duration {text!r}: must be positive")
     return Duration(value=value, unit=match.group(2))
 
 
@@ -53,7 +53,7 @@ def parse_register_to(text: str, run_name: str) -> str:
     """`catalog.schema` -> `catalog.schema.<run_name>`; `catalog.schema.model` as given."""
     parts = str(text).split(".")
     if len(parts) not in (2, 3) or not all(_IDENT.match(p) for p in parts):
-        raise TesseraError(
+        raise ConfigError(
             f"register_to {text!r}: expected 'catalog.schema' or 'catalog.schema.model' "
             "(letters, digits, '_' or '-' in each part)"
         )
@@ -71,6 +71,7 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
     log_every: int = Field(gt=0)
+    eval_every: int = Field(gt=0)
     seed: int
     nproc_per_node: int = Field(gt=0)
 
@@ -121,14 +122,14 @@ class RunConfig(BaseModel):
     @classmethod
     def _context_length(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
-            raise TesseraError(f"context_length {v}: must be a positive number of tokens")
+            raise ConfigError(f"context_length {v}: must be a positive number of tokens")
         return v
 
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
-            raise TesseraError(f"learning_rate {v}: must be positive")
+            raise ConfigError(f"learning_rate {v}: must be positive")
         return v
 
     @property
@@ -145,13 +146,13 @@ class RunConfig(BaseModel):
 
 
 def build_run_config(**kwargs) -> RunConfig:
-    """RunConfig from user arguments; the first bad field becomes one TesseraError naming it."""
+    """RunConfig from user arguments; the first bad field becomes one ConfigError naming it."""
     from pydantic import ValidationError
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.setdefault("name", new_run_name(kwargs.get("model", "run")))
     if "task_type" in kwargs and str(kwargs["task_type"]).upper() not in TaskType.__members__:
-        raise TesseraError(
+        raise ConfigError(
             f"task_type {kwargs['task_type']!r}: expected one of {', '.join(TaskType.__members__)}"
         )
     if "task_type" in kwargs:
@@ -164,6 +165,6 @@ def build_run_config(**kwargs) -> RunConfig:
         if isinstance(cause, TesseraError):
             raise cause from None
         field = ".".join(str(p) for p in err["loc"])
-        raise TesseraError(f"{field}: {err['msg']}") from None
+        raise ConfigError(f"{field}: {err['msg']}") from None
     parse_register_to(config.register_to, config.name)  # refuse a bad name now, not after training
     return config

@@ -12,6 +12,7 @@ class DataValidationError(TesseraError):
 
     def __init__(self, errors: list[str], examples_checked: int | None = None):
         self.errors = errors
+        self.examples_checked = examples_checked
         shown = "\n".join(errors[: self.MAX_SHOWN])
         more = len(errors) - self.MAX_SHOWN
         tail = f"\n... and {more} more error(s)" if more > 0 else ""
@@ -19,3 +20,7 @@ class DataValidationError(TesseraError):
         if examples_checked is not None:
             head += f" out of {examples_checked}"
         super().__init__(f"{head}; nothing was trained:\n{shown}{tail}")
+
+
+class ConfigError(TesseraError):
+    """An argument that can never work (a malformed duration, an unknown model): a usage error, exit 2."""

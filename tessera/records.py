@@ -1,7 +1,7 @@
 """Reading training records and the rules they must follow: one implementation for validator and trainer.
 
-Records come from tessera.sources; each carries `where` (`path:line`, or the like for other sources),
-so every error names the exact place a user has to fix.
+Records come from tessera.sources; each carries `where` (`path:line`, a `.txt` file's path, or
+`table@v3 row 17`), so every error names the exact place a user has to fix, down to the field.
 """
 
 from __future__ import annotations
@@ -28,20 +28,25 @@ def supports_system_role(tokenizer) -> bool:
     return probe in text
 
 
+def _type(value) -> str:
+    """A value's type as a message names it: None (JSON null, a table's NULL) is 'null'."""
+    return "null" if value is None else type(value).__name__
+
+
 def chat_errors(data: dict, allow_system: bool = True) -> list[str]:
     """Every way a `{"messages": [...]}` record breaks the chat rules (DESIGN §4)."""
     if "messages" not in data:
         return [f"missing field 'messages' (found: {', '.join(sorted(data)) or 'nothing'})"]
     messages = data["messages"]
     if not isinstance(messages, list):
-        return [f"field 'messages': expected a list of messages, got {type(messages).__name__}"]
+        return [f"field 'messages': expected a list of messages, got {_type(messages)}"]
     if not messages:
         return ["field 'messages': is empty"]
     errors = []
     for i, m in enumerate(messages):
         field = f"messages[{i}]"
         if not isinstance(m, dict):
-            errors.append(f"{field}: expected an object with 'role' and 'content', got {type(m).__name__}")
+            errors.append(f"{field}: expected an object with 'role' and 'content', got {_type(m)}")
             continue
         if "role" not in m:
             errors.append(f"{field}: missing field 'role'")
@@ -50,7 +55,7 @@ def chat_errors(data: dict, allow_system: bool = True) -> list[str]:
         if "content" not in m:
             errors.append(f"{field}: missing field 'content'")
         elif not isinstance(m["content"], str):
-            errors.append(f"{field}.content: expected a string, got {type(m['content']).__name__}")
+            errors.append(f"{field}.content: expected a string, got {_type(m['content'])}")
     if errors:
         return errors
     roles = [m["role"] for m in messages]
@@ -77,7 +82,7 @@ def instruction_errors(data: dict) -> list[str]:
     if "prompt" not in data:
         errors.append(f"missing field 'prompt' (found: {', '.join(sorted(data)) or 'nothing'})")
     elif not isinstance(data["prompt"], str):
-        errors.append(f"field 'prompt': expected a string, got {type(data['prompt']).__name__}")
+        errors.append(f"field 'prompt': expected a string, got {_type(data['prompt'])}")
     answer_fields = [k for k in ("response", "completion") if k in data]
     if not answer_fields:
         errors.append("missing field 'response' (or 'completion')")
@@ -86,10 +91,21 @@ def instruction_errors(data: dict) -> list[str]:
     else:
         key = answer_fields[0]
         if not isinstance(data[key], str):
-            errors.append(f"field '{key}': expected a string, got {type(data[key]).__name__}")
+            errors.append(f"field '{key}': expected a string, got {_type(data[key])}")
         elif not data[key].strip():
             errors.append(f"field '{key}': is empty")
     return errors
+
+
+def text_errors(data: dict) -> list[str]:
+    """`{"text"}`: one CONTINUED_PRETRAIN document, a non-empty string."""
+    if "text" not in data:
+        return [f"missing field 'text' (found: {', '.join(sorted(data)) or 'nothing'})"]
+    if not isinstance(data["text"], str):
+        return [f"field 'text': expected a string, got {_type(data['text'])}"]
+    if not data["text"].strip():
+        return ["field 'text': is empty"]
+    return []
 
 
 def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) -> list[str]:
@@ -97,16 +113,21 @@ def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) ->
         return chat_errors(data, allow_system)
     if task_type is TaskType.INSTRUCTION_FINETUNE:
         return instruction_errors(data)
-    raise TesseraError(f"{task_type.value} data is not supported yet from a .jsonl file")
+    return text_errors(data)
 
 
-def valid_records(source: Source | str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:
-    """Yield the valid records; after the last one, raise DataValidationError if any record was bad."""
+def valid_records(
+    source: Source | str, task_type: TaskType, allow_system: bool = True, *, cluster: str | None = None
+) -> Iterator[Record]:
+    """Yield the valid records; after the last one, raise DataValidationError if any record was bad.
+
+    `cluster` (RunConfig.data_prep_cluster_id) has Spark read the source; see tessera.sources.
+    """
     if isinstance(source, str):
-        source = resolve_source(source, task_type)
+        source = resolve_source(source, task_type, cluster=cluster)
     errors: list[str] = []
     count = 0
-    for rec in read_records(source, task_type):
+    for rec in read_records(source, task_type, cluster=cluster):
         count += 1
         if isinstance(rec, BadRecord):
             errors.append(f"{rec.where}: {rec.message}")
@@ -118,4 +139,4 @@ def valid_records(source: Source | str, task_type: TaskType, allow_system: bool 
     if errors:
         raise DataValidationError(errors, examples_checked=count)
     if count == 0:
-        raise TesseraError(f"{source.path}: contains no records")
+        raise TesseraError(f"{source.display}: contains no records")

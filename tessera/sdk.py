@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ from tessera.config import RunConfig, build_run_config
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
 from tessera.runs import RunRecord, RunStatus
-from tessera.sources import resolve_source
+from tessera.sources import pin_sources
 
 
 class TrainingRun(BaseModel):
@@ -126,8 +127,7 @@ def create(
         validate_inputs=validate_inputs, data_prep_cluster_id=data_prep_cluster_id, experiment_path=experiment_path,
     )
     resolve_model(config.model, config.context_length)
-    for path in filter(None, [config.train_data_path, config.eval_data_path]):
-        resolve_source(path, config.task_type)
+    config = pin_sources(config)
     runs.save(RunRecord(config=config, created_at=runs.now()))
     log = open(runs.run_dir(config.name) / "run.log", "ab")
     process = subprocess.Popen(
@@ -152,6 +152,22 @@ def list(statuses: list[str] | None = None, limit: int | None = None) -> list[Tr
     return found[:limit] if limit else found
 
 
+def _stop(pid: int, grace: float = 60) -> None:
+    """SIGTERM the run's process, which Prefect turns into a crash of the flow: the train stage then stops
+    torchrun and its workers, and Prefect its own API server. Whatever is left after `grace` is killed."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # fm.create started it as the leader of its own process group
+    except ProcessLookupError:
+        pass
+
+
 def cancel(run_or_name: TrainingRun | str) -> None:
     """Stop a run and everything it started (the flow, torchrun and its workers); nothing is registered."""
     run = get(run_or_name)
@@ -159,10 +175,7 @@ def cancel(run_or_name: TrainingRun | str) -> None:
         raise TesseraError(f"run {run.name} already finished ({run.status.value})")
     record = runs.update(run.name, status=RunStatus.TERMINATING)
     if record.pid and _alive(record.pid):
-        try:
-            os.killpg(record.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _stop(record.pid)
     runs.update(run.name, status=RunStatus.STOPPED, completed_at=runs.now(), details="cancelled by the user")
     runs.append_event(run.name, "run", "stopped: cancelled by the user")
 
@@ -171,6 +184,29 @@ def get_events(run_or_name: TrainingRun | str) -> list[dict]:
     name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
     runs.load(name)
     return runs.read_events(name)
+
+
+def validate_data(
+    train_data_path: str,
+    *,
+    model: str,
+    task_type: str = "CHAT_COMPLETION",
+    context_length: int | None = None,
+    training_duration: str = "1ep",
+):
+    """The data report (errors, token statistics, billed-token estimate, warnings) without training.
+
+    The prepared data is cached, so a run on the same data and model afterwards skips tokenization.
+    """
+    from tasks.validate import report_for
+
+    apply_engine_defaults()
+    config = build_run_config(
+        name="validate", model=model, train_data_path=train_data_path, register_to="tessera.validate",
+        task_type=task_type, context_length=context_length, training_duration=training_duration,
+    )
+    resolve_model(config.model, config.context_length)
+    return report_for(config)
 
 
 def get_models() -> list[ModelSpec]:
@@ -189,7 +225,7 @@ def _execute(name: str) -> int:
         finetune(run_name=name, **params)
     except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING
         record = runs.load(name)
-        if not record.status.finished:
+        if not (record.status.finished or record.status is RunStatus.TERMINATING):
             runs.update(name, status=RunStatus.FAILED, completed_at=runs.now(), details=f"{type(exc).__name__}: {exc}")
         return 1
     return 0

@@ -1,23 +1,89 @@
 """Where training data comes from: a user's data path resolved to a Source, and its records read in a stream.
 
-Every up-front refusal (missing, empty, wrong kind of input, a path outside its volume) happens in
-resolve_source, before any work starts. read_records never loads a whole input into memory.
+How a data path is read (the first rule that matches wins):
+
+1. `dbfs:/Volumes/<catalog>/<schema>/<volume>/...` or `/Volumes/...`: a file or folder in a volume
+   (tessera.paths maps it under the volumes root and refuses paths that leave their volume).
+2. Any other `<scheme>:` prefix (`s3://`, `dbfs:/FileStore/...`): refused; reach object storage
+   through a volume or a table location in the catalog config.
+3. An absolute path, `~...`, `./...`, `../...`, or any path that exists locally: a local file or folder.
+4. `<catalog>.<schema>.<table>`, optionally `@v<N>` (three identifiers, no slash): a Delta table.
+5. `<name>/<split>` or `<org>/<name>/<split>`, the split a plain word (`train`, `test_sft`): a
+   Hugging Face dataset split.
+6. Anything else: a local path, which then does not exist.
+
+What each task accepts (DESIGN §4): CHAT_COMPLETION and INSTRUCTION_FINETUNE take a `.jsonl` file, a
+Delta table or a dataset split; CONTINUED_PRETRAIN takes a folder searched recursively for `.txt`
+files (one document each; other files, and names starting with `.` or `_` as Spark skips them, are
+ignored; links to folders are not followed), a Delta table or a dataset split with a text column
+(`text` unless `text_column` says otherwise). Every refusal that can be made up front (missing,
+empty, wrong kind of input, wrong columns, outside its volume) happens in resolve_source.
+
+Delta tables. `catalog.schema.table` is found at the location the catalog config maps it to (a YAML
+file, `$TESSERA_CATALOG_CONFIG` or `$TESSERA_HOME/catalog.yaml`: `tables: {main.sales.chats:
+s3://bucket/chats}`; relative paths are relative to that file), else at
+`<warehouse>/<catalog>/<schema>/<table>` (`$TESSERA_WAREHOUSE_ROOT`, default `$TESSERA_HOME/warehouse`).
+The version read is pinned when the source is resolved: the one the user names (`main.sales.chats@v3`
+or `version=3`), else the latest; Source.version records it, so lineage and the prepared-data cache
+name exactly the data trained on. A bad row is reported as `main.sales.chats@v3 row 17`: rows count
+from 0 in the order the engine reads the pinned version (stable for that version and engine).
+
+Hugging Face datasets. `org/name/split` is read from a local dataset directory first,
+`<datasets root>/org/name/<split>` as `DatasetDict.save_to_disk` (or `Dataset.save_to_disk` per split)
+writes it (`$TESSERA_DATASETS_ROOT`, default `$TESSERA_HOME/datasets`), else through the `datasets`
+library's cache (as `load_dataset` finds it; offline when HF_DATASETS_OFFLINE=1). A bad row is
+`org/name/split row 17`, the index `dataset[17]` finds. Source.version holds the dataset's fingerprint.
+
+Engines. Without a cluster everything is read in-process (pyarrow, deltalake, datasets), in bounded
+batches. With `cluster` (RunConfig.data_prep_cluster_id: `sc://host:port` for Spark Connect, or a
+master URL such as `local[2]` or `spark://host:7077`) Spark reads files and tables (at locations
+its executors can see) and streams the rows back; the same decoding and rules apply, so the same
+data gives the same records and messages. Dataset splits are always read in-process (Spark has no
+reader for them), and so is table metadata (the pinned version, the schema): the table location
+must be readable from here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+import re
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote, urlparse
 
+import yaml
 from pydantic import BaseModel
 
-from tessera.config import TaskType
-from tessera.errors import TesseraError
-from tessera.paths import resolve_data_path
+from tessera.config import RunConfig, TaskType
+from tessera.errors import ConfigError, DataValidationError, TesseraError
+from tessera.paths import is_volume_path, resolve_data_path, tessera_home
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_-]*"
+_TABLE = re.compile(rf"^(?P<name>{_IDENT}\.{_IDENT}\.{_IDENT})(?:@v?(?P<version>\d+))?$")
+_DATASET = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)/(?P<split>\w+)$")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_CLUSTER = re.compile(r"^(sc://.+|local(\[(\d+|\*)(,\d+)?\])?|spark://.+|yarn|k8s://.+)$")
+
+_TABLES = "a Delta table (catalog.schema.table) or a dataset split (org/name/split)"
+ACCEPTED = {
+    TaskType.CHAT_COMPLETION: f"a .jsonl file, {_TABLES}",
+    TaskType.INSTRUCTION_FINETUNE: f"a .jsonl file, {_TABLES}",
+    TaskType.CONTINUED_PRETRAIN: f"a folder of .txt files, {_TABLES}",
+}
+_BATCH_ROWS = 1024  # rows per Arrow batch read in-process: bounds memory whatever the table's size
+_SCAN_CONFIG = {
+    "datafusion.execution.batch_size": str(_BATCH_ROWS),
+    "datafusion.execution.target_partitions": "1",  # one stream, files in order: row numbers are stable
+}
 
 
 @dataclass(frozen=True)
@@ -36,61 +102,524 @@ class Source(BaseModel):
     """A resolved input: what the user wrote, what it points at, and the version read (for lineage)."""
 
     path: str  # as the user wrote it; used in every message
-    kind: Literal["jsonl"]
-    location: str  # the local file, table URI or dataset directory behind it
-    version: int | None = None  # e.g. the Delta table version pinned for this run
+    kind: Literal["jsonl", "text_folder", "delta", "hf_dataset"]
+    location: str  # the local file or folder, the table location, or the dataset split's directory
+    version: int | str | None = None  # the Delta table version pinned for this run, or the dataset's fingerprint
+    split: str | None = None  # the dataset split
+    fields: dict[str, str] | None = None  # record field -> the table or dataset column it is read from
+
+    @property
+    def display(self) -> str:
+        """How messages name the source: a table with its pinned version (`main.sales.chats@v3`, itself a
+        data path that reads exactly that version again), anything else as written."""
+        return f"{_TABLE.match(self.path)['name']}@v{self.version}" if self.kind == "delta" else self.path
 
     def fingerprint(self) -> str:
-        """Changes whenever the content may have: the prepared-data cache is keyed on it."""
+        """Changes whenever the content may have: the prepared-data cache is keyed on it.
+
+        Files are hashed; a table or dataset is named by location and version, which is cheap and
+        exact (a Delta version never changes; a dataset's fingerprint changes with its content).
+        """
         h = hashlib.sha256()
-        with open(self.location, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if self.kind == "jsonl":
+            _hash_file(h, Path(self.location))
+        elif self.kind == "text_folder":
+            for rel, file in _text_files(Path(self.location), self.path):
+                h.update(f"{rel}\0{file.stat().st_size}\0".encode())
+                _hash_file(h, file)
+        else:
+            h.update(json.dumps([self.kind, self.location, self.version, self.split, self.fields]).encode())
         return h.hexdigest()
 
     def lineage(self) -> dict[str, str]:
         """Params recorded on the MLflow run so a model can be traced to the exact data it saw."""
-        out = {"source.kind": self.kind, "source.location": self.location}
+        out = {"source.path": self.path, "source.kind": self.kind, "source.location": self.location}
         if self.version is not None:
             out["source.version"] = str(self.version)
+        if self.split is not None:
+            out["source.split"] = self.split
+        if self.fields:
+            out["source.columns"] = ",".join(f"{f}={c}" if f != c else c for f, c in self.fields.items())
         return out
 
 
-def resolve_source(path: str, task_type: TaskType) -> Source:
+def resolve_source(
+    path: str,
+    task_type: TaskType,
+    *,
+    cluster: str | None = None,
+    version: int | None = None,
+    text_column: str = "text",
+) -> Source:
+    """Classify `path` (see the module docstring), check it can serve `task_type`, and pin its version.
+
+    `version` pins a Delta table version (same as `@v<N>` in the name); `text_column` is the column
+    CONTINUED_PRETRAIN reads from a table or dataset; `cluster` is only checked here (engines start
+    when records are read).
+    """
+    if cluster is not None:
+        check_cluster(cluster)
+    kind = classify(path)
+    if version is not None and kind != "delta":
+        raise TesseraError(f"{path}: a version can only be pinned for a Delta table (catalog.schema.table)")
+    if kind == "delta":
+        return _resolve_table(path, task_type, version, text_column)
+    if kind == "hf_dataset":
+        return _resolve_dataset(path, task_type, text_column)
+    return _resolve_local(path, task_type)
+
+
+def classify(path: str) -> Literal["local", "delta", "hf_dataset"]:
+    """Which kind of input a data path names; the rules, in order, are in the module docstring."""
+    if is_volume_path(path):
+        return "local"
+    if _SCHEME.match(path):
+        raise TesseraError(
+            f"{path}: unsupported location; use a volume path (/Volumes/<catalog>/<schema>/<volume>/...), "
+            "a local path, a Delta table (catalog.schema.table) or a dataset split (org/name/split)"
+        )
+    if path.startswith(("/", "~", "./", "../")) or Path(path).exists():
+        return "local"
+    if _TABLE.match(path):
+        return "delta"
+    if _DATASET.match(path):
+        return "hf_dataset"
+    return "local"
+
+
+def check_cluster(cluster: str) -> None:
+    if not _CLUSTER.match(cluster):
+        raise ConfigError(
+            f"data_prep_cluster_id {cluster!r}: expected a Spark Connect URL (sc://host:port) or a Spark "
+            "master URL (local[*], local[2], spark://host:7077, yarn, k8s://...)"
+        )
+
+
+def read_records(source: Source, task_type: TaskType, *, cluster: str | None = None) -> Iterator[Record | BadRecord]:
+    """Stream a source's records, in process or through Spark at `cluster`; nothing is loaded whole.
+
+    Every record that cannot even be decoded (not UTF-8, not JSON, not an object) is a BadRecord;
+    the task's rules are tessera.records' job.
+    """
+    if cluster is not None and source.kind != "hf_dataset":
+        return _read_with_spark(source, cluster)
+    if source.kind == "jsonl":
+        return read_jsonl(Path(source.location), source.path)
+    if source.kind == "text_folder":
+        files = _text_files(Path(source.location), source.path)
+        return _documents((_file_in(source.path, rel), file.read_bytes()) for rel, file in files)
+    if source.kind == "delta":
+        return _rows(_delta_rows(source), source)
+    return _rows(_dataset_rows(source), source)
+
+
+def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
+    """Stream a JSONL file line by line."""
+    with open(path, "rb") as f:
+        yield from _json_lines(f, display)
+
+
+# --- local files and folders ---------------------------------------------------------------------
+
+
+def _resolve_local(path: str, task_type: TaskType) -> Source:
     local = resolve_data_path(path)
     if not local.exists():
         raise TesseraError(f"{path}: no such file or directory")
+    if task_type is TaskType.CONTINUED_PRETRAIN:
+        if not local.is_dir():
+            raise TesseraError(f"{path}: is a file; {task_type.value} data must be {ACCEPTED[task_type]}")
+        files = _text_files(local, path)
+        if not files:
+            raise TesseraError(f"{path}: no .txt files in this folder or its subfolders")
+        empty = [f"{_file_in(path, rel)}: file is empty" for rel, file in files if file.stat().st_size == 0]
+        if empty:  # refused here, as Spark's file listing would silently skip them
+            raise DataValidationError(empty, examples_checked=len(files))
+        return Source(path=path, kind="text_folder", location=str(local))
     if local.is_dir():
-        raise TesseraError(f"{path}: is a directory; {task_type.value} data must be a .jsonl file")
+        raise TesseraError(f"{path}: is a folder; {task_type.value} data must be {ACCEPTED[task_type]}")
     if local.suffix != ".jsonl":
-        raise TesseraError(f"{path}: {task_type.value} data must be a .jsonl file, not '{local.suffix or 'no extension'}'")
+        raise TesseraError(
+            f"{path}: {task_type.value} data must be {ACCEPTED[task_type]}, not a '{local.suffix or 'no extension'}' file"
+        )
     if local.stat().st_size == 0:
         raise TesseraError(f"{path}: file is empty")
     return Source(path=path, kind="jsonl", location=str(local))
 
 
-def read_records(source: Source, task_type: TaskType) -> Iterator[Record | BadRecord]:
-    return read_jsonl(Path(source.location), source.path)
+def _text_files(folder: Path, path: str) -> list[tuple[str, Path]]:
+    """(relative path, file) of every .txt document under `folder`, sorted; hidden names skipped as Spark does."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in files:
+            if name.endswith(".txt") and not name.startswith((".", "_")):
+                rel = (Path(root) / name).relative_to(folder).as_posix()
+                _file_in(path, rel)
+                found.append((rel, Path(root) / name))
+    return sorted(found)
 
 
-def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
-    """Stream a JSONL file line by line; blank lines are skipped, every broken line is reported."""
+def _file_in(path: str, rel: str) -> str:
+    """A file inside the folder `path`, named as the user named the folder; in a volume, a link out of it is refused."""
+    where = f"{path.rstrip('/')}/{rel}"
+    if is_volume_path(path):
+        resolve_data_path(where)
+    return where
+
+
+def _json_lines(lines: Iterable[bytes], display: str) -> Iterator[Record | BadRecord]:
+    """One record per line; blank lines are skipped but counted, so line numbers match an editor's."""
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{display}:{lineno}"
+        try:
+            line = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(data, dict):
+            yield BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
+            continue
+        yield Record(where, data)
+
+
+def _documents(files: Iterable[tuple[str, bytes]]) -> Iterator[Record | BadRecord]:
+    """One record per text file: `{"text": content}`; an empty or undecodable file is a BadRecord."""
+    for where, content in files:
+        try:
+            text = bytes(content).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
+            continue
+        if not text.strip():
+            yield BadRecord(where, "file is empty")
+            continue
+        yield Record(where, {"text": text})
+
+
+def _hash_file(h, path: Path) -> None:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{display}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(data, dict):
-                yield BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
-                continue
-            yield Record(where, data)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+# --- tables and datasets: columns -> record fields -----------------------------------------------
+
+
+def _columns(schema: pa.Schema, task_type: TaskType, display: str, text_column: str) -> dict[str, str]:
+    """Which column feeds which record field; refuses, once and up front, columns that cannot hold the records."""
+    import pyarrow as pa
+
+    types = {f.name: f.type for f in schema}
+    problems: list[str] = []
+
+    def is_string(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+    def is_messages(t: pa.DataType) -> bool:
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)):
+            return False
+        item = t.value_type
+        return pa.types.is_struct(item) and all(
+            item.get_field_index(k) >= 0 and is_string(item.field(k).type) for k in ("role", "content")
+        )
+
+    def need(column: str, ok, expected: str) -> None:
+        if column not in types:
+            problems.append(f"no column '{column}' (columns: {', '.join(types) or 'none'})")
+        elif not ok(types[column]):
+            problems.append(f"column '{column}' must be {expected}, not {types[column]}")
+
+    if task_type is TaskType.CHAT_COMPLETION:
+        need("messages", is_messages, "array<struct<role: string, content: string>>")
+        fields = {"messages": "messages"}
+    elif task_type is TaskType.INSTRUCTION_FINETUNE:
+        need("prompt", is_string, "string")
+        answers = [c for c in ("response", "completion") if c in types]
+        if len(answers) == 1:
+            need(answers[0], is_string, "string")
+        else:
+            problems.append(
+                "needs a 'response' or a 'completion' column, not both" if answers
+                else f"no column 'response' (or 'completion') (columns: {', '.join(types) or 'none'})"
+            )
+        fields = {"prompt": "prompt", **{a: a for a in answers[:1]}}
+    else:
+        need(text_column, is_string, "string")
+        fields = {"text": text_column}
+    if problems:
+        raise TesseraError(f"{display}: {task_type.value} data: " + "; ".join(problems))
+    return fields
+
+
+def _rows(rows: Iterable[dict], source: Source) -> Iterator[Record]:
+    display = source.display
+    for i, row in enumerate(rows):
+        yield Record(f"{display} row {i}", {field: row[column] for field, column in source.fields.items()})
+
+
+def _batches_to_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[dict]:
+    for batch in batches:
+        yield from batch.to_pylist()
+
+
+# --- Delta tables --------------------------------------------------------------------------------
+
+
+def warehouse_root() -> Path:
+    return Path(os.environ.get("TESSERA_WAREHOUSE_ROOT", tessera_home() / "warehouse")).expanduser().resolve()
+
+
+def catalog_config() -> Path | None:
+    """The catalog config in force: $TESSERA_CATALOG_CONFIG (which must exist), else $TESSERA_HOME/catalog.yaml if present."""
+    if os.environ.get("TESSERA_CATALOG_CONFIG"):
+        path = Path(os.environ["TESSERA_CATALOG_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise TesseraError(f"TESSERA_CATALOG_CONFIG={path}: no such file")
+        return path
+    path = tessera_home() / "catalog.yaml"
+    return path if path.is_file() else None
+
+
+def table_location(name: str) -> str:
+    """Where `catalog.schema.table` lives: the catalog config's entry, else under the warehouse root."""
+    config = catalog_config()
+    tables = _catalog_tables(config) if config is not None else {}
+    if name not in tables:
+        return str(warehouse_root().joinpath(*name.split(".")))
+    location = str(tables[name])
+    if location.startswith("file:"):
+        location = unquote(urlparse(location).path)
+    elif _SCHEME.match(location):
+        return location  # object storage: deltalake (and Spark) read the URL directly
+    return str((config.parent / Path(location).expanduser()).resolve())
+
+
+def _catalog_tables(config: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        loaded = exc
+    tables = (loaded.get("tables") or {}) if isinstance(loaded, dict) else None
+    if not isinstance(tables, dict):
+        raise TesseraError(f"{config}: not a catalog config; expected 'tables: {{catalog.schema.table: location, ...}}'")
+    return tables
+
+
+def _resolve_table(path: str, task_type: TaskType, version: int | None, text_column: str) -> Source:
+    import pyarrow as pa
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    match = _TABLE.match(path)
+    name = match["name"]
+    if match["version"] is not None:
+        if version is not None and version != int(match["version"]):
+            raise TesseraError(f"{path}: names version {match['version']} but version={version} was given")
+        version = int(match["version"])
+    location = table_location(name)
+    try:
+        if not DeltaTable.is_deltatable(location):
+            raise TesseraError(f"{path}: not a local file or folder, and no Delta table {name} at {location}")
+        table = DeltaTable(location)
+        latest = table.version()
+        if version is None:
+            version = latest
+        elif not 0 <= version <= latest:
+            raise TesseraError(f"{name}: no version {version} (the latest is {latest})")
+        else:
+            table.load_as_version(version)
+    except (DeltaError, OSError) as exc:
+        raise TesseraError(f"{name}{'' if version is None else f'@v{version}'}: cannot be read: {exc}") from None
+    fields = _columns(pa.schema(table.schema().to_arrow()), task_type, f"{name}@v{version}", text_column)
+    return Source(path=path, kind="delta", location=location, version=version, fields=fields)
+
+
+def _delta_rows(source: Source) -> Iterator[dict]:
+    """The pinned version's rows, by DataFusion: only the snapshot's files, deletion vectors applied."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, QueryBuilder
+
+    columns = ", ".join('"' + c.replace('"', '""') + '"' for c in dict.fromkeys(source.fields.values()))
+    with _reading(source, "in-process"):
+        table = DeltaTable(source.location, version=source.version)
+        reader = QueryBuilder(_SCAN_CONFIG).register("t", table).execute(f"SELECT {columns} FROM t")
+        yield from _batches_to_rows(pa.RecordBatchReader.from_stream(reader))
+
+
+@contextmanager
+def _reading(source: Source, engine: str):
+    """Engine failures mid-read (a file gone, a connection lost) become one message naming the source."""
+    try:
+        yield
+    except TesseraError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TesseraError(f"{source.display}: reading it ({engine}) failed: {first}") from exc
+
+
+# --- Hugging Face datasets -----------------------------------------------------------------------
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("TESSERA_DATASETS_ROOT", tessera_home() / "datasets")).expanduser().resolve()
+
+
+def _resolve_dataset(path: str, task_type: TaskType, text_column: str) -> Source:
+    dataset, location = _open_split(path)
+    fields = _columns(dataset.data.schema, task_type, path, text_column)
+    return Source(
+        path=path, kind="hf_dataset", location=location, version=dataset._fingerprint,
+        split=_DATASET.match(path)["split"], fields=fields,
+    )
+
+
+def _open_split(path: str):
+    """(the split as a memory-mapped Dataset, where it lives): a local dataset directory, else the datasets cache."""
+    import datasets
+
+    match = _DATASET.match(path)
+    name, split = match["name"], match["split"]
+    local = datasets_root() / name
+    if local.is_dir():
+        splits = _saved_splits(local)
+        if split not in splits:
+            raise TesseraError(f"{path}: no split '{split}' in {local} (splits: {', '.join(splits) or 'none'})")
+        return datasets.load_from_disk(str(local / split)), str(local / split)
+    try:
+        builder = datasets.load_dataset_builder(name)
+    except (ConnectionError, FileNotFoundError) as exc:  # offline and not cached, or not on the Hub
+        raise TesseraError(
+            f"{path}: not a local file or folder, and no dataset '{name}' in {local} or in the datasets cache ({exc})"
+        ) from None
+    splits = list(builder.info.splits or {})
+    if split not in splits:
+        raise TesseraError(f"{path}: dataset '{name}' has no split '{split}' (splits: {', '.join(splits) or 'none'})")
+    builder.download_and_prepare()  # a no-op when the split is cached
+    return builder.as_dataset(split=split), builder.cache_dir
+
+
+def _saved_splits(directory: Path) -> list[str]:
+    """Splits of a saved DatasetDict (its index, or its per-split `Dataset.save_to_disk` directories)."""
+    index = directory / "dataset_dict.json"
+    if index.is_file():
+        return json.loads(index.read_text())["splits"]
+    return sorted(p.name for p in directory.iterdir() if (p / "state.json").is_file())
+
+
+def _dataset_rows(source: Source) -> Iterator[dict]:
+    columns = list(dict.fromkeys(source.fields.values()))
+    with _reading(source, "in-process"):
+        dataset, _ = _open_split(source.path)
+        for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=_BATCH_ROWS):
+            yield from _batches_to_rows(table.to_batches())
+
+
+# --- Spark ---------------------------------------------------------------------------------------
+
+
+def _read_with_spark(source: Source, cluster: str) -> Iterator[Record | BadRecord]:
+    """Spark does the I/O; rows stream back (toLocalIterator) into the same decoders as in-process reading."""
+    with _spark(cluster) as spark, _reading(source, f"Spark at {cluster}"):
+        if source.kind == "jsonl":
+            lines = spark.read.text(source.location).selectExpr("CAST(value AS BINARY) AS value")
+            yield from _json_lines((row.value for row in lines.toLocalIterator()), source.path)
+        elif source.kind == "text_folder":
+            files = (
+                spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                .option("pathGlobFilter", "*.txt").load(source.location).select("path", "content")
+            )
+            root = source.location.lstrip("/")
+            yield from _documents(
+                (_file_in(source.path, _spark_relative(row.path, root)), row.content) for row in files.toLocalIterator()
+            )
+        else:
+            yield from _rows(_spark_delta_rows(spark, source, cluster), source)
+
+
+def _spark_delta_rows(spark, source: Source, cluster: str) -> Iterator[dict]:
+    try:
+        table = spark.read.format("delta").option("versionAsOf", source.version).load(source.location)
+        for row in table.select(*dict.fromkeys(source.fields.values())).toLocalIterator():
+            yield row.asDict(recursive=True)
+    except Exception as exc:  # classic Spark fails at load(), Spark Connect when the rows are asked for
+        if "DATA_SOURCE_NOT_FOUND" in str(exc):
+            raise TesseraError(
+                f"{source.display}: the Spark at {cluster} has no Delta Lake reader (the delta-spark jars are not on "
+                "its classpath, and Tessera does not download them); start Spark with them, use a Spark Connect "
+                "server that reads Delta, or leave data_prep_cluster_id unset to read the table in-process"
+            ) from None
+        raise
+
+
+def _spark_relative(uri: str, root: str) -> str:
+    """A file path Spark reports (`file:/v/a/b.txt`, or `v/a/b.txt` from Sail) relative to the folder read."""
+    path = unquote(uri.removeprefix("file:")).lstrip("/")
+    return path.removeprefix(root).lstrip("/")
+
+
+def _probe(cluster: str) -> None:
+    """Fail fast when nothing listens at a Spark Connect URL; the client itself retries for ten minutes."""
+    url = urlparse("grpc" + cluster.split(";")[0].removeprefix("sc"))
+    try:
+        socket.create_connection((url.hostname, url.port or 15002), timeout=10).close()
+    except OSError as exc:
+        raise TesseraError(f"data_prep_cluster_id {cluster}: no Spark Connect server answers there ({exc})") from None
+
+
+@contextmanager
+def _spark(cluster: str):
+    """A Spark session for `cluster`.
+
+    A Spark Connect session is opened for this read and closed after it (cheap; the server stays up),
+    through the Connect builder itself, which leaves this process free to start classic Spark later.
+    A classic session starts a JVM, so it is reused: the one already running in this process (it must
+    be for the same master) or a new one, left running for later reads.
+    """
+    remote = cluster.startswith("sc://")
+    try:
+        if remote:
+            from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+            _probe(cluster)
+            session = ConnectSession.builder.remote(cluster).create()
+        else:
+            from pyspark.sql import SparkSession
+
+            session = (
+                SparkSession.builder.master(cluster).appName("tessera-data-prep")
+                .config("spark.ui.showConsoleProgress", "false").getOrCreate()
+            )
+    except TesseraError:
+        raise
+    except Exception as exc:
+        raise TesseraError(f"data_prep_cluster_id {cluster}: cannot start a Spark session: {exc}") from exc
+    if not remote and session.sparkContext.master != cluster:
+        raise TesseraError(
+            f"data_prep_cluster_id {cluster}: this process already runs Spark at {session.sparkContext.master}; "
+            "one process can hold one classic Spark session"
+        )
+    try:
+        yield session
+    finally:
+        if remote:
+            session.stop()
+
+
+def pin_sources(config: RunConfig) -> RunConfig:
+    """The run with its data paths checked and each table pinned to the version read now
+    (`main.sales.chats` -> `main.sales.chats@v3`), so every stage, and any re-run, sees the same data."""
+    pinned = {}
+    for field in ("train_data_path", "eval_data_path"):
+        path = getattr(config, field)
+        if path:
+            pinned[field] = resolve_source(path, config.task_type, cluster=config.data_prep_cluster_id).display
+    return config.model_copy(update=pinned)

@@ -42,9 +42,11 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     from tessera.paths import mlflow_tracking_uri
 
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", DATA)
+    write_jsonl(home / "volumes" / "main" / "default" / "raw" / "eval.jsonl", DATA[:2])
     run = fm.create(
         model="tessera/tiny-chat",
         train_data_path="dbfs:/Volumes/main/default/raw/chat.jsonl",
+        eval_data_path="dbfs:/Volumes/main/default/raw/eval.jsonl",
         register_to="main.finetuning.support_bot",
         training_duration="150ba",
     )
@@ -69,6 +71,14 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     assert len(losses) >= 10
     assert losses[-1] < losses[0] / 10, losses
     assert client.get_metric_history(run.run_id, "tokens_per_sec")
+    eval_losses = [m.value for m in sorted(client.get_metric_history(run.run_id, "eval_loss"), key=lambda m: m.step)]
+    assert len(eval_losses) == 3  # every 50 steps of 150
+    assert eval_losses[-1] < eval_losses[0]
+    assert client.get_metric_history(run.run_id, "eval_perplexity")
+    artifacts = {a.path for a in client.list_artifacts(run.run_id, "data_report")}
+    assert artifacts == {"data_report/report.json", "data_report/report.txt", "data_report/token_lengths.png"}
+    params = client.get_run(run.run_id).data.params
+    assert params["data.examples"] == "4" and params["source.kind"] == "jsonl"
     version = client.get_model_version("main.finetuning.support_bot", "1")
     assert version.tags == {
         "base_model": "tessera/tiny-chat",
@@ -121,3 +131,33 @@ def test_cli_user_errors_exit_non_zero_without_traceback(home):
     assert result.returncode == 1
     assert result.stderr.startswith("error: /Volumes/main/x: a volume path needs")
     assert "Traceback" not in result.stderr
+
+
+def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
+    from mlflow import MlflowClient
+
+    from tessera import foundation_model as fm
+    from tessera.paths import mlflow_tracking_uri
+    from tessera import runs
+    from tessera.sdk import _alive
+
+    path = write_jsonl(home / "chat.jsonl", DATA)
+    run = fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.finetuning.never",
+                    training_duration="1_000_000ba")
+    deadline = time.time() + 240
+    while not any(e["stage"] == "train" for e in fm.get_events(run.name)):
+        assert time.time() < deadline and not fm.get(run.name).status.finished, fm.get_events(run.name)
+        time.sleep(1)
+    record_pid = runs.load(run.name).pid
+    fm.cancel(run.name)
+    assert fm.get(run.name).status.value == "STOPPED"
+    deadline = time.time() + 30
+    while _alive(record_pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive(record_pid)
+    job_file = str(runs.run_dir(run.name) / "train_job.json")
+    workers = subprocess.run(["pgrep", "-f", job_file], capture_output=True, text=True).stdout.split()
+    assert workers == []
+    assert MlflowClient(mlflow_tracking_uri()).search_registered_models() == []
+    with pytest.raises(Exception, match="already finished"):
+        fm.cancel(run.name)

@@ -1,10 +1,21 @@
 """Loss masks from the model's own chat template, truncation, packing, and the prepared-data cache."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from tasks.prepare import IGNORE_INDEX, pack_best_fit, prepare, tokenize_chat, tokenize_instruction
+from tasks.prepare import (
+    IGNORE_INDEX,
+    pack_best_fit,
+    pack_window,
+    prepare,
+    tokenize_chat,
+    tokenize_chats,
+    tokenize_instruction,
+    tokenize_instructions,
+)
 from tessera.config import build_run_config
 from tessera.errors import TesseraError
 
@@ -104,3 +115,193 @@ def test_zero_trainable_tokens_is_refused(home):
     path = write_jsonl(home / "chat.jsonl", [chat("q " * 200, "a", system="s")])
     with pytest.raises(TesseraError, match="no trainable tokens"):
         prepare(run_config(path, context_length=32))
+
+
+# --- batches, rows, stats, manifest, cache, continued pretraining ---------------------------------------
+
+
+def unpack(rows) -> list[tuple[tuple, tuple]]:
+    """Every example in packed rows, as (input_ids, labels), split wherever position_ids restart at 0."""
+    out = []
+    for row in rows:
+        starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            assert row["position_ids"][a:b] == list(range(b - a))
+            out.append((tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])))
+    return out
+
+
+def expected_example(ids, labels, ctx):
+    """What one example should look like in a row: cut to the context, its first token never trained."""
+    ids, labels = ids[:ctx], labels[:ctx]
+    return tuple(ids), (IGNORE_INDEX, *labels[1:])
+
+
+def instruction_records(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    words = "the cat sat on a mat and then it ran far away from home".split()
+    text = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    return [{"prompt": text(rng.randint(1, 40)), "response": text(rng.randint(1, 60))} for _ in range(n)]
+
+
+def test_instruction_ids_are_what_the_tokenizer_gives_for_prompt_then_response(tokenizer):
+    prompt, response = "Translate: chat", " the cat"
+    ids, labels = tokenize_instruction(tokenizer, prompt, response)
+    p = tokenizer(prompt)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == p + r and labels == [IGNORE_INDEX] * len(p) + r
+
+
+def test_a_batch_tokenizes_exactly_like_one_at_a_time(tokenizer):
+    conversations = [
+        chat("What is 2+2?", "4.", "And 3+3?", "6.", system="You do sums."),
+        chat("hi", "hello there"),
+        chat("a " * 30, "b " * 5, "c", "d " * 12),
+    ]
+    batch = tokenize_chats(tokenizer, [c["messages"] for c in conversations])
+    one_by_one = [tokenize_chat(tokenizer, c["messages"]) for c in conversations]
+    assert batch.lengths.tolist() == [len(ids) for ids, _ in one_by_one]
+    assert batch.ids.tolist() == [t for ids, _ in one_by_one for t in ids]
+    assert batch.labels.tolist() == [t for _, labels in one_by_one for t in labels]
+
+    records = instruction_records(5)
+    batch = tokenize_instructions(tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
+    one_by_one = [tokenize_instruction(tokenizer, r["prompt"], r["response"]) for r in records]
+    assert batch.labels.tolist() == [t for _, labels in one_by_one for t in labels]
+
+
+def test_rows_hold_every_example_once_and_no_loss_crosses_a_boundary(home, tokenizer, monkeypatch):
+    """Several packing windows (a small window here), truncation, and the exact tokens of each example."""
+    import tasks.prepare as prep
+    from datasets import load_from_disk
+
+    monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 1500)
+    monkeypatch.setattr(prep, "BATCH_RECORDS", 16)
+    windows = []
+    monkeypatch.setattr(prep, "pack_window", lambda ex, capacity: windows.append(ex) or pack_window(ex, capacity))
+    records = instruction_records(300) + [{"prompt": "a long story", "response": "story " * 300}]
+    path = write_jsonl(home / "pairs.jsonl", records)
+    ctx = 256
+    prepared = prepare(run_config(path, task_type="INSTRUCTION_FINETUNE", context_length=ctx))
+    rows = load_from_disk(f"{prepared.path}/rows")
+    assert set(rows.column_names) == {"input_ids", "labels", "position_ids"}
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) <= ctx for r in rows)
+    expected = [expected_example(*tokenize_instruction(tokenizer, r["prompt"], r["response"]), ctx) for r in records]
+    assert sorted(unpack(rows)) == sorted(expected)
+    assert prepared.stats.truncated == 1 and prepared.stats.rows == len(rows)
+    assert len(windows) > 3
+    assert prepared.stats.fill > 0.9
+
+
+def test_stats_describe_the_rows_and_the_examples(home, tokenizer):
+    import numpy as np
+    from datasets import load_from_disk
+
+    records = instruction_records(200, seed=1)
+    path = write_jsonl(home / "pairs.jsonl", records)
+    prepared = prepare(run_config(path, task_type="INSTRUCTION_FINETUNE", context_length=128))
+    s, rows = prepared.stats, load_from_disk(f"{prepared.path}/rows")
+    assert s.tokens == sum(len(r["input_ids"]) for r in rows)
+    assert s.trainable_tokens == sum(1 for r in rows for label in r["labels"][1:] if label != IGNORE_INDEX)
+    assert s.fill == pytest.approx(s.tokens / (s.rows * 128))
+    lengths = np.array([len(tokenize_instruction(tokenizer, r["prompt"], r["response"])[0]) for r in records])
+    assert (s.length_min, s.length_max, s.length_p50) == (lengths.min(), lengths.max(), int(np.sort(lengths)[99]))
+    assert s.length_mean == pytest.approx(lengths.mean())
+    assert s.length_p95 == int(np.sort(lengths)[189])
+    bins = s.length_histogram
+    assert len(bins) <= 20 and bins[0][0] == s.length_min and bins[-1][0] <= s.length_max < bins[-1][1]
+    assert all(a[1] == b[0] for a, b in zip(bins, bins[1:]))  # contiguous
+    assert [c for *_, c in bins] == [int(((lengths >= lo) & (lengths < hi)).sum()) for lo, hi, _ in bins]
+    assert sum(c for *_, c in bins) == s.examples == 200
+
+
+def test_manifest_names_everything_the_rows_depend_on(home):
+    from tessera.sources import resolve_source
+    from tessera.config import TaskType
+
+    path = write_jsonl(home / "chat.jsonl", [chat("q", "a"), chat("q2", "a2")])
+    prepared = prepare(run_config(path, context_length=64))
+    manifest = json.loads((Path(prepared.path) / "manifest.json").read_text())
+    source = resolve_source(str(path), TaskType.CHAT_COMPLETION)
+    assert manifest["source"] == json.loads(source.model_dump_json())
+    assert manifest["data"] == source.fingerprint()
+    assert len(manifest["tokenizer"]) == 64
+    assert (manifest["task_type"], manifest["context_length"], manifest["cache_key"]) == ("CHAT_COMPLETION", 64, prepared.cache_key)
+    assert manifest["stats"] == prepared.stats.model_dump(mode="json")
+
+
+def test_the_cache_is_reused_without_tokenizing_and_any_input_change_misses_it(home, tiny_model_dir, monkeypatch):
+    import tasks.prepare as prep
+
+    path = write_jsonl(home / "chat.jsonl", [chat(f"q{i}", f"a{i}") for i in range(10)])
+    first = prepare(run_config(path, context_length=64))
+
+    def no_tokenizing(*args):
+        raise AssertionError("a cached prepare tokenized again")
+
+    monkeypatch.setattr(prep, "tokenize_records", no_tokenizing)
+    again = prepare(run_config(path, context_length=64))
+    assert again.reused and again.path == first.path and again.stats == first.stats
+    monkeypatch.undo()
+
+    keys = {first.cache_key, prepare(run_config(path, context_length=32)).cache_key}
+    other = home / "models" / "other-template"  # the same model with an edited chat template
+    shutil.copytree(tiny_model_dir, other)
+    (other / "chat_template.jinja").write_text("{# edited #}" + (tiny_model_dir / "chat_template.jinja").read_text())
+    keys.add(prepare(build_run_config(model=str(other), train_data_path=str(path), register_to="main.t", context_length=64)).cache_key)
+    assert len(keys) == 3
+
+
+def test_preparing_is_deterministic(home, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(f"question {i}", "answer " * (i % 13)) for i in range(100)])
+    first = load_from_disk(f"{prepare(run_config(path, context_length=80)).path}/rows")
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere" / "models").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "models" / "tiny-chat").symlink_to(home / "models" / "tiny-chat")
+    second = load_from_disk(f"{prepare(run_config(path, context_length=80)).path}/rows")
+    assert first.to_dict() == second.to_dict()
+
+
+def test_documents_are_joined_with_eos_and_cut_into_context_blocks(tokenizer):
+    from tasks.prepare import cut_blocks, tokenize_documents
+
+    texts = ["The cat sat on the mat. " * (1 + i % 5) for i in range(12)]
+    stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    halves = [tokenize_documents(tokenizer, texts[:5]), tokenize_documents(tokenizer, texts[5:])]
+    blocks = list(cut_blocks(halves, 32))
+    ids = [t for b in blocks for t in b.input_ids.tolist()]
+    assert ids == stream  # every token, in order, across batch boundaries
+    lengths = [int(n) for b in blocks for n in b.offsets[1:] - b.offsets[:-1]]
+    assert lengths[:-1] == [32] * (len(lengths) - 1) and 0 < lengths[-1] <= 32
+    for b in blocks:
+        assert b.labels.tolist() == b.input_ids.tolist()
+        assert b.position_ids.tolist() == [p for n in b.offsets[1:] - b.offsets[:-1] for p in range(n)]
+
+
+def test_continued_pretraining_through_prepare(home, tokenizer):
+    from datasets import load_from_disk
+
+    docs = home / "docs"
+    texts = [f"Document {i}. Delta tables are read in-process. " * (3 + 7 * i) for i in range(6)]
+    for i, text in enumerate(texts):
+        (docs / f"d{i}").mkdir(parents=True)
+        (docs / f"d{i}" / "doc.txt").write_text(text)
+    prepared = prepare(run_config(docs, task_type="CONTINUED_PRETRAIN", context_length=64))
+    rows = load_from_disk(f"{prepared.path}/rows")
+    s = prepared.stats
+    stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    assert [t for r in rows for t in r["input_ids"]] == stream
+    assert s.examples == 6 and s.truncated == 0 and s.tokens == len(stream) and s.rows == len(rows) == -(-len(stream) // 64)
+    assert all(len(r["input_ids"]) == 64 for r in rows.select(range(len(rows) - 1)))
+    assert all(r["labels"] == r["input_ids"] and r["position_ids"] == list(range(len(r["input_ids"]))) for r in rows)
+    assert s.trainable_tokens == s.tokens - s.rows  # a row's first token is never predicted
+
+
+def test_lengths_are_counted_and_cut_here_whatever_truncation_the_tokenizer_files_set(tokenizer):
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    ids, labels = tokenize_instruction(tokenizer, "a prompt of several words", "and a response of several words")
+    assert len(ids) > 8 and ids[-1] == tokenizer.eos_token_id

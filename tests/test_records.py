@@ -1,10 +1,10 @@
-"""The chat and instruction rules, one by one, and how bad lines are reported."""
+"""The chat, instruction and pretraining-text rules, one by one, and how bad records are reported."""
 
 import pytest
 
 from tessera.config import TaskType
 from tessera.errors import DataValidationError, TesseraError
-from tessera.records import chat_errors, instruction_errors, supports_system_role, valid_records
+from tessera.records import chat_errors, instruction_errors, record_errors, supports_system_role, text_errors, valid_records
 
 from conftest import chat, write_jsonl
 
@@ -71,6 +71,30 @@ def test_instruction_rules():
     assert "both" in instruction_errors({"prompt": "p", "response": "r", "completion": "c"})[0]
 
 
+def test_text_rules():
+    assert text_errors({"text": "a document"}) == []
+    assert text_errors({"body": "x"}) == ["missing field 'text' (found: body)"]
+    assert text_errors({"text": ["a", "b"]}) == ["field 'text': expected a string, got list"]
+    assert text_errors({"text": None}) == ["field 'text': expected a string, got null"]
+    assert text_errors({"text": " \n "}) == ["field 'text': is empty"]
+
+
+def test_nulls_from_tables_are_named_null():
+    assert instruction_errors({"prompt": None, "response": "r"}) == ["field 'prompt': expected a string, got null"]
+    assert chat_errors({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]}) == [
+        "messages[0].content: expected a string, got null"
+    ]
+    assert chat_errors({"messages": [None]}) == ["messages[0]: expected an object with 'role' and 'content', got null"]
+
+
+def test_each_task_has_its_rules():
+    assert record_errors(chat("q", "a"), TaskType.CHAT_COMPLETION) == []
+    assert record_errors({"prompt": "p", "response": "r"}, TaskType.INSTRUCTION_FINETUNE) == []
+    assert record_errors({"text": "t"}, TaskType.CONTINUED_PRETRAIN) == []
+    assert record_errors({"text": "t"}, TaskType.CHAT_COMPLETION)[0].startswith("missing field 'messages'")
+    assert record_errors(chat("q", "a"), TaskType.CONTINUED_PRETRAIN)[0].startswith("missing field 'text'")
+
+
 def test_bad_lines_are_reported_as_path_line_message(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [
         chat("q", "a"),
@@ -106,7 +130,7 @@ def test_only_the_first_20_errors_are_shown_then_a_count(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,expected", [
-    ("chat.txt", "{}", "must be a .jsonl file"),
+    ("chat.txt", "{}", "must be a .jsonl file, a Delta table .* not a '.txt' file"),
     ("empty.jsonl", "", "file is empty"),
     ("missing.jsonl", None, "no such file"),
 ])
