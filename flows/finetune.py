@@ -1,4 +1,5 @@
-"""The fine-tuning DAG: validate -> prepare -> report -> train -> register. Composition only; logic is in tasks/."""
+"""The fine-tuning DAG: validate inputs -> prepare (records checked, tokenized, packed) -> report -> train -> register.
+Composition only; logic is in tasks/."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from prefect import flow, runtime
 from tasks.prepare import prepare_data
 from tasks.register import register_model
 from tasks.train import train_model
-from tasks.validate import report_data, validate_data
+from tasks.validate import check_inputs, report_data
 from tessera import runs
 
 
@@ -35,9 +36,7 @@ def finetune(
     run_name: str | None = None,
 ) -> str:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI."""
-    config = runs.ensure_record(run_name or runtime.flow_run.name, runtime.flow_run.parameters).config
-    if config.validate_inputs:
-        validate_data(config)
+    config = check_inputs(runs.ensure_record(run_name or runtime.flow_run.name, runtime.flow_run.parameters).config)
     prepared = prepare_data(config)
     eval_prepared = prepare_data(config, config.eval_data_path) if config.eval_data_path else None
     report = report_data(config, prepared)

@@ -339,7 +339,8 @@ def pack_rows(batches: Iterable[Examples], capacity: int) -> Iterator[Rows]:
 
 def cut_blocks(batches: Iterable[Examples], block: int) -> Iterator[Rows]:
     """Continued pretraining: documents end to end (each ends in EOS), cut every `block` tokens; the last block
-    may be shorter. A block is continuous text, so its positions run 0..n-1 and every label is the token."""
+    may be shorter, and then comes alone, last. A block is continuous text, so its positions run 0..n-1 and
+    every label is the token."""
     rest = np.empty(0, np.int32)
     for ex in batches:
         stream = np.concatenate([rest, ex.ids])
@@ -421,10 +422,13 @@ class Tally:
         }
 
 
-def stream_rows(task_type: TaskType, tokenizer, records: Iterable[Record], context_length: int, tally: Tally) -> Iterator[Rows]:
-    """Records to rows, a bounded piece at a time: nothing here holds more than a packing window."""
+def stream_rows(
+    task_type: TaskType, tokenizer, records: Iterable[Record], context_length: int, tally: Tally, workers: int | None = None
+) -> Iterator[Rows]:
+    """Records to rows, a bounded piece at a time: nothing here holds more than a packing window.
+    `workers` tokenizer threads (default: one per core this process may use)."""
     rust_tokenizer(tokenizer)  # settles its truncation and padding now, before threads share it
-    workers = len(os.sched_getaffinity(0))
+    workers = workers or len(os.sched_getaffinity(0))
     batches = map_ahead(lambda batch: tokenize_records(task_type, tokenizer, batch), batched(records, BATCH_RECORDS), workers)
     if task_type is TaskType.CONTINUED_PRETRAIN:
         return cut_blocks(tally.counted(batches), context_length)
@@ -462,12 +466,20 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
         return PreparedData(path=str(out), cache_key=key, reused=True, stats=PrepStats(**manifest["stats"]), lineage=source.lineage())
 
-    records = valid_records(source, config.task_type, supports_system_role(tokenizer), cluster=cluster)
+    allow_system = supports_system_role(tokenizer)
     tally = Tally()
+    if cluster is not None and source.kind != "hf_dataset":  # Spark has no reader for dataset splits
+        from tasks.prepare_spark import spark_rows
+
+        engine = f"Spark at {cluster}"
+        rows_out = spark_rows(source, cluster, config.task_type, tokenizer, ctx, allow_system, tally)
+    else:
+        engine = "in-process"
+        rows_out = stream_rows(config.task_type, tokenizer, valid_records(source, config.task_type, allow_system), ctx, tally)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     try:
-        rows, tokens, trainable = write_rows(stream_rows(config.task_type, tokenizer, records, ctx, tally), tmp / "rows", key)
+        rows, tokens, trainable = write_rows(rows_out, tmp / "rows", key)
         if trainable == 0:
             raise TesseraError(
                 f"{data_path}: no trainable tokens in {sum(map(len, tally.lengths))} example(s) after tokenizing and "
@@ -482,7 +494,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         **tally.length_report(),
     )
     manifest = {
-        "cache_key": key, "source": source.model_dump(), **inputs, "model": model.name,
+        "cache_key": key, "source": source.model_dump(), **inputs, "model": model.name, "engine": engine,
         "packing": "blocks" if config.task_type is TaskType.CONTINUED_PRETRAIN else "best-fit-decreasing",
         "stats": stats.model_dump(),
     }
@@ -492,8 +504,8 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     except OSError:  # prepared concurrently by another run: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     stage_logger().info(
-        "prepared %d examples into %d rows of %d tokens (fill %.1f%%, %d truncated, %d trainable tokens)",
-        stats.examples, rows, ctx, 100 * stats.fill, stats.truncated, trainable,
+        "prepared %d examples into %d rows of %d tokens (%s; fill %.1f%%, %d truncated, %d trainable tokens)",
+        stats.examples, rows, ctx, engine, 100 * stats.fill, stats.truncated, trainable,
     )
     return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats, lineage=source.lineage())
 

@@ -1,7 +1,9 @@
 """Stage: validate, and the data report (the managed service's "validate and estimate tokens" notebook).
 
-Validation runs the same rules the trainer's data prep runs (tessera.records); the token figures come
-from the prepared data itself, so the estimate is what training will really see.
+A run's inputs are checked up front (model, context length, paths, columns; tables pinned to a version).
+Every record is then checked by data prep as it streams past, with the same rules the trainer's data
+needs (tessera.records), before anything is written; the token figures of the report come from the
+prepared data itself, so the estimate is what training will really see.
 """
 
 from __future__ import annotations
@@ -13,25 +15,13 @@ from pydantic import BaseModel
 
 from tasks.prepare import PreparedData, prepare
 from tasks.train_worker import plan_steps
+from tessera import runs, sources
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import DataValidationError
-from tessera.records import supports_system_role, valid_records
 
 MIN_PRETRAIN_TOKENS = 1_500_000
 MAX_EPOCHS = 4
-
-
-def validate(config: RunConfig) -> int:
-    """Number of valid examples (train + eval); raises DataValidationError listing every bad record."""
-    from transformers import AutoTokenizer
-
-    model = resolve_model(config.model, config.context_length)
-    allow_system = supports_system_role(AutoTokenizer.from_pretrained(model.path))
-    count = 0
-    for path in filter(None, [config.train_data_path, config.eval_data_path]):
-        count += sum(1 for _ in valid_records(path, config.task_type, allow_system, cluster=config.data_prep_cluster_id))
-    return count
 
 
 class TokenStats(BaseModel):
@@ -152,7 +142,12 @@ def histogram_png(report: DataReport, path: Path) -> Path:
     return path
 
 
-validate_data = task(validate, name="validate-data")
+@task(name="validate-inputs")
+def check_inputs(config: RunConfig) -> RunConfig:
+    """The run's inputs checked and its tables pinned (recorded on the run, so fm.get shows the version read)."""
+    config = sources.check_inputs(config)
+    runs.update(config.name, config=config)
+    return config
 
 
 @task(name="data-report")

@@ -85,6 +85,7 @@ def cmd_validate(args) -> int:
     report = sdk.validate_data(
         args.train_data_path, model=args.model, task_type=args.task_type,
         context_length=args.context_length, training_duration=args.training_duration,
+        data_prep_cluster_id=args.data_prep_cluster_id,
     )
     print(report.model_dump_json(indent=2) if args.json else report.render())
     return 0 if report.valid else EXIT_FAILED
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True)
     v.add_argument("--context-length", type=int)
     v.add_argument("--training-duration", default="1ep")
+    v.add_argument("--data-prep-cluster-id", help="Spark for data prep: sc://host:port, local[*], spark://...")
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
     v.set_defaults(func=cmd_validate)
 

@@ -6,7 +6,7 @@ Records come from tessera.sources; each carries `where` (`path:line`, a `.txt` f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from tessera.config import TaskType
 from tessera.errors import DataValidationError, TesseraError
@@ -116,27 +116,37 @@ def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) ->
     return text_errors(data)
 
 
-def valid_records(
-    source: Source | str, task_type: TaskType, allow_system: bool = True, *, cluster: str | None = None
-) -> Iterator[Record]:
-    """Yield the valid records; after the last one, raise DataValidationError if any record was bad.
+class RecordCheck:
+    """The task's rules applied to records as they stream past, in-process or on a Spark executor: every error
+    is kept, and records are passed on only until the first one (nothing after it gets tokenized)."""
 
-    `cluster` (RunConfig.data_prep_cluster_id) has Spark read the source; see tessera.sources.
-    """
+    def __init__(self, task_type: TaskType, allow_system: bool = True):
+        self.task_type, self.allow_system = task_type, allow_system
+        self.errors: list[tuple[str | int, str]] = []  # (where, message)
+        self.count = 0
+
+    def valid(self, records: Iterable[Record | BadRecord]) -> Iterator[Record]:
+        for rec in records:
+            self.count += 1
+            if isinstance(rec, BadRecord):
+                problems = [rec.message]
+            else:
+                problems = record_errors(rec.data, self.task_type, self.allow_system)
+            self.errors.extend((rec.where, p) for p in problems)
+            if not self.errors:
+                yield rec
+
+    def raise_if_invalid(self, display: str) -> None:
+        if self.errors:
+            raise DataValidationError([f"{where}: {message}" for where, message in self.errors], examples_checked=self.count)
+        if self.count == 0:
+            raise TesseraError(f"{display}: contains no records")
+
+
+def valid_records(source: Source | str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:
+    """Yield the valid records; after the last one, raise DataValidationError if any record was bad."""
     if isinstance(source, str):
-        source = resolve_source(source, task_type, cluster=cluster)
-    errors: list[str] = []
-    count = 0
-    for rec in read_records(source, task_type, cluster=cluster):
-        count += 1
-        if isinstance(rec, BadRecord):
-            errors.append(f"{rec.where}: {rec.message}")
-            continue
-        problems = record_errors(rec.data, task_type, allow_system)
-        errors.extend(f"{rec.where}: {p}" for p in problems)
-        if not problems and not errors:
-            yield rec
-    if errors:
-        raise DataValidationError(errors, examples_checked=count)
-    if count == 0:
-        raise TesseraError(f"{source.display}: contains no records")
+        source = resolve_source(source, task_type)
+    check = RecordCheck(task_type, allow_system)
+    yield from check.valid(read_records(source, task_type))
+    check.raise_if_invalid(source.display)

@@ -117,10 +117,9 @@ def ensure_record(name: str, flow_parameters: dict) -> RunRecord:
     if _record_file(name).exists():
         return load(name)
     from tessera.config import build_run_config
-    from tessera.sources import pin_sources
 
     params = {k: v for k, v in flow_parameters.items() if k != "run_name"}
-    return save(RunRecord(config=pin_sources(build_run_config(name=name, **params)), created_at=now()))
+    return save(RunRecord(config=build_run_config(name=name, **params), created_at=now()))
 
 
 def on_running(flow, flow_run, state) -> None:

@@ -18,12 +18,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from tessera import runs
-from tessera.catalog import ModelSpec, catalog, resolve_model
+from tessera.catalog import ModelSpec, catalog
 from tessera.config import RunConfig, build_run_config
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
 from tessera.runs import RunRecord, RunStatus
-from tessera.sources import pin_sources
+from tessera.sources import check_inputs
 
 
 class TrainingRun(BaseModel):
@@ -118,7 +118,11 @@ def create(
     data_prep_cluster_id: str | None = None,
     experiment_path: str | None = None,
 ) -> TrainingRun:
-    """Start a fine-tuning run in the background and return at once; follow it with get()/get_events()."""
+    """Start a fine-tuning run in the background and return at once; follow it with get()/get_events().
+
+    With `validate_inputs` (the default) the model, context length and data paths are checked here, so a bad
+    input fails this call; without it the run checks them first, and fails instead.
+    """
     apply_engine_defaults()
     config = build_run_config(
         model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
@@ -126,8 +130,8 @@ def create(
         training_duration=training_duration, learning_rate=learning_rate, context_length=context_length,
         validate_inputs=validate_inputs, data_prep_cluster_id=data_prep_cluster_id, experiment_path=experiment_path,
     )
-    resolve_model(config.model, config.context_length)
-    config = pin_sources(config)
+    if validate_inputs:  # as the managed service did: refuse bad inputs before anything starts
+        config = check_inputs(config)
     runs.save(RunRecord(config=config, created_at=runs.now()))
     log = open(runs.run_dir(config.name) / "run.log", "ab")
     process = subprocess.Popen(
@@ -193,6 +197,7 @@ def validate_data(
     task_type: str = "CHAT_COMPLETION",
     context_length: int | None = None,
     training_duration: str = "1ep",
+    data_prep_cluster_id: str | None = None,
 ):
     """The data report (errors, token statistics, billed-token estimate, warnings) without training.
 
@@ -204,9 +209,9 @@ def validate_data(
     config = build_run_config(
         name="validate", model=model, train_data_path=train_data_path, register_to="tessera.validate",
         task_type=task_type, context_length=context_length, training_duration=training_duration,
+        data_prep_cluster_id=data_prep_cluster_id,
     )
-    resolve_model(config.model, config.context_length)
-    return report_for(config)
+    return report_for(check_inputs(config))
 
 
 def get_models() -> list[ModelSpec]:

@@ -35,12 +35,12 @@ library's cache (as `load_dataset` finds it; offline when HF_DATASETS_OFFLINE=1)
 `org/name/split row 17`, the index `dataset[17]` finds. Source.version holds the dataset's fingerprint.
 
 Engines. Without a cluster everything is read in-process (pyarrow, deltalake, datasets), in bounded
-batches. With `cluster` (RunConfig.data_prep_cluster_id: `sc://host:port` for Spark Connect, or a
-master URL such as `local[2]` or `spark://host:7077`) Spark reads files and tables (at locations
-its executors can see) and streams the rows back; the same decoding and rules apply, so the same
-data gives the same records and messages. Dataset splits are always read in-process (Spark has no
-reader for them), and so is table metadata (the pinned version, the schema): the table location
-must be readable from here too.
+batches (read_records). With `cluster` (RunConfig.data_prep_cluster_id: `sc://host:port` for Spark
+Connect, or a master URL such as `local[2]` or `spark://host:7077`) Spark reads files and tables (at
+locations its executors can see: spark_input) and its executors decode their partitions with the same
+decoder (spark_partition_records), so the same data gives the same records and messages. Dataset
+splits are always read in-process (Spark has no reader for them), and so is table metadata (the pinned
+version, the schema): the table location must be readable from here too.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -60,6 +62,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 from pydantic import BaseModel
 
+from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import ConfigError, DataValidationError, TesseraError
 from tessera.paths import is_volume_path, resolve_data_path, tessera_home
@@ -195,28 +198,47 @@ def check_cluster(cluster: str) -> None:
         )
 
 
-def read_records(source: Source, task_type: TaskType, *, cluster: str | None = None) -> Iterator[Record | BadRecord]:
-    """Stream a source's records, in process or through Spark at `cluster`; nothing is loaded whole.
+def read_records(source: Source, task_type: TaskType) -> Iterator[Record | BadRecord]:
+    """Stream a source's records in-process; nothing is loaded whole. (With a cluster, Spark executors
+    decode their own partitions with the same decoder: see spark_partition_records.)
 
     Every record that cannot even be decoded (not UTF-8, not JSON, not an object) is a BadRecord;
     the task's rules are tessera.records' job.
     """
-    if cluster is not None and source.kind != "hf_dataset":
-        return _read_with_spark(source, cluster)
+    name = partial(position_name, source)
     if source.kind == "jsonl":
-        return read_jsonl(Path(source.location), source.path)
+        return _jsonl_records(source, name)
     if source.kind == "text_folder":
         files = _text_files(Path(source.location), source.path)
-        return _documents((_file_in(source.path, rel), file.read_bytes()) for rel, file in files)
+        return decode_units(source, ((_file_in(source.path, rel), file.read_bytes()) for rel, file in files), name)
     if source.kind == "delta":
-        return _rows(_delta_rows(source), source)
-    return _rows(_dataset_rows(source), source)
+        return decode_units(source, _delta_rows(source), name)
+    return decode_units(source, _dataset_rows(source), name)
 
 
-def read_jsonl(path: Path, display: str) -> Iterator[Record | BadRecord]:
-    """Stream a JSONL file line by line."""
-    with open(path, "rb") as f:
-        yield from _json_lines(f, display)
+def position_name(source: Source, position: int) -> str:
+    """How messages name the record at a 0-based position: `path:line` in a file (blank lines count, so
+    line numbers match an editor's), `table@v3 row 17` in a table or dataset."""
+    return f"{source.path}:{position + 1}" if source.kind == "jsonl" else f"{source.display} row {position}"
+
+
+def decode_units(source: Source, units: Iterable, name: Callable[[int], str | int]) -> Iterator[Record | BadRecord]:
+    """Input units to records: JSONL lines (bytes), `(file name, bytes)` documents, or table rows (dicts).
+    `name(k)` is the `where` of the k-th unit (a document is named by its file)."""
+    for k, unit in enumerate(units):
+        if source.kind == "jsonl":
+            record = _json_record(name(k), unit)
+            if record is not None:
+                yield record
+        elif source.kind == "text_folder":
+            yield _document(*unit)
+        else:
+            yield Record(name(k), {field: unit[column] for field, column in source.fields.items()})
+
+
+def _jsonl_records(source: Source, name: Callable[[int], str]) -> Iterator[Record | BadRecord]:
+    with open(source.location, "rb") as f:
+        yield from decode_units(source, f, name)
 
 
 # --- local files and folders ---------------------------------------------------------------------
@@ -268,40 +290,32 @@ def _file_in(path: str, rel: str) -> str:
     return where
 
 
-def _json_lines(lines: Iterable[bytes], display: str) -> Iterator[Record | BadRecord]:
-    """One record per line; blank lines are skipped but counted, so line numbers match an editor's."""
-    for lineno, raw in enumerate(lines, start=1):
-        where = f"{display}:{lineno}"
-        try:
-            line = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
-            continue
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(data, dict):
-            yield BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
-            continue
-        yield Record(where, data)
+def _json_record(where: str | int, raw: bytes) -> Record | BadRecord | None:
+    """One JSONL line; None for a blank line."""
+    try:
+        line = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(data, dict):
+        return BadRecord(where, f"expected a JSON object, got {type(data).__name__}")
+    return Record(where, data)
 
 
-def _documents(files: Iterable[tuple[str, bytes]]) -> Iterator[Record | BadRecord]:
-    """One record per text file: `{"text": content}`; an empty or undecodable file is a BadRecord."""
-    for where, content in files:
-        try:
-            text = bytes(content).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
-            continue
-        if not text.strip():
-            yield BadRecord(where, "file is empty")
-            continue
-        yield Record(where, {"text": text})
+def _document(where: str, content: bytes) -> Record | BadRecord:
+    """One text file: `{"text": content}`; an empty or undecodable file is a BadRecord."""
+    try:
+        text = bytes(content).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(where, f"not valid UTF-8 (byte {exc.start})")
+    if not text.strip():
+        return BadRecord(where, "file is empty")
+    return Record(where, {"text": text})
 
 
 def _hash_file(h, path: Path) -> None:
@@ -357,12 +371,6 @@ def _columns(schema: pa.Schema, task_type: TaskType, display: str, text_column: 
     if problems:
         raise TesseraError(f"{display}: {task_type.value} data: " + "; ".join(problems))
     return fields
-
-
-def _rows(rows: Iterable[dict], source: Source) -> Iterator[Record]:
-    display = source.display
-    for i, row in enumerate(rows):
-        yield Record(f"{display} row {i}", {field: row[column] for field, column in source.fields.items()})
 
 
 def _batches_to_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[dict]:
@@ -462,8 +470,10 @@ def _reading(source: Source, engine: str):
     except TesseraError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TesseraError(f"{source.display}: reading it ({engine}) failed: {first}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # a Spark worker's failure comes as its traceback, whose last line says what went wrong
+        cause = lines[-1] if "Traceback (most recent call last):" in lines else lines[0]
+        raise TesseraError(f"{source.display}: reading it ({engine}) failed: {cause}") from exc
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------
@@ -526,38 +536,47 @@ def _dataset_rows(source: Source) -> Iterator[dict]:
 # --- Spark ---------------------------------------------------------------------------------------
 
 
-def _read_with_spark(source: Source, cluster: str) -> Iterator[Record | BadRecord]:
-    """Spark does the I/O; rows stream back (toLocalIterator) into the same decoders as in-process reading."""
+@contextmanager
+def spark_input(source: Source, cluster: str):
+    """The source's input units as a Spark DataFrame, for executors to decode with spark_partition_records:
+    a JSONL file's lines (`value`, bytes), a folder's .txt files (`path`, `content`), or a table's columns
+    at the pinned version. Engine failures while the block runs become one message naming the source."""
     with _spark(cluster) as spark, _reading(source, f"Spark at {cluster}"):
-        if source.kind == "jsonl":
-            lines = spark.read.text(source.location).selectExpr("CAST(value AS BINARY) AS value")
-            yield from _json_lines((row.value for row in lines.toLocalIterator()), source.path)
-        elif source.kind == "text_folder":
-            files = (
-                spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                .option("pathGlobFilter", "*.txt").load(source.location).select("path", "content")
-            )
-            root = source.location.lstrip("/")
-            yield from _documents(
-                (_file_in(source.path, _spark_relative(row.path, root)), row.content) for row in files.toLocalIterator()
-            )
-        else:
-            yield from _rows(_spark_delta_rows(spark, source, cluster), source)
+        try:
+            if source.kind == "jsonl":
+                yield spark.read.text(source.location).selectExpr("CAST(value AS BINARY) AS value")
+            elif source.kind == "text_folder":
+                yield (
+                    spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                    .option("pathGlobFilter", "*.txt").load(source.location).select("path", "content")
+                )
+            else:
+                table = spark.read.format("delta").option("versionAsOf", source.version).load(source.location)
+                yield table.select(*dict.fromkeys(source.fields.values()))
+        except Exception as exc:  # classic Spark fails at load(), Spark Connect when the rows are asked for
+            if "DATA_SOURCE_NOT_FOUND" in str(exc):
+                raise TesseraError(
+                    f"{source.display}: the Spark at {cluster} has no Delta Lake reader (the delta-spark jars are not "
+                    "on its classpath, and Tessera does not download them); start Spark with them, use a Spark Connect "
+                    "server that reads Delta, or leave data_prep_cluster_id unset to read the table in-process"
+                ) from None
+            raise
 
 
-def _spark_delta_rows(spark, source: Source, cluster: str) -> Iterator[dict]:
-    try:
-        table = spark.read.format("delta").option("versionAsOf", source.version).load(source.location)
-        for row in table.select(*dict.fromkeys(source.fields.values())).toLocalIterator():
-            yield row.asDict(recursive=True)
-    except Exception as exc:  # classic Spark fails at load(), Spark Connect when the rows are asked for
-        if "DATA_SOURCE_NOT_FOUND" in str(exc):
-            raise TesseraError(
-                f"{source.display}: the Spark at {cluster} has no Delta Lake reader (the delta-spark jars are not on "
-                "its classpath, and Tessera does not download them); start Spark with them, use a Spark Connect "
-                "server that reads Delta, or leave data_prep_cluster_id unset to read the table in-process"
-            ) from None
-        raise
+def spark_partition_records(source: Source, batches: Iterable[pa.RecordBatch]) -> Iterator[Record | BadRecord]:
+    """On a Spark executor: one partition of spark_input, decoded as read_records decodes in-process, except that a
+    numbered record's `where` is its position in the partition (an int); the driver, which sees the partitions in
+    order, names it with position_name. Documents are named by their file (links out of a volume were refused
+    when the source was resolved)."""
+    rows = _batches_to_rows(batches)
+    if source.kind == "jsonl":
+        units = (row["value"] for row in rows)
+    elif source.kind == "text_folder":
+        root = source.location.lstrip("/")
+        units = ((f"{source.path.rstrip('/')}/{_spark_relative(row['path'], root)}", row["content"]) for row in rows)
+    else:
+        units = rows
+    return decode_units(source, units, lambda k: k)
 
 
 def _spark_relative(uri: str, root: str) -> str:
@@ -594,10 +613,12 @@ def _spark(cluster: str):
         else:
             from pyspark.sql import SparkSession
 
-            session = (
-                SparkSession.builder.master(cluster).appName("tessera-data-prep")
-                .config("spark.ui.showConsoleProgress", "false").getOrCreate()
-            )
+            builder = SparkSession.builder.master(cluster).appName("tessera-data-prep").config("spark.ui.showConsoleProgress", "false")
+            if cluster.startswith("local"):  # one JVM here: loopback only, no web UI; workers run this interpreter
+                os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+                builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
+                builder = builder.config("spark.ui.enabled", "false")
+            session = builder.getOrCreate()
     except TesseraError:
         raise
     except Exception as exc:
@@ -614,9 +635,12 @@ def _spark(cluster: str):
             session.stop()
 
 
-def pin_sources(config: RunConfig) -> RunConfig:
-    """The run with its data paths checked and each table pinned to the version read now
-    (`main.sales.chats` -> `main.sales.chats@v3`), so every stage, and any re-run, sees the same data."""
+def check_inputs(config: RunConfig) -> RunConfig:
+    """Everything about a run's inputs that needs no pass over the data: the model and context length, and each
+    data path (it exists, suits the task, has the right columns). Returns the run with each table pinned to
+    the version read now (`main.sales.chats` -> `main.sales.chats@v3`), so every stage, and any re-run, sees
+    the same data. The records themselves are checked as data prep streams them."""
+    resolve_model(config.model, config.context_length)
     pinned = {}
     for field in ("train_data_path", "eval_data_path"):
         path = getattr(config, field)

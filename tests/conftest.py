@@ -61,3 +61,19 @@ def chat(*turns: str, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return {"messages": messages}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_servers():
+    """Stop the ephemeral Prefect servers in-process flow runs started, while pytest's output is still open
+    (Prefect would otherwise stop them at exit and log into a closed stream)."""
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect._internal.concurrency.services import _QueueServiceBase
+        from prefect.server.api.server import SubprocessASGIServer
+
+        _QueueServiceBase.drain_all(timeout=30, at_exit=False)  # logs and events still on their way to the server
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()

@@ -1,0 +1,170 @@
+"""The prepare stage on Spark: executors check, tokenize and pack their own partitions (mapInArrow); the packed
+rows stream back to the driver, which writes them in the same prepared format as in-process prep.
+
+    spark_input(source) --mapInArrow(prepare_partition)--> packed rows..., one summary per partition --> write_rows
+
+A partition runs the in-process pipeline on its own records (spark_partition_records -> RecordCheck ->
+stream_rows), so examples pack within a partition: the tokens are exactly those of in-process prep, and rows
+are as full once a partition holds a few thousand examples. A packed row comes back as raw int32 bytes (at
+most context_length * 4 per column), so the driver does no per-token work. Partitions may arrive in any
+order, interleaved (Sail streams them as they run); row order does not matter (the trainer draws its own),
+but error positions do: the summary that ends each partition carries the partition's index, its number of
+input units (lines, files, rows), its example lengths and counts, and its errors by position in the
+partition. Once all are in, the driver puts the summaries in partition order and names every error exactly
+as in-process prep does (`path:line`, `table@v3 row 17`), and refuses the data if there is any.
+
+Executors need Tessera installed, like any library a UDF uses; local masters and Sail run this interpreter.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel
+
+from tasks.prepare import COLUMNS, Examples, Rows, Tally, cut_blocks, stream_rows, tokenizer_hash
+from tessera.config import TaskType
+from tessera.records import RecordCheck
+from tessera.sources import Source, position_name, spark_input, spark_partition_records
+
+OUTPUT = pa.schema(
+    [(c, pa.binary()) for c in COLUMNS]  # a packed row
+    + [  # or a partition's summary
+        ("partition", pa.int64()), ("units", pa.int64()), ("records", pa.int64()), ("lengths", pa.binary()),
+        ("truncated", pa.int64()), ("dropped", pa.int64()),
+        ("errors", pa.list_(pa.struct([("where", pa.string()), ("position", pa.int64()), ("message", pa.string())]))),
+        ("rest", pa.binary()),
+    ]
+)
+OUTPUT_DDL = (
+    "input_ids binary, labels binary, position_ids binary, partition bigint, units bigint, records bigint, lengths binary, "
+    "truncated bigint, dropped bigint, errors array<struct<where: string, position: bigint, message: string>>, rest binary"
+)
+ROWS_PER_CHUNK = 1024  # packed rows the driver hands to the writer at a time
+PARTITION = "_tessera_partition"  # the column that tells an executor which partition it holds
+
+
+class PartitionJob(BaseModel):
+    """What every executor needs, shipped with the function: the tokenizer travels as its files."""
+
+    source: Source
+    task_type: TaskType
+    context_length: int
+    allow_system: bool
+    tokenizer_key: str
+    tokenizer_files: dict[str, bytes]
+
+
+def spark_rows(
+    source: Source, cluster: str, task_type: TaskType, tokenizer, context_length: int, allow_system: bool, tally: Tally
+) -> Iterator[Rows]:
+    """Packed rows from Spark's executors, in bounded chunks; after the last, raise if any record was bad."""
+    job = PartitionJob(
+        source=source, task_type=task_type, context_length=context_length, allow_system=allow_system,
+        tokenizer_key=tokenizer_hash(tokenizer), tokenizer_files=tokenizer_files(tokenizer),
+    )
+    summaries, chunk = [], []
+    with spark_input(source, cluster) as frame:
+        frame = frame.selectExpr("*", f"spark_partition_id() AS {PARTITION}")
+        for row in frame.mapInArrow(partial(prepare_partition, job=job), OUTPUT_DDL).toLocalIterator():
+            if row.units is not None:
+                summaries.append(row)
+                continue
+            chunk.append(row)
+            if len(chunk) == ROWS_PER_CHUNK:
+                yield rows_of(chunk)
+                chunk = []
+    if chunk:
+        yield rows_of(chunk)
+    check = RecordCheck(task_type, allow_system)  # gathers the partitions' errors and counts
+    position = 0  # input units in the partitions before this one
+    rests = []
+    for s in sorted(summaries, key=lambda s: -1 if s.partition is None else s.partition):  # None: an empty partition
+        check.count += s.records
+        check.errors += [(where or position_name(source, position + at), message) for where, at, message in s.errors]
+        tally.lengths.append(np.frombuffer(s.lengths, np.int32))
+        tally.truncated += s.truncated
+        tally.dropped += s.dropped
+        rests.append(np.frombuffer(s.rest, np.int32))
+        position += s.units
+    check.raise_if_invalid(source.display)
+    if task_type is TaskType.CONTINUED_PRETRAIN:  # the partitions' short last blocks, cut as one stream
+        stream = np.concatenate(rests)
+        yield from cut_blocks([Examples(stream, stream, np.array([len(stream)]))], context_length)
+
+
+def rows_of(chunk: list) -> Rows:
+    lengths = np.array([len(r.input_ids) // 4 for r in chunk], np.int64)
+    columns = {c: np.frombuffer(b"".join(getattr(r, c) for r in chunk), np.int32) for c in COLUMNS}
+    return Rows(**columns, offsets=np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+# --- on the executors ---------------------------------------------------------------------------------
+
+_tokenizers: dict[str, object] = {}  # per executor process: loaded once, whatever the number of partitions
+
+
+def executor_tokenizer(job: PartitionJob):
+    if job.tokenizer_key not in _tokenizers:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as folder:
+            for name, content in job.tokenizer_files.items():
+                (Path(folder) / name).write_bytes(content)
+            _tokenizers[job.tokenizer_key] = AutoTokenizer.from_pretrained(folder)
+    return _tokenizers[job.tokenizer_key]
+
+
+def prepare_partition(batches: Iterator[pa.RecordBatch], job: PartitionJob) -> Iterator[pa.RecordBatch]:
+    """One partition: its packed rows, then its summary. Spark gives each task one core: one tokenizer thread."""
+    partition, units = None, 0
+
+    def counted(batches):
+        nonlocal partition, units
+        for batch in batches:
+            if partition is None and batch.num_rows:
+                partition = batch.column(PARTITION)[0].as_py()
+            units += batch.num_rows
+            yield batch
+
+    check, tally = RecordCheck(job.task_type, job.allow_system), Tally()
+    records = check.valid(spark_partition_records(job.source, counted(batches)))
+    rest = np.empty(0, np.int32)
+    for rows in stream_rows(job.task_type, executor_tokenizer(job), records, job.context_length, tally, workers=1):
+        if job.task_type is TaskType.CONTINUED_PRETRAIN and rows.offsets[-1] < job.context_length:
+            rest = rows.input_ids  # the partition's short last block: the driver joins it to the others'
+            continue
+        yield packed_batch(rows)
+    lengths = np.concatenate(tally.lengths) if tally.lengths else np.empty(0, np.int32)
+    errors = [
+        {"where": where if isinstance(where, str) else None, "position": where if isinstance(where, int) else None, "message": m}
+        for where, m in check.errors
+    ]
+    summary = {
+        "partition": partition, "units": units, "records": check.count, "lengths": lengths.astype(np.int32).tobytes(),
+        "truncated": tally.truncated, "dropped": tally.dropped, "errors": errors, "rest": rest.astype(np.int32).tobytes(),
+    }
+    yield pa.RecordBatch.from_pylist([summary], schema=OUTPUT)
+
+
+def packed_batch(rows: Rows) -> pa.RecordBatch:
+    """One Spark row per packed row: each column's int32 tokens as bytes, cut at the row offsets (no copy)."""
+    n = len(rows.offsets) - 1
+    byte_offsets = pa.py_buffer((rows.offsets * 4).astype(np.int32))
+    arrays = [
+        pa.Array.from_buffers(pa.binary(), n, [None, byte_offsets, pa.py_buffer(np.ascontiguousarray(getattr(rows, c), np.int32))])
+        for c in COLUMNS
+    ]
+    arrays += [pa.nulls(n, field.type) for field in list(OUTPUT)[len(COLUMNS):]]
+    return pa.RecordBatch.from_arrays(arrays, schema=OUTPUT)
