@@ -19,8 +19,10 @@ The prepared data is `<TESSERA_HOME>/prepared/<key>/`, the key a hash of everyth
                     at each example's first position is IGNORE_INDEX, so no loss crosses a boundary.
                     Continued pretraining rows are context-length blocks of the text (positions 0..n-1).
     manifest.json   the inputs hashed into the key (source, data fingerprint, tokenizer hash, task type,
-                    context length) and PrepStats (counts, fill, per-example lengths) under "stats".
-Rows are in packing order; the trainer draws its own seeded permutation and each rank takes its slice.
+                    context length), the engine that prepared it, and PrepStats (counts, fill, per-example
+                    lengths) under "stats".
+Row order carries no meaning: the trainer draws its own seeded permutation and each rank takes its slice.
+With a cluster, Spark executors run this same pipeline on their partitions (tasks/prepare_spark.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +46,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
+from tessera import runs
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import TesseraError
@@ -226,18 +230,6 @@ def tokenize_documents(tokenizer, texts: list[str]) -> Examples:
     """Continued pretraining: each document as the tokenizer encodes text (BOS if any), then EOS; loss everywhere."""
     rust, eos = rust_tokenizer(tokenizer), eos_id(tokenizer)
     return Examples.from_lists([e.ids + [eos] for e in rust.encode_batch_fast(texts)])
-
-
-def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """One conversation: input_ids and labels (IGNORE_INDEX outside assistant replies and their end tokens)."""
-    ex = tokenize_chats(tokenizer, [messages])
-    return ex.ids.tolist(), ex.labels.tolist()
-
-
-def tokenize_instruction(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """One prompt/response pair: input_ids and labels (the response and EOS)."""
-    ex = tokenize_instructions(tokenizer, [prompt], [response])
-    return ex.ids.tolist(), ex.labels.tolist()
 
 
 def tokenize_records(task_type: TaskType, tokenizer, records: list[Record]) -> Examples:
@@ -435,6 +427,20 @@ def stream_rows(
     return pack_rows(tally.fitted(batches, context_length), context_length)
 
 
+def with_progress(rows: Iterable[Rows], engine: str, every: float = 10.0) -> Iterator[Rows]:
+    """Rows as they come, with a log line every `every` seconds: preparing a large input takes minutes."""
+    start = last = time.monotonic()
+    n_rows = n_tokens = 0
+    for r in rows:
+        yield r
+        n_rows, n_tokens = n_rows + len(r.offsets) - 1, n_tokens + len(r.input_ids)
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            stage_logger().info(
+                "preparing (%s): %d rows, %d tokens so far, %.0f tokens/s", engine, n_rows, n_tokens, n_tokens / (last - start)
+            )
+
+
 def tokenizer_hash(tokenizer) -> str:
     """Everything tokenizing depends on: the Rust tokenizer (vocab, merges, normalizer, special tokens), template, EOS."""
     h = hashlib.sha256(rust_tokenizer(tokenizer).to_str().encode())
@@ -479,7 +485,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     try:
-        rows, tokens, trainable = write_rows(rows_out, tmp / "rows", key)
+        rows, tokens, trainable = write_rows(with_progress(rows_out, engine), tmp / "rows", key)
         if trainable == 0:
             raise TesseraError(
                 f"{data_path}: no trainable tokens in {sum(map(len, tally.lengths))} example(s) after tokenizing and "
@@ -510,4 +516,14 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
     return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats, lineage=source.lineage())
 
 
-prepare_data = task(prepare, name="prepare-data")
+@task(name="prepare-data")
+def prepare_data(config: RunConfig, data_path: str | None = None) -> PreparedData:
+    """The stage in a run: also tells the run's events what was prepared (or reused)."""
+    prepared = prepare(config, data_path)
+    s = prepared.stats
+    runs.append_event(
+        config.name, "prepare",
+        f"{'reused' if prepared.reused else 'prepared'} {data_path or config.train_data_path}: {s.examples} examples, "
+        f"{s.tokens} tokens in {s.rows} rows (fill {100 * s.fill:.1f}%, {s.truncated} truncated)",
+    )
+    return prepared

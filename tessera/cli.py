@@ -106,7 +106,6 @@ def cmd_models(args) -> int:
 
 def cmd_serve(args) -> int:
     import os
-    import subprocess
 
     from tessera.endpoint import serve_command, serve_env
     from tessera.paths import apply_engine_defaults
@@ -114,7 +113,8 @@ def cmd_serve(args) -> int:
     apply_engine_defaults()
     env = serve_env(args.model_uri, args.api_key or os.environ.get("TESSERA_API_KEY"))
     print(f"serving {args.model_uri} on http://{args.host}:{args.port}/v1/chat/completions", flush=True)
-    return subprocess.call(serve_command(args.host, args.port), env=env)
+    command = serve_command(args.host, args.port)
+    os.execve(command[0], command, env)  # BentoML in this process's place: Ctrl-C and SIGTERM reach it directly
 
 
 def cmd_demo(args) -> int:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import tasks.prepare as prep
-from tasks.prepare import Tally, map_ahead, prepare, stream_rows
+from tasks.prepare import Tally, map_ahead, prepare, stream_rows, with_progress
 from tessera.config import TaskType, build_run_config
 from tessera.errors import DataValidationError
 from tessera.sources import Record
@@ -83,3 +83,13 @@ def test_a_bad_record_late_in_the_file_fails_the_prepare_and_caches_nothing(home
 
     write_jsonl(path, records[:-1])
     assert prepare(config).stats.examples == 2_000
+
+
+def test_long_preparations_say_how_far_they_have_got(tokenizer, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="tessera")
+    monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 4096)
+    records = (Record(f"input:{i + 1}", {"prompt": f"question {i}", "response": "answer " * 5}) for i in range(3_000))
+    rows = list(with_progress(stream_rows(TaskType.INSTRUCTION_FINETUNE, tokenizer, records, 64, Tally()), "in-process", every=0))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preparing (in-process)")]
+    assert len(lines) == len(rows) > 1
+    assert lines[-1].startswith(f"preparing (in-process): {sum(len(r.offsets) - 1 for r in rows)} rows, {sum(len(r.input_ids) for r in rows)} tokens so far")

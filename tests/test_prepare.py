@@ -11,15 +11,25 @@ from tasks.prepare import (
     pack_best_fit,
     pack_window,
     prepare,
-    tokenize_chat,
     tokenize_chats,
-    tokenize_instruction,
     tokenize_instructions,
 )
 from tessera.config import build_run_config
 from tessera.errors import TesseraError
 
 from conftest import chat, write_jsonl
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """One conversation through the batch tokenizer: input_ids and labels."""
+    ex = tokenize_chats(tokenizer, [messages])
+    return ex.ids.tolist(), ex.labels.tolist()
+
+
+def tokenize_instruction(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """One prompt/response pair through the batch tokenizer: input_ids and labels."""
+    ex = tokenize_instructions(tokenizer, [prompt], [response])
+    return ex.ids.tolist(), ex.labels.tolist()
 
 
 def trained_text(tokenizer, ids, labels) -> str:

@@ -101,3 +101,13 @@ def test_delta_on_spark_connect(home, spark_connect):
 def test_jsonl_on_classic_spark(home):
     params, _ = train(home, "jsonl_on_spark", write_source(home, "jsonl", "CHAT_COMPLETION"), "CHAT_COMPLETION", "local[1]")
     assert params["source.kind"] == "jsonl" and params["data.examples"] == "6"
+
+
+def test_an_unchanged_rerun_reuses_the_prepared_data(home, capfd):
+    data_path = write_source(home, "jsonl", "INSTRUCTION_FINETUNE")
+    first, _ = train(home, "first", data_path, "INSTRUCTION_FINETUNE")
+    capfd.readouterr()
+    again, _ = train(home, "again", data_path, "INSTRUCTION_FINETUNE")
+    assert (first["prepared_data.reused"], again["prepared_data.reused"]) == ("False", "True")
+    assert again["prepared_data.cache_key"] == first["prepared_data.cache_key"]
+    assert f"reusing prepared data {home / 'prepared' / first['prepared_data.cache_key']}" in capfd.readouterr().err

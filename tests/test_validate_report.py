@@ -90,3 +90,42 @@ def test_histogram_png(chat_file, tmp_path):
     report = fm.validate_data(str(chat_file), model="tessera/tiny-chat")
     png = histogram_png(report, tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bad_inputs(home) -> dict:
+    """Each class of bad input (issue: every bad input gets a clear error), as CLI arguments."""
+    volume = home / "volumes" / "main" / "raw" / "files"
+    volume.mkdir(parents=True)
+    (volume / "latin1.jsonl").write_bytes(json.dumps(chat("q", "a")).encode() + b'\n{"messages": "caf\xe9"}\n')
+    write_jsonl(volume / "nested.jsonl", [{"messages": [[{"role": "user", "content": "q"}]]}])
+    write_jsonl(volume / "typed.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]}])
+    write_jsonl(volume / "array.jsonl", [[1, 2]])
+    (volume / "empty.jsonl").touch()
+    (volume / "chat.csv").write_text("q,a\n")
+    write_jsonl(home / "ok.jsonl", [chat("q", "a")])
+    v = "/Volumes/main/raw/files"
+    return {
+        "not UTF-8": (["validate", f"{v}/latin1.jsonl"], 1, f"{v}/latin1.jsonl:2: not valid UTF-8 (byte 17)"),
+        "not an object": (["validate", f"{v}/array.jsonl"], 1, f"{v}/array.jsonl:1: expected a JSON object, got list"),
+        "extra-nested": (["validate", f"{v}/nested.jsonl"], 1, f"{v}/nested.jsonl:1: messages[0]: expected an object"),
+        "wrong type": (["validate", f"{v}/typed.jsonl"], 1, f"{v}/typed.jsonl:1: messages[1].content: expected a string, got int"),
+        "empty file": (["validate", f"{v}/empty.jsonl"], 1, f"{v}/empty.jsonl: file is empty"),
+        "wrong file type": (["validate", f"{v}/chat.csv"], 1, "not a '.csv' file"),
+        "missing table": (["validate", "main.sales.nothing"], 1, "no Delta table main.sales.nothing at"),
+        "missing split": (["validate", "acme/nothing/train"], 1, "acme/nothing/train: not a local file or folder, and no dataset"),
+        "outside its volume": (["validate", "/Volumes/main/raw/files/../../../../etc/passwd"], 1, "'..' is not allowed"),
+        "context length": (["validate", str(home / "ok.jsonl"), "--context-length", "0"], 2, "context_length 0: must be a positive"),
+        "register_to": (["create", "--train-data-path", str(home / "ok.jsonl"), "--register-to", "main"], 2,
+                        "register_to 'main': expected 'catalog.schema' or 'catalog.schema.model'"),
+    }
+
+
+@pytest.mark.slow
+def test_every_class_of_bad_input_is_one_clear_message_without_a_traceback(home):
+    for case, (args, code, message) in bad_inputs(home).items():
+        result = tessera(*args, "--model", "tessera/tiny-chat")
+        assert result.returncode == code, (case, result.stdout, result.stderr)
+        assert message in result.stdout + result.stderr, (case, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, case
+    assert not (home / "prepared").exists() or list((home / "prepared").iterdir()) == []
+    assert not (home / "runs").exists()  # nothing was started
