@@ -17,6 +17,8 @@ import bentoml
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from tessera.generation import generate, prompt_ids
+
 MODEL_URI_ENV = "TESSERA_MODEL_URI"
 API_KEY_ENV = "TESSERA_API_KEY"
 
@@ -51,25 +53,6 @@ def load_registered(model_uri: str):
     return model, components["tokenizer"]
 
 
-def generate(model, tokenizer, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float) -> tuple[list[int], str]:
-    """New token ids and the finish reason ('stop' at the end-of-turn token, else 'length')."""
-    import torch
-
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids], device=model.device),
-            max_new_tokens=max_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-    new = out[0, len(prompt_ids):].tolist()
-    if new and new[-1] == tokenizer.eos_token_id:
-        return new[:-1], "stop"
-    return new, "length"
-
-
 @bentoml.service(name="tessera-chat", traffic={"timeout": 600})
 @bentoml.asgi_app(api, path="/v1")
 class ChatService:
@@ -92,14 +75,11 @@ class ChatService:
         self._authorize(authorization)
         if request.stream:
             raise HTTPException(status_code=400, detail="stream=true is not supported yet")
-        messages = [m.model_dump() for m in request.messages]
         try:
-            prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = prompt_ids(self.tokenizer, [m.model_dump() for m in request.messages])
         except Exception as exc:  # e.g. a template that rejects the roles it was given
             raise HTTPException(status_code=400, detail=f"messages rejected by the model's chat template: {exc}") from None
-        if hasattr(prompt_ids, "input_ids") or isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
-        new_ids, finish = generate(self.model, self.tokenizer, list(prompt_ids), request.max_tokens, request.temperature, request.top_p)
+        new_ids, finish = generate(self.model, self.tokenizer, ids, request.max_tokens, request.temperature, request.top_p)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -108,8 +88,8 @@ class ChatService:
             "model": request.model or self.model_uri,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
             "usage": {
-                "prompt_tokens": len(prompt_ids),
+                "prompt_tokens": len(ids),
                 "completion_tokens": len(new_ids),
-                "total_tokens": len(prompt_ids) + len(new_ids),
+                "total_tokens": len(ids) + len(new_ids),
             },
         }

@@ -72,6 +72,7 @@ def train(
     out_dir = runs.run_dir(config.name) / "final_model"
     job = TrainJob(
         run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
+        task_type=config.task_type, eval_prompts=config.eval_prompts or [],
         prepared_path=prepared.path, eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir), duration=config.duration, learning_rate=lr,
         settings=config.train, mlflow_tracking_uri=mlflow_tracking_uri(), mlflow_run_id=run_id,
     )

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tessera.config import Duration, TrainSettings
+from tessera.config import Duration, TaskType, TrainSettings
+from tessera.generation import generate, prompt_ids
 from tessera.runs import append_event
 
 IGNORE_INDEX = -100
@@ -32,6 +33,8 @@ class TrainJob(BaseModel):
     run_name: str
     model_path: str
     custom_weights_path: str | None = None
+    task_type: TaskType
+    eval_prompts: list[str] = []
     prepared_path: str
     eval_prepared_path: str | None = None
     output_dir: str
@@ -108,6 +111,18 @@ def evaluate(model, rows, micro: int, pad_id: int, device, rank: int, world: int
     model.train()
     dist.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1))
+
+
+def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_tokens: int = 64) -> list[dict]:
+    """Greedy answers to the run's eval prompts (a user turn for chat models), as the endpoint would give them."""
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}] if chat else prompt)
+        new, finish = generate(model, tokenizer, ids, max_tokens)
+        out.append({"prompt": prompt, "response": tokenizer.decode(new, skip_special_tokens=True), "finish_reason": finish})
+    model.train()
+    return out
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
@@ -223,7 +238,13 @@ def main(job_file: str) -> None:
                 line = progress_line(step + 1, total_steps, mean_loss, lr, tok_s, time.time() - start)
                 print(line, file=sys.stderr, flush=True)
                 append_event(job.run_name, "train", line)
-        if eval_rows is not None and ((step + 1) % s.eval_every == 0 or last):
+        if not ((step + 1) % s.eval_every == 0 or last):
+            continue
+        if job.eval_prompts and rank == 0:
+            generations = eval_generations(model, tokenizer, job.eval_prompts, job.task_type is TaskType.CHAT_COMPLETION)
+            client.log_dict(job.mlflow_run_id, {"step": step + 1, "generations": generations}, f"eval_prompts/step_{step + 1:06d}.json")
+            append_event(job.run_name, "eval", f"eval prompts at step {step + 1}: " + " | ".join(g["response"] for g in generations))
+        if eval_rows is not None:
             eval_loss = evaluate(model, eval_rows, micro, tokenizer.pad_token_id or 0, device, rank, world)
             if rank == 0:
                 now = int(time.time() * 1000)

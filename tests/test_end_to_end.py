@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,7 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
         model="tessera/tiny-chat",
         train_data_path="dbfs:/Volumes/main/default/raw/chat.jsonl",
         eval_data_path="dbfs:/Volumes/main/default/raw/eval.jsonl",
+        eval_prompts=["What is Tessera?", "Say hello."],
         register_to="main.finetuning.support_bot",
         training_duration="150ba",
     )
@@ -80,6 +82,12 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     assert client.get_metric_history(run.run_id, "eval_perplexity")
     artifacts = {a.path for a in client.list_artifacts(run.run_id, "data_report")}
     assert artifacts == {"data_report/report.json", "data_report/report.txt", "data_report/token_lengths.png"}
+    generations = {a.path for a in client.list_artifacts(run.run_id, "eval_prompts")}
+    assert generations == {f"eval_prompts/step_{n:06d}.json" for n in (50, 100, 150)}
+    final = json.loads((Path(client.download_artifacts(run.run_id, "eval_prompts/step_000150.json"))).read_text())
+    assert [(g["prompt"], g["response"], g["finish_reason"]) for g in final["generations"]] == [
+        ("What is Tessera?", "Tessera trains models on your data.", "stop"), ("Say hello.", "Hello from the test!", "stop"),
+    ]
     params = client.get_run(run.run_id).data.params
     assert params["data.examples"] == "4" and params["source.kind"] == "jsonl"
     version = client.get_model_version("main.finetuning.support_bot", "1")
