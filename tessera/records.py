@@ -148,5 +148,5 @@ def valid_records(source: Source | str, task_type: TaskType, allow_system: bool 
     if isinstance(source, str):
         source = resolve_source(source, task_type)
     check = RecordCheck(task_type, allow_system)
-    yield from check.valid(read_records(source, task_type))
+    yield from check.valid(read_records(source))
     check.raise_if_invalid(source.display)

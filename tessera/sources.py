@@ -198,7 +198,7 @@ def check_cluster(cluster: str) -> None:
         )
 
 
-def read_records(source: Source, task_type: TaskType) -> Iterator[Record | BadRecord]:
+def read_records(source: Source) -> Iterator[Record | BadRecord]:
     """Stream a source's records in-process; nothing is loaded whole. (With a cluster, Spark executors
     decode their own partitions with the same decoder: see spark_partition_records.)
 

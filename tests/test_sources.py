@@ -73,7 +73,7 @@ def test_a_jsonl_volume_file(home):
     path = write_jsonl(home / "volumes" / "main" / "sales" / "raw" / "chat.jsonl", [chat("q", "a"), "", chat("q2", "a2")])
     source = resolve_source("dbfs:/Volumes/main/sales/raw/chat.jsonl", CHAT)
     assert (source.kind, source.location) == ("jsonl", str(path))
-    records = list(read_records(source, CHAT))
+    records = list(read_records(source))
     assert [r.where for r in records] == ["dbfs:/Volumes/main/sales/raw/chat.jsonl:1", "dbfs:/Volumes/main/sales/raw/chat.jsonl:3"]
     assert records[1].data == chat("q2", "a2")
 
@@ -153,7 +153,7 @@ def test_a_link_out_of_the_volume_is_refused(home, volume, tmp_path):
 
 def test_a_plain_local_folder_works_too(tmp_path):
     write_docs(tmp_path / "corpus", {"x.txt": "one"})
-    records = list(read_records(resolve_source(str(tmp_path / "corpus"), PRETRAIN), PRETRAIN))
+    records = list(read_records(resolve_source(str(tmp_path / "corpus"), PRETRAIN)))
     assert records == [Record(f"{tmp_path}/corpus/x.txt", {"text": "one"})]
 
 
@@ -197,7 +197,7 @@ def test_bad_records_from_read_records_are_not_raised(tmp_path):
     """read_records reports what cannot be decoded; it is valid_records that raises."""
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b'"just a string"\n\xff\n')
-    assert list(read_records(resolve_source(str(path), CHAT), CHAT)) == [
+    assert list(read_records(resolve_source(str(path), CHAT))) == [
         BadRecord(f"{path}:1", "expected a JSON object, got str"),
         BadRecord(f"{path}:2", "not valid UTF-8 (byte 0)"),
     ]

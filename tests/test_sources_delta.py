@@ -217,7 +217,7 @@ def test_large_tables_stream_in_bounded_batches(warehouse, monkeypatch):
         return original(batch_sizes.append(b.num_rows) or b for b in batches)
 
     monkeypatch.setattr(sources, "_batches_to_rows", counting)
-    records = read_records(resolve_source("main.s.docs", PRETRAIN), PRETRAIN)
+    records = read_records(resolve_source("main.s.docs", PRETRAIN))
     first = next(records)
     assert first.where == "main.s.docs@v0 row 0" and batch_sizes == [1024]
     rest = list(records)

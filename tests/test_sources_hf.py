@@ -81,7 +81,7 @@ def test_pretraining_from_a_dataset_with_a_text_column(datasets_dir):
     with pytest.raises(DataValidationError) as info:
         list(valid_records(source, PRETRAIN))
     assert info.value.errors == ["corpus/train row 2: field 'text': expected a string, got null"]
-    assert [r.data for r in read_records(source, PRETRAIN)][:2] == [{"text": "doc a"}, {"text": "doc b"}]
+    assert [r.data for r in read_records(source)][:2] == [{"text": "doc a"}, {"text": "doc b"}]
 
 
 def test_rows_stream_in_batches(datasets_dir, monkeypatch):
@@ -89,7 +89,7 @@ def test_rows_stream_in_batches(datasets_dir, monkeypatch):
     batch_sizes = []
     original = sources._batches_to_rows
     monkeypatch.setattr(sources, "_batches_to_rows", lambda batches: original(batch_sizes.append(b.num_rows) or b for b in batches))
-    records = read_records(resolve_source("big/train", PRETRAIN), PRETRAIN)
+    records = read_records(resolve_source("big/train", PRETRAIN))
     assert next(records).data == {"text": "doc 0"} and sum(batch_sizes) <= 1024
     assert len(list(records)) == 2499 and max(batch_sizes) <= 1024
 
