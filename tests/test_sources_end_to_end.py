@@ -103,11 +103,18 @@ def test_jsonl_on_classic_spark(home):
     assert params["source.kind"] == "jsonl" and params["data.examples"] == "6"
 
 
-def test_an_unchanged_rerun_reuses_the_prepared_data(home, capfd):
+def test_an_unchanged_rerun_reuses_the_prepared_data(home, capfd, caplog):
+    from tessera import runs
+
     data_path = write_source(home, "jsonl", "INSTRUCTION_FINETUNE")
     first, _ = train(home, "first", data_path, "INSTRUCTION_FINETUNE")
     capfd.readouterr()
+    caplog.clear()
     again, _ = train(home, "again", data_path, "INSTRUCTION_FINETUNE")
     assert (first["prepared_data.reused"], again["prepared_data.reused"]) == ("False", "True")
     assert again["prepared_data.cache_key"] == first["prepared_data.cache_key"]
-    assert f"reusing prepared data {home / 'prepared' / first['prepared_data.cache_key']}" in capfd.readouterr().err
+    prepared = home / "prepared" / first["prepared_data.cache_key"]
+    # Prefect's log lines reach stderr, or pytest's log capture once an earlier test configured logging
+    assert f"reusing prepared data {prepared}" in capfd.readouterr().err + caplog.text
+    [event] = [e["message"] for e in runs.read_events("again") if e["stage"] == "prepare"]
+    assert event.startswith(f"reused {data_path}: 6 examples")
