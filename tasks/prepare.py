@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from tasks import stage_logger
 from tessera import runs
@@ -71,13 +71,18 @@ class PrepStats(BaseModel):
     trainable_tokens: int  # tokens the trainer computes loss on
     rows: int
     context_length: int
-    fill: float  # packing efficiency: tokens / (rows * context_length)
     length_min: int
     length_mean: float
     length_p50: int
     length_p95: int
     length_max: int
     length_histogram: list[tuple[int, int, int]]  # (first length, end length exclusive, examples), ~20 equal bins
+
+    @computed_field
+    @property
+    def fill(self) -> float:
+        """Packing efficiency: real tokens / row capacity."""
+        return self.tokens / max(1, self.rows * self.context_length)
 
 
 class PreparedData(BaseModel):
@@ -496,7 +501,7 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         raise
     stats = PrepStats(
         examples=sum(map(len, tally.lengths)), truncated=tally.truncated, dropped_without_trainable_tokens=tally.dropped,
-        tokens=tokens, trainable_tokens=trainable, rows=rows, context_length=ctx, fill=tokens / (rows * ctx),
+        tokens=tokens, trainable_tokens=trainable, rows=rows, context_length=ctx,
         **tally.length_report(),
     )
     manifest = {
