@@ -6,12 +6,13 @@ rows stream back to the driver, which writes them in the same prepared format as
 A partition runs the in-process pipeline on its own records (spark_partition_records -> RecordCheck ->
 stream_rows), so examples pack within a partition: the tokens are exactly those of in-process prep, and rows
 are as full once a partition holds a few thousand examples. A packed row comes back as raw int32 bytes (at
-most context_length * 4 per column), so the driver does no per-token work. Partitions may arrive in any
-order, interleaved (Sail streams them as they run); row order does not matter (the trainer draws its own),
-but error positions do: the summary that ends each partition carries the partition's index, its number of
-input units (lines, files, rows), its example lengths and counts, and its errors by position in the
-partition. Once all are in, the driver puts the summaries in partition order and names every error exactly
-as in-process prep does (`path:line`, `table@v3 row 17`), and refuses the data if there is any.
+most context_length * 4 per column), so the driver does no per-token work. Partitions come in no fixed
+order, interleaved (Sail streams them as they run, and numbers them differently from run to run): row order
+does not matter (the trainer draws its own), and the summary that ends each partition carries only what
+adds up regardless of order: counts, example lengths, the number of bad records, and, for continued
+pretraining, the partition's short last block (the driver joins those and cuts them as in-process prep
+would). When any record is bad the driver names every error with an in-process pass that stops at the last
+one (tessera.records.named_errors), so messages are exactly those of in-process prep, and nothing is written.
 
 Executors need Tessera installed, like any library a UDF uses; local masters and Sail run this interpreter.
 """
@@ -29,24 +30,22 @@ from pydantic import BaseModel
 
 from tasks.prepare import COLUMNS, Examples, Rows, Tally, cut_blocks, stream_rows, tokenizer_hash
 from tessera.config import TaskType
-from tessera.records import RecordCheck
-from tessera.sources import Source, position_name, spark_input, spark_partition_records
+from tessera.errors import TesseraError
+from tessera.records import RecordCheck, named_errors
+from tessera.sources import Source, spark_input, spark_partition_records
 
 OUTPUT = pa.schema(
     [(c, pa.binary()) for c in COLUMNS]  # a packed row
     + [  # or a partition's summary
-        ("partition", pa.int64()), ("units", pa.int64()), ("records", pa.int64()), ("lengths", pa.binary()),
-        ("truncated", pa.int64()), ("dropped", pa.int64()),
-        ("errors", pa.list_(pa.struct([("where", pa.string()), ("position", pa.int64()), ("message", pa.string())]))),
-        ("rest", pa.binary()),
+        ("records", pa.int64()), ("errors", pa.int64()), ("lengths", pa.binary()),
+        ("truncated", pa.int64()), ("dropped", pa.int64()), ("rest", pa.binary()),
     ]
 )
 OUTPUT_DDL = (
-    "input_ids binary, labels binary, position_ids binary, partition bigint, units bigint, records bigint, lengths binary, "
-    "truncated bigint, dropped bigint, errors array<struct<where: string, position: bigint, message: string>>, rest binary"
+    "input_ids binary, labels binary, position_ids binary, "
+    "records bigint, errors bigint, lengths binary, truncated bigint, dropped bigint, rest binary"
 )
 ROWS_PER_CHUNK = 1024  # packed rows the driver hands to the writer at a time
-PARTITION = "_tessera_partition"  # the column that tells an executor which partition it holds
 
 
 class PartitionJob(BaseModel):
@@ -70,9 +69,8 @@ def spark_rows(
     )
     summaries, chunk = [], []
     with spark_input(source, cluster) as frame:
-        frame = frame.selectExpr("*", f"spark_partition_id() AS {PARTITION}")
         for row in frame.mapInArrow(partial(prepare_partition, job=job), OUTPUT_DDL).toLocalIterator():
-            if row.units is not None:
+            if row.records is not None:
                 summaries.append(row)
                 continue
             chunk.append(row)
@@ -81,20 +79,20 @@ def spark_rows(
                 chunk = []
     if chunk:
         yield rows_of(chunk)
-    check = RecordCheck(task_type, allow_system)  # gathers the partitions' errors and counts
-    position = 0  # input units in the partitions before this one
-    rests = []
-    for s in sorted(summaries, key=lambda s: -1 if s.partition is None else s.partition):  # None: an empty partition
-        check.count += s.records
-        check.errors += [(where or position_name(source, position + at), message) for where, at, message in s.errors]
+    check = RecordCheck(task_type, allow_system)
+    check.count = sum(s.records for s in summaries)
+    bad = sum(s.errors for s in summaries)
+    if bad:
+        check.errors = named_errors(source, task_type, allow_system, bad)
+        if not check.errors:  # the engines disagree about the data: refuse it rather than train on part of it
+            raise TesseraError(f"{source.display}: Spark at {cluster} found {bad} bad record(s) that reading it here does not")
+    check.raise_if_invalid(source.display)
+    for s in summaries:
         tally.lengths.append(np.frombuffer(s.lengths, np.int32))
         tally.truncated += s.truncated
         tally.dropped += s.dropped
-        rests.append(np.frombuffer(s.rest, np.int32))
-        position += s.units
-    check.raise_if_invalid(source.display)
     if task_type is TaskType.CONTINUED_PRETRAIN:  # the partitions' short last blocks, cut as one stream
-        stream = np.concatenate(rests)
+        stream = np.concatenate([np.frombuffer(s.rest, np.int32) for s in summaries])
         yield from cut_blocks([Examples(stream, stream, np.array([len(stream)]))], context_length)
 
 
@@ -128,18 +126,8 @@ def executor_tokenizer(job: PartitionJob):
 
 def prepare_partition(batches: Iterator[pa.RecordBatch], job: PartitionJob) -> Iterator[pa.RecordBatch]:
     """One partition: its packed rows, then its summary. Spark gives each task one core: one tokenizer thread."""
-    partition, units = None, 0
-
-    def counted(batches):
-        nonlocal partition, units
-        for batch in batches:
-            if partition is None and batch.num_rows:
-                partition = batch.column(PARTITION)[0].as_py()
-            units += batch.num_rows
-            yield batch
-
     check, tally = RecordCheck(job.task_type, job.allow_system), Tally()
-    records = check.valid(spark_partition_records(job.source, counted(batches)))
+    records = check.valid(spark_partition_records(job.source, batches))
     rest = np.empty(0, np.int32)
     for rows in stream_rows(job.task_type, executor_tokenizer(job), records, job.context_length, tally, workers=1):
         if job.task_type is TaskType.CONTINUED_PRETRAIN and rows.offsets[-1] < job.context_length:
@@ -147,13 +135,9 @@ def prepare_partition(batches: Iterator[pa.RecordBatch], job: PartitionJob) -> I
             continue
         yield packed_batch(rows)
     lengths = np.concatenate(tally.lengths) if tally.lengths else np.empty(0, np.int32)
-    errors = [
-        {"where": where if isinstance(where, str) else None, "position": where if isinstance(where, int) else None, "message": m}
-        for where, m in check.errors
-    ]
     summary = {
-        "partition": partition, "units": units, "records": check.count, "lengths": lengths.astype(np.int32).tobytes(),
-        "truncated": tally.truncated, "dropped": tally.dropped, "errors": errors, "rest": rest.astype(np.int32).tobytes(),
+        "records": check.count, "errors": len(check.errors), "lengths": lengths.astype(np.int32).tobytes(),
+        "truncated": tally.truncated, "dropped": tally.dropped, "rest": rest.astype(np.int32).tobytes(),
     }
     yield pa.RecordBatch.from_pylist([summary], schema=OUTPUT)
 

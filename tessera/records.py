@@ -118,11 +118,12 @@ def record_errors(data: dict, task_type: TaskType, allow_system: bool = True) ->
 
 class RecordCheck:
     """The task's rules applied to records as they stream past, in-process or on a Spark executor: every error
-    is kept, and records are passed on only until the first one (nothing after it gets tokenized)."""
+    is kept (`where: message`), and records are passed on only until the first one (nothing after it gets
+    tokenized)."""
 
     def __init__(self, task_type: TaskType, allow_system: bool = True):
         self.task_type, self.allow_system = task_type, allow_system
-        self.errors: list[tuple[str | int, str]] = []  # (where, message)
+        self.errors: list[str] = []
         self.count = 0
 
     def valid(self, records: Iterable[Record | BadRecord]) -> Iterator[Record]:
@@ -132,15 +133,32 @@ class RecordCheck:
                 problems = [rec.message]
             else:
                 problems = record_errors(rec.data, self.task_type, self.allow_system)
-            self.errors.extend((rec.where, p) for p in problems)
+            self.errors.extend(f"{rec.where}: {p}" for p in problems)
             if not self.errors:
                 yield rec
 
     def raise_if_invalid(self, display: str) -> None:
         if self.errors:
-            raise DataValidationError([f"{where}: {message}" for where, message in self.errors], examples_checked=self.count)
+            raise DataValidationError(self.errors, examples_checked=self.count)
         if self.count == 0:
             raise TesseraError(f"{display}: contains no records")
+
+
+def named_errors(source: Source, task_type: TaskType, allow_system: bool, expected: int) -> list[str]:
+    """The errors of `source` named as in-process reading names them (`path:line`, `table@v3 row 17`), read
+    until `expected` are found. Spark counts its partitions' errors, but partitions come in no fixed order
+    (Sail's even change from run to run), so only a pass in order can say where each one is."""
+    check = RecordCheck(task_type, allow_system)
+
+    def up_to_the_last_error(records):
+        for rec in records:
+            yield rec  # check.valid takes its errors before asking for the next one
+            if len(check.errors) >= expected:
+                return
+
+    for _ in check.valid(up_to_the_last_error(read_records(source))):
+        pass
+    return check.errors
 
 
 def valid_records(source: Source | str, task_type: TaskType, allow_system: bool = True) -> Iterator[Record]:

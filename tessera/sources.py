@@ -564,10 +564,10 @@ def spark_input(source: Source, cluster: str):
 
 
 def spark_partition_records(source: Source, batches: Iterable[pa.RecordBatch]) -> Iterator[Record | BadRecord]:
-    """On a Spark executor: one partition of spark_input, decoded as read_records decodes in-process, except that a
-    numbered record's `where` is its position in the partition (an int); the driver, which sees the partitions in
-    order, names it with position_name. Documents are named by their file (links out of a volume were refused
-    when the source was resolved)."""
+    """On a Spark executor: one partition of spark_input, decoded as read_records decodes in-process. A numbered
+    record's `where` is only its position in the partition: partitions come in no fixed order, so an executor
+    counts errors and the driver names them (tessera.records.named_errors). Documents are named by their file
+    (links out of a volume were refused when the source was resolved)."""
     rows = _batches_to_rows(batches)
     if source.kind == "jsonl":
         units = (row["value"] for row in rows)

@@ -140,3 +140,21 @@ def test_wrong_files_are_refused_up_front(tmp_path, name, content, expected):
         path.write_text(content)
     with pytest.raises(TesseraError, match=expected):
         list(valid_records(str(path), TaskType.CHAT_COMPLETION))
+
+
+def test_named_errors_reads_only_as_far_as_the_last_error(tmp_path, monkeypatch):
+    """With a cluster, Spark counts the bad records and this pass names them: it stops at the last one."""
+    import tessera.records as records
+    from tessera.records import named_errors
+    from tessera.sources import resolve_source
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat("q", "a"), "{oops", chat("q", "a"), {"messages": []}] + [chat("q", "a")] * 50)
+    source = resolve_source(str(path), TaskType.CHAT_COMPLETION)
+    pulled = []
+    real = records.read_records
+    monkeypatch.setattr(records, "read_records", lambda s: (pulled.append(r) or r for r in real(s)))
+    assert named_errors(source, TaskType.CHAT_COMPLETION, True, expected=2) == [
+        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:4: field 'messages': is empty",
+    ]
+    assert len(pulled) == 4
