@@ -210,7 +210,7 @@ def read_records(source: Source) -> Iterator[Record | BadRecord]:
         return _jsonl_records(source, name)
     if source.kind == "text_folder":
         files = _text_files(Path(source.location), source.path)
-        return decode_units(source, ((_file_in(source.path, rel), file.read_bytes()) for rel, file in files), name)
+        return decode_units(source, ((document_name(source.path, rel), file.read_bytes()) for rel, file in files), name)
     if source.kind == "delta":
         return decode_units(source, _delta_rows(source), name)
     return decode_units(source, _dataset_rows(source), name)
@@ -254,7 +254,7 @@ def _resolve_local(path: str, task_type: TaskType) -> Source:
         files = _text_files(local, path)
         if not files:
             raise TesseraError(f"{path}: no .txt files in this folder or its subfolders")
-        empty = [f"{_file_in(path, rel)}: file is empty" for rel, file in files if file.stat().st_size == 0]
+        empty = [f"{document_name(path, rel)}: file is empty" for rel, file in files if file.stat().st_size == 0]
         if empty:  # refused here, as Spark's file listing would silently skip them
             raise DataValidationError(empty, examples_checked=len(files))
         return Source(path=path, kind="text_folder", location=str(local))
@@ -270,24 +270,23 @@ def _resolve_local(path: str, task_type: TaskType) -> Source:
 
 
 def _text_files(folder: Path, path: str) -> list[tuple[str, Path]]:
-    """(relative path, file) of every .txt document under `folder`, sorted; hidden names skipped as Spark does."""
+    """(relative path, file) of every .txt document under `folder`, sorted; hidden names skipped as Spark does.
+    In a volume, a file that links out of it is refused."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
         for name in files:
             if name.endswith(".txt") and not name.startswith((".", "_")):
                 rel = (Path(root) / name).relative_to(folder).as_posix()
-                _file_in(path, rel)
+                if is_volume_path(path):  # a link out of the volume is refused, here, once per file
+                    resolve_data_path(document_name(path, rel))
                 found.append((rel, Path(root) / name))
     return sorted(found)
 
 
-def _file_in(path: str, rel: str) -> str:
-    """A file inside the folder `path`, named as the user named the folder; in a volume, a link out of it is refused."""
-    where = f"{path.rstrip('/')}/{rel}"
-    if is_volume_path(path):
-        resolve_data_path(where)
-    return where
+def document_name(path: str, rel: str) -> str:
+    """A document in the folder `path`, named as the user named the folder."""
+    return f"{path.rstrip('/')}/{rel}"
 
 
 def _json_record(where: str | int, raw: bytes) -> Record | BadRecord | None:
@@ -573,7 +572,7 @@ def spark_partition_records(source: Source, batches: Iterable[pa.RecordBatch]) -
         units = (row["value"] for row in rows)
     elif source.kind == "text_folder":
         root = source.location.lstrip("/")
-        units = ((f"{source.path.rstrip('/')}/{_spark_relative(row['path'], root)}", row["content"]) for row in rows)
+        units = ((document_name(source.path, _spark_relative(row["path"], root)), row["content"]) for row in rows)
     else:
         units = rows
     return decode_units(source, units, lambda k: k)
