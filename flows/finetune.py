@@ -7,9 +7,10 @@ from prefect import flow, runtime
 
 from tasks.prepare import prepare_data
 from tasks.register import register_model
-from tasks.train import train_model
+from tasks.train.stage import train_model
 from tasks.validate import check_inputs, report_data
 from tessera import runs
+from tessera.config import TaskType, TrainingSettings
 
 
 @flow(
@@ -23,7 +24,7 @@ def finetune(
     model: str,
     train_data_path: str,
     register_to: str,
-    task_type: str = "CHAT_COMPLETION",
+    task_type: TaskType = TaskType.CHAT_COMPLETION,
     eval_data_path: str | None = None,
     eval_prompts: list[str] | None = None,
     custom_weights_path: str | None = None,
@@ -33,12 +34,14 @@ def finetune(
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
     experiment_path: str | None = None,
+    training_config: TrainingSettings | None = None,
     run_name: str | None = None,
 ) -> str:
-    """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI."""
+    """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
+    The parameters are tessera.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
     config = check_inputs(runs.ensure_record(run_name or runtime.flow_run.name, runtime.flow_run.parameters).config)
     prepared = prepare_data(config)
-    eval_prepared = prepare_data(config, config.eval_data_path) if config.eval_data_path else None
+    eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
     report = report_data(config, prepared)
     trained = train_model(config, prepared, report, eval_prepared)
     return register_model(config, trained).uri

@@ -2,7 +2,9 @@
 
 Loss masks come from the tokenizer's own chat template (never a hand-written copy), so training and
 serving see the same text, and a template whose masks come out empty is refused instead of training
-on nothing.
+on nothing. Each assistant turn is trained through the token that ends it (the EOS token, or the
+template's own end-of-turn token when that is another one), so the model learns to stop where serving
+stops it (tessera.generation.stop_token_ids).
 
 The input streams through in bounded pieces, so memory does not grow with its size:
 
@@ -20,7 +22,7 @@ The prepared data is `<TESSERA_HOME>/prepared/<key>/`, the key a hash of everyth
                     Continued pretraining rows are context-length blocks of the text (positions 0..n-1).
     manifest.json   the inputs hashed into the key (source, data fingerprint, tokenizer hash, task type,
                     context length), the engine that prepared it, and PrepStats (counts, fill, per-example
-                    lengths) under "stats".
+                    lengths, a text folder's skipped files) under "stats".
 Row order carries no meaning: the trainer draws its own seeded permutation and each rank takes its slice.
 With a cluster, Spark executors run this same pipeline on their partitions (tasks/prepare_spark.py).
 """
@@ -38,10 +40,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import chain, islice
+from itertools import chain, islice, repeat
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError
 from prefect import task
 from pydantic import BaseModel, computed_field
 
@@ -50,15 +53,17 @@ from tessera import runs
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import TesseraError
+from tessera.generation import end_of_turn
 from tessera.paths import tessera_home
 from tessera.records import supports_system_role, valid_records
 from tessera.sources import Record, resolve_source
+from tessera.training import IGNORE_INDEX  # defined there for every stage; still importable from here
 
-IGNORE_INDEX = -100
-PREP_FORMAT = 2  # bump when the prepared layout or the tokenization rules change: old caches are then unused
+PREP_FORMAT = 3  # bump when the prepared layout or the tokenization rules change: old caches are then unused
 BATCH_RECORDS = 512  # records per tokenizer call: enough for Rust to amortize the call, small enough to stream
 PACK_WINDOW_TOKENS = 1 << 22  # examples packed together; ~2k rows of 2048 leave < 0.5% of row space empty
 COLUMNS = ("input_ids", "labels", "position_ids")
+CONTEXT_STEP = 256  # a data-fitted default context length is a multiple of this
 
 
 class PrepStats(BaseModel):
@@ -77,6 +82,7 @@ class PrepStats(BaseModel):
     length_p95: int
     length_max: int
     length_histogram: list[tuple[int, int, int]]  # (first length, end length exclusive, examples), ~20 equal bins
+    skipped_files: dict[str, int] = {}  # a text folder's files that are not documents, by reason (hidden file, ...)
 
     @computed_field
     @property
@@ -163,44 +169,57 @@ def eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages, where: str, add_generation_prompt=False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:  # the template's own raise_exception(), or a failure on what this record holds
+        raise TesseraError(
+            f"{where}: the chat template of model {tokenizer.name_or_path} cannot render this conversation: {exc}"
+        ) from None
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans to train on: each assistant reply plus its end token.
+def assistant_spans(tokenizer, messages: list[dict], where: str, added_tokens: Iterable[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to train on: each assistant reply and the token that
+    ends its turn, the first special or added token after the reply (the EOS token, or an end-of-turn token
+    such as `<|eot_id|>` that is not EOS: the one the model stops at, tessera.generation.stop_token_ids).
 
     Each span is found by rendering the conversation up to that reply with and without the reply, so
     it comes from the template itself; a template that renders prefixes inconsistently is refused.
+    `where` names the record in errors; `added_tokens` are the tokenizer's (looked up once per batch).
     """
-    text = _render(tokenizer, messages)
-    eos = tokenizer.eos_token or ""
+    text = _render(tokenizer, messages, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1]) if i + 1 < len(messages) else text
+        prompt = _render(tokenizer, messages[:i], where, add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], where) if i + 1 < len(messages) else text
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise TesseraError(
-                "the model's chat template renders a conversation differently from its prefixes, "
-                "so assistant tokens cannot be located for the loss mask"
+                f"{where}: the chat template of model {tokenizer.name_or_path} renders a conversation differently "
+                "from its prefixes, so assistant tokens cannot be located for the loss mask"
             )
         turn = upto[len(prompt):]
-        content_end = turn.find(message["content"]) + len(message["content"]) if message["content"] in turn else 0
-        eos_at = turn.find(eos, content_end) if eos else -1
-        end = eos_at + len(eos) if eos_at >= 0 else len(turn)
+        content = message["content"].strip()  # templates may trim it
+        content_end = turn.find(content) + len(content) if content in turn else 0
+        ends = end_of_turn(turn, content_end, added_tokens)
+        end = ends[0] + len(ends[1]) if ends else len(turn)  # a template without end tokens: the whole turn
         spans.append((len(prompt), len(prompt) + end))
     return text, spans
 
 
-def tokenize_chats(tokenizer, conversations: list[list[dict]]) -> Examples:
+def tokenize_chats(tokenizer, conversations: list[list[dict]], names: Iterable[str] | None = None) -> Examples:
     """Labels are the token itself inside assistant replies and their end tokens, IGNORE_INDEX elsewhere.
+    `names` (each record's `where`) name the conversations in errors.
 
     A token is trained when its first character lies in a span; all spans of the batch are put on one
     character axis so a single searchsorted classifies every token.
     """
-    rendered = [assistant_spans(tokenizer, messages) for messages in conversations]
+    added = tokenizer.get_added_vocab()
+    rendered = [
+        assistant_spans(tokenizer, messages, where, added)
+        for messages, where in zip(conversations, names or repeat("a conversation"))
+    ]
     texts = [text for text, _ in rendered]
     encodings = rust_tokenizer(tokenizer).encode_batch(texts, add_special_tokens=False)
     ex = Examples.from_lists([e.ids for e in encodings])
@@ -239,7 +258,7 @@ def tokenize_documents(tokenizer, texts: list[str]) -> Examples:
 
 def tokenize_records(task_type: TaskType, tokenizer, records: list[Record]) -> Examples:
     if task_type is TaskType.CHAT_COMPLETION:
-        return tokenize_chats(tokenizer, [r.data["messages"] for r in records])
+        return tokenize_chats(tokenizer, [r.data["messages"] for r in records], [r.where for r in records])
     if task_type is TaskType.INSTRUCTION_FINETUNE:
         answers = [r.data["response"] if "response" in r.data else r.data["completion"] for r in records]
         return tokenize_instructions(tokenizer, [r.data["prompt"] for r in records], answers)
@@ -453,15 +472,31 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()
 
 
-def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
-    """Tokenize and pack `data_path` (default: the run's training data), reusing a cached result."""
+def fitted_context_length(longest: int, cap: int) -> int:
+    """The smallest multiple of CONTEXT_STEP that holds the longest example, at most `cap`."""
+    return min(cap, -(-longest // CONTEXT_STEP) * CONTEXT_STEP)
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare(config: RunConfig, data_path: str | None = None, context_length: int | None = None) -> PreparedData:
+    """Tokenize and pack `data_path` (default: the run's training data), reusing a cached result.
+
+    Without a context length set by the run, chat and instruction data are prepared at the model's default
+    (at most 4096) and, when the longest example is shorter, repacked into rows of the fitted length:
+    the rows already hold every example whole, so this needs no second tokenization. `context_length`
+    overrides both (eval data is prepared at the training data's length).
+    """
     from transformers import AutoTokenizer
 
     data_path = data_path or config.train_data_path
     cluster = config.data_prep_cluster_id
     source = resolve_source(data_path, config.task_type, cluster=cluster)
-    model = resolve_model(config.model, config.context_length)
+    model = resolve_model(config.model, context_length or config.context_length)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer.name_or_path = model.name  # messages about its template name the model as the user did
     ctx = model.context_length
     inputs = {
         "format": PREP_FORMAT,
@@ -470,65 +505,122 @@ def prepare(config: RunConfig, data_path: str | None = None) -> PreparedData:
         "task_type": config.task_type.value,
         "context_length": ctx,
     }
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
-    out = tessera_home() / "prepared" / key
-    if (out / "manifest.json").exists():
-        manifest = json.loads((out / "manifest.json").read_text())
-        stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
-        return PreparedData(path=str(out), cache_key=key, reused=True, stats=PrepStats(**manifest["stats"]), lineage=source.lineage())
+    skipped = source.skipped_files()  # not in the key (the rows do not depend on them): counted afresh each time
+    prepared = reuse(inputs, skipped, source)
+    if prepared is None:
+        prepared = prepare_rows(config, data_path, source, model, tokenizer, inputs, skipped)
+    fitted = fitted_context_length(prepared.stats.length_max, ctx)
+    if (context_length or config.context_length) is None and config.task_type is not TaskType.CONTINUED_PRETRAIN and fitted < ctx:
+        inputs = {**inputs, "context_length": fitted}
+        prepared = reuse(inputs, skipped, source) or repack(prepared, inputs, source)
+    return prepared
 
-    allow_system = supports_system_role(tokenizer)
+
+def reuse(inputs: dict, skipped: dict, source) -> PreparedData | None:
+    key = cache_key(inputs)
+    out = tessera_home() / "prepared" / key
+    if not (out / "manifest.json").exists():
+        return None
+    manifest = json.loads((out / "manifest.json").read_text())
+    stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
+    stats = PrepStats(**{**manifest["stats"], "skipped_files": skipped})
+    return PreparedData(path=str(out), cache_key=key, reused=True, stats=stats, lineage=source.lineage())
+
+
+def prepare_rows(config: RunConfig, data_path: str, source, model, tokenizer, inputs: dict, skipped: dict) -> PreparedData:
+    ctx = inputs["context_length"]
+    # only chats go through the template: a model without one still takes prompt/response pairs and documents
+    allow_system = config.task_type is TaskType.CHAT_COMPLETION and supports_system_role(tokenizer)
     tally = Tally()
-    if cluster is not None and source.kind != "hf_dataset":  # Spark has no reader for dataset splits
+    if config.data_prep_cluster_id is not None and source.kind != "hf_dataset":  # Spark has no reader for dataset splits
         from tasks.prepare_spark import spark_rows
 
-        engine = f"Spark at {cluster}"
-        rows_out = spark_rows(source, cluster, config.task_type, tokenizer, ctx, allow_system, tally)
+        engine = f"Spark at {config.data_prep_cluster_id}"
+        rows_out = spark_rows(source, config.data_prep_cluster_id, config.task_type, tokenizer, ctx, allow_system, tally)
     else:
         engine = "in-process"
         rows_out = stream_rows(config.task_type, tokenizer, valid_records(source, config.task_type, allow_system), ctx, tally)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
-    try:
-        rows, tokens, trainable = write_rows(with_progress(rows_out, engine), tmp / "rows", key)
+
+    def stats(rows: int, tokens: int, trainable: int) -> PrepStats:
         if trainable == 0:
             raise TesseraError(
                 f"{data_path}: no trainable tokens in {sum(map(len, tally.lengths))} example(s) after tokenizing and "
                 f"truncating to {ctx} tokens (the loss mask is empty); nothing to learn from"
             )
+        return PrepStats(
+            examples=sum(map(len, tally.lengths)), truncated=tally.truncated, dropped_without_trainable_tokens=tally.dropped,
+            tokens=tokens, trainable_tokens=trainable, rows=rows, context_length=ctx, skipped_files=skipped,
+            **tally.length_report(),
+        )
+
+    manifest = {
+        "source": source.model_dump(), **inputs, "model": model.name, "engine": engine,
+        "packing": "blocks" if config.task_type is TaskType.CONTINUED_PRETRAIN else "best-fit-decreasing",
+    }
+    return commit(with_progress(rows_out, engine), inputs, manifest, stats, source)
+
+
+def repack(prepared: PreparedData, inputs: dict, source) -> PreparedData:
+    """The prepared examples, cut back out of their rows where position_ids restart at 0, packed into rows of
+    inputs["context_length"] (which holds the longest of them)."""
+    from datasets import load_from_disk
+
+    def examples() -> Iterator[Examples]:
+        table = load_from_disk(str(Path(prepared.path) / "rows")).data.table
+        for batch in table.to_batches(max_chunksize=4096):
+            ids, labels, pos = (batch.column(c).flatten().to_numpy() for c in COLUMNS)
+            starts = np.flatnonzero(pos == 0)
+            yield Examples(ids, labels.copy(), np.diff(np.append(starts, len(pos))).astype(np.int32))
+
+    def stats(rows: int, tokens: int, trainable: int) -> PrepStats:
+        return prepared.stats.model_copy(update={"rows": rows, "tokens": tokens, "trainable_tokens": trainable,
+                                                 "context_length": inputs["context_length"]})
+
+    manifest = {**json.loads((Path(prepared.path) / "manifest.json").read_text()), **inputs, "repacked_from": prepared.cache_key}
+    manifest.pop("stats", None)
+    return commit(pack_rows(examples(), inputs["context_length"]), inputs, manifest, stats, source)
+
+
+def commit(rows: Iterable[Rows], inputs: dict, manifest: dict, stats: Callable[[int, int, int], PrepStats], source) -> PreparedData:
+    """Write rows and manifest beside the cache entry, then rename it into place: never half a cache entry."""
+    key = cache_key(inputs)
+    out = tessera_home() / "prepared" / key
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
+    try:
+        counted = stats(*write_rows(rows, tmp / "rows", key))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    stats = PrepStats(
-        examples=sum(map(len, tally.lengths)), truncated=tally.truncated, dropped_without_trainable_tokens=tally.dropped,
-        tokens=tokens, trainable_tokens=trainable, rows=rows, context_length=ctx,
-        **tally.length_report(),
-    )
-    manifest = {
-        "cache_key": key, "source": source.model_dump(), **inputs, "model": model.name, "engine": engine,
-        "packing": "blocks" if config.task_type is TaskType.CONTINUED_PRETRAIN else "best-fit-decreasing",
-        "stats": stats.model_dump(),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "cache_key": key, "stats": counted.model_dump()}, indent=2))
     try:
         os.rename(tmp, out)
     except OSError:  # prepared concurrently by another run: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
+    s = counted
     stage_logger().info(
         "prepared %d examples into %d rows of %d tokens (%s; fill %.1f%%, %d truncated, %d trainable tokens)",
-        stats.examples, rows, ctx, engine, 100 * stats.fill, stats.truncated, trainable,
+        s.examples, s.rows, s.context_length, manifest["engine"], 100 * s.fill, s.truncated, s.trainable_tokens,
     )
-    return PreparedData(path=str(out), cache_key=key, reused=False, stats=stats, lineage=source.lineage())
+    return PreparedData(path=str(out), cache_key=key, reused=False, stats=counted, lineage=source.lineage())
 
 
 @task(name="prepare-data")
-def prepare_data(config: RunConfig, data_path: str | None = None) -> PreparedData:
+def prepare_data(config: RunConfig, data_path: str | None = None, context_length: int | None = None) -> PreparedData:
     """The stage in a run: also tells the run's events what was prepared (or reused)."""
-    prepared = prepare(config, data_path)
+    prepared = prepare(config, data_path, context_length)
     s = prepared.stats
     runs.append_event(
         config.name, "prepare",
         f"{'reused' if prepared.reused else 'prepared'} {data_path or config.train_data_path}: {s.examples} examples, "
-        f"{s.tokens} tokens in {s.rows} rows (fill {100 * s.fill:.1f}%, {s.truncated} truncated)",
+        f"{s.tokens} tokens in {s.rows} rows of {s.context_length} (fill {100 * s.fill:.1f}%, {s.truncated} truncated)",
     )
     return prepared
+
+
+def row_tokens(prepared_path: str) -> np.ndarray:
+    """Real tokens in each packed row, from the Arrow offsets alone (the step plan counts with them)."""
+    from datasets import load_from_disk
+
+    ids = load_from_disk(str(Path(prepared_path) / "rows")).data.table.column("input_ids").combine_chunks()
+    return np.diff(ids.offsets.to_numpy())

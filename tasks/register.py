@@ -7,7 +7,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tasks.train import TrainedModel
+from tasks.train.stage import TrainedModel
 from tessera import runs
 from tessera.config import RunConfig, TaskType
 from tessera.tracking import mlflow_client

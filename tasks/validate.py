@@ -13,12 +13,12 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.prepare import PreparedData, prepare
-from tasks.train_worker import plan_steps
+from tasks.prepare import PreparedData, prepare, row_tokens
 from tessera import runs, sources
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import DataValidationError
+from tessera.run_plan import plan_run
 
 MIN_PRETRAIN_TOKENS = 1_500_000
 MAX_EPOCHS = 4
@@ -52,11 +52,18 @@ class DataReport(BaseModel):
     epochs: float = 0.0
     packed_rows: int = 0
     packing_fill: float = 0.0
+    global_batch_tokens: int = 0
+    micro_batch_tokens: int = 0
+    memory_plan: str = ""
+    skipped_files: dict[str, int] = {}  # a text folder's files that are not documents, by reason
     warnings: list[str] = []
 
     def render(self) -> str:
         lines = [f"{self.data_path} ({self.task_type}, model {self.model}, context length {self.context_length})"]
         lines.append(f"examples: {self.examples}")
+        if self.skipped_files:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped_files.items())
+            lines.append(f"skipped files: {sum(self.skipped_files.values())} ({reasons})")
         if not self.valid:
             lines.append(f"INVALID: {self.error_count} error(s)")
             lines += [f"  {e}" for e in self.errors]
@@ -72,6 +79,8 @@ class DataReport(BaseModel):
             f"training duration {self.training_duration}: {self.billed_tokens:,} tokens "
             f"({self.epochs:.2f} epochs, {self.optimizer_steps} optimizer steps)",
             f"packed rows: {self.packed_rows} (fill {100 * self.packing_fill:.1f}%)",
+            f"batch: {self.global_batch_tokens:,} tokens per optimizer step, {self.micro_batch_tokens:,} per micro-batch",
+            self.memory_plan,
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -89,8 +98,8 @@ def invalid_report(config: RunConfig, data_path: str, error: DataValidationError
 def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None = None) -> DataReport:
     """Token statistics, the billed-token estimate and warnings for valid, prepared data."""
     s = prepared.stats
-    _, steps_per_epoch, steps = plan_steps(config.duration, config.train, s.rows, s.tokens, config.train.nproc_per_node)
-    epochs = steps / steps_per_epoch
+    plan = plan_run(config, resolve_model(config.model, config.context_length), row_tokens(prepared.path), s.context_length)
+    epochs = plan.steps.epochs
     warnings = []
     if config.task_type is TaskType.CONTINUED_PRETRAIN and s.tokens < MIN_PRETRAIN_TOKENS:
         warnings.append(f"only {s.tokens:,} tokens; continued pretraining usually needs at least {MIN_PRETRAIN_TOKENS:,}")
@@ -100,14 +109,19 @@ def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None
         warnings.append(f"{epochs:.1f} epochs: more than {MAX_EPOCHS} risks overfitting")
     if s.truncated:
         warnings.append(f"{s.truncated} example(s) longer than the context length were truncated")
-    billed = config.duration.value if config.duration.unit == "tok" else round(epochs * s.tokens)
+    if s.skipped_files:
+        warnings.append(f"{sum(s.skipped_files.values())} file(s) in the folder are not documents and will not be trained on")
+    billed = plan.steps.tokens
     return DataReport(
         data_path=data_path or config.train_data_path, task_type=config.task_type.value,
         model=config.model, context_length=s.context_length, valid=True, examples=s.examples,
         tokens_per_example=TokenStats(min=s.length_min, mean=s.length_mean, p50=s.length_p50, p95=s.length_p95, max=s.length_max),
         length_histogram=s.length_histogram, truncated=s.truncated, trainable_tokens=s.trainable_tokens,
         tokens_per_epoch=s.tokens, training_duration=config.training_duration, billed_tokens=billed,
-        optimizer_steps=steps, epochs=epochs, packed_rows=s.rows, packing_fill=s.fill, warnings=warnings,
+        optimizer_steps=plan.steps.total_steps, epochs=epochs, packed_rows=s.rows, packing_fill=s.fill,
+        global_batch_tokens=plan.settings.global_batch_tokens, micro_batch_tokens=plan.settings.micro_batch_tokens,
+        memory_plan=plan.memory.render(), warnings=warnings,
+        skipped_files=s.skipped_files,
     )
 
 

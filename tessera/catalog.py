@@ -9,15 +9,20 @@ from functools import cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tessera.config import CONFIGS_DIR
 from tessera.errors import ConfigError
+from tessera.memory import Architecture
 from tessera.paths import models_dir
 
 log = logging.getLogger(__name__)
 
 TINY_CHAT = "tessera/tiny-chat"
+SMOLLM2 = "tessera/smollm2-135m-instruct"
+# The default context length is no longer the model's maximum (131,072 for Llama 3.x): at most this, and
+# shorter when the data is (tasks/prepare.py fits it to the longest chat or prompt/response example).
+DEFAULT_CONTEXT_CAP = 4096
 
 
 class ModelSpec(BaseModel):
@@ -27,6 +32,7 @@ class ModelSpec(BaseModel):
     replacement: str | None = None
     learning_rate: float | None = None
     description: str | None = None
+    architecture: Architecture | None = None  # so a memory plan needs no download
 
 
 class ResolvedModel(BaseModel):
@@ -34,8 +40,10 @@ class ResolvedModel(BaseModel):
 
     name: str
     path: str  # a local directory or a Hugging Face id
-    context_length: int
+    context_length: int  # the run's: as set, else min(maximum, DEFAULT_CONTEXT_CAP)
+    max_context_length: int
     learning_rate: float | None = None
+    architecture: Architecture | None = None  # None: a config of a shape we do not know
     warnings: list[str] = []
 
 
@@ -47,33 +55,54 @@ def catalog() -> dict[str, ModelSpec]:
 
 
 def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel:
-    """Find a base model, build the local tiny one on first use, and check the requested context length."""
+    """Find a base model, build a local one (tiny-chat, SmolLM2) on first use, and check the requested context length."""
     spec = catalog().get(name)
     warnings: list[str] = []
-    if name == TINY_CHAT:
-        from tessera.tiny_model import build_tiny_chat
-
-        path = str(build_tiny_chat(models_dir() / "tiny-chat", context_length=spec.context_length))
-        max_len = spec.context_length
+    if name in (TINY_CHAT, SMOLLM2):
+        path = str(_build_local(name, spec))
+        max_len, architecture = spec.context_length, _architecture(_read_config(path))
     elif spec is not None:
-        path, max_len = name, spec.context_length
+        path, max_len, architecture = name, spec.context_length, spec.architecture
         if spec.retired:
             warnings.append(
                 f"{name} was retired by the managed service on {spec.retired}; it still trains here, "
                 f"but consider {spec.replacement}"
             )
     else:
-        path, max_len = name, _context_length_from_config(name)
+        config = _read_config(name)
+        path, max_len, architecture = name, _context_length(name, config), _architecture(config)
         warnings.append(f"{name} is not in the model catalog; context length {max_len} read from its config")
     if context_length is not None and context_length > max_len:
         raise ConfigError(f"context_length {context_length}: above {name}'s maximum of {max_len} tokens")
     for w in warnings:
         log.warning(w)
     lr = spec.learning_rate if spec else None
-    return ResolvedModel(name=name, path=path, context_length=context_length or max_len, learning_rate=lr, warnings=warnings)
+    return ResolvedModel(
+        name=name, path=path, context_length=context_length or min(max_len, DEFAULT_CONTEXT_CAP), max_context_length=max_len,
+        learning_rate=lr, architecture=architecture, warnings=warnings,
+    )
 
 
-def _context_length_from_config(name: str) -> int:
+def _build_local(name: str, spec: ModelSpec) -> Path:
+    if name == TINY_CHAT:
+        from tessera.tiny_model import build_tiny_chat
+
+        return build_tiny_chat(models_dir() / "tiny-chat", context_length=spec.context_length)
+    from tessera.smollm2 import build_smollm2
+
+    return build_smollm2(models_dir() / "smollm2-135m-instruct")
+
+
+def _architecture(config: dict) -> Architecture | None:
+    """The shape a memory plan needs; None for a config that does not state it in Llama-style keys (GPT-2, DBRX),
+    which only matters once a plan is asked for, and that says so."""
+    try:
+        return Architecture.from_config(config)
+    except ValidationError:
+        return None
+
+
+def _read_config(name: str) -> dict:
     local = Path(name).expanduser()
     if local.is_dir():
         config_file = local / "config.json"
@@ -90,6 +119,10 @@ def _context_length_from_config(name: str) -> int:
                 f"model {name}: not in the catalog, not a local directory, and its config could not be "
                 f"loaded from the Hugging Face Hub ({type(exc).__name__})"
             ) from None
+    return config
+
+
+def _context_length(name: str, config: dict) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = config.get(key) or config.get("text_config", {}).get(key)
         if value:

@@ -13,8 +13,8 @@ EXIT_USAGE = 2
 
 def _print_run(run) -> None:
     fields = ["name", "status", "model", "task_type", "train_data_path", "register_to", "training_duration",
-              "created_at", "started_at", "completed_at", "experiment_id", "run_id", "registered_model_version",
-              "save_folder", "details"]
+              "training_config", "created_at", "started_at", "completed_at", "experiment_id", "run_id",
+              "registered_model_version", "save_folder", "details"]
     for f in fields:
         value = getattr(run, f)
         if value is not None:
@@ -42,19 +42,66 @@ def follow(name: str, poll: float = 1.0) -> int:
     return EXIT_FAILED
 
 
+def run_parameters(args) -> dict:
+    """A run's parameters from `--config run.yaml`, then the command line's options, then each `--set key=value`
+    (a run parameter or a training_config key); later ones win. Unknown keys are refused, naming them."""
+    import yaml
+
+    from tessera.config import RunParameters, TrainingSettings
+    from tessera.errors import ConfigError
+
+    params: dict = {}
+    if args.config:
+        try:
+            params = yaml.safe_load(open(args.config)) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {args.config}: {exc}") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"--config {args.config}: expected a mapping of run parameters")
+    params.update({k: v for k, v in vars(args).items() if k in RunParameters.model_fields and v is not None})
+    training = dict(params.get("training_config") or {})
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        value = yaml.safe_load(text)  # 2048 -> int, true -> bool, 1e-5 -> float, text stays text
+        if key in TrainingSettings.model_fields:
+            training[key] = value
+        elif key in RunParameters.model_fields and key != "training_config":
+            params[key] = value
+        else:
+            raise ConfigError(f"--set {key}: unknown key (a run parameter or one of: {', '.join(TrainingSettings.model_fields)})")
+    params["training_config"] = training
+    return params
+
+
 def cmd_create(args) -> int:
     from tessera import sdk
 
-    run = sdk.create(
-        model=args.model, train_data_path=args.train_data_path, register_to=args.register_to,
-        task_type=args.task_type, eval_data_path=args.eval_data_path, eval_prompts=args.eval_prompt,
-        custom_weights_path=args.custom_weights_path, training_duration=args.training_duration,
-        learning_rate=args.learning_rate, context_length=args.context_length,
-        validate_inputs=not args.no_validate, data_prep_cluster_id=args.data_prep_cluster_id,
-        experiment_path=args.experiment_path,
-    )
+    run = sdk.create(**run_parameters(args))
     print(f"started run {run.name} (follow it: tessera runs events {run.name} --follow)", flush=True)
     return follow(run.name) if args.wait else 0
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """One option per run parameter (tessera.config.RunParameters), with its description as help."""
+    from typing import get_args
+
+    from tessera.config import RunParameters, TaskType
+
+    for name, field in RunParameters.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "training_config":
+            continue
+        if name == "validate_inputs":
+            parser.add_argument("--no-validate", dest=name, action="store_false", default=None, help="do not " + field.description)
+        elif name == "eval_prompts":
+            parser.add_argument("--eval-prompt", dest=name, action="append", help=field.description + " (repeatable)")
+        elif name == "task_type":
+            parser.add_argument(flag, choices=list(TaskType.__members__), help=f"{field.description} (default {field.default.value})")
+        else:
+            kind = next((t for t in (int, float) if t in (field.annotation, *get_args(field.annotation))), str)
+            parser.add_argument(flag, type=kind, help=field.description)
 
 
 def cmd_runs(args) -> int:
@@ -120,7 +167,52 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from tessera.demo import run_demo
 
-    return run_demo()
+    return run_demo(args.model)
+
+
+def cmd_plan(args) -> int:
+    """The memory plan of a run, offline: from the catalog's (or a local config.json's) architecture."""
+    from pydantic import ValidationError
+
+    from tessera.catalog import DEFAULT_CONTEXT_CAP, catalog, resolve_model
+    from tessera.config import TrainingSettings
+    from tessera.errors import ConfigError
+    from tessera.memory import Hardware, parameters_text, parse_bytes, plan_memory
+    from tessera.run_plan import resolve_precision
+
+    params = run_parameters(args)
+    try:
+        settings = TrainingSettings(**params["training_config"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"training_config.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    spec = catalog().get(args.model)
+    if spec is not None and spec.architecture is not None:  # the catalog states it: nothing to build or download
+        maximum, arch = spec.context_length, spec.architecture
+    else:  # a local directory's config.json
+        model = resolve_model(args.model)
+        maximum, arch = model.max_context_length, model.architecture
+    if arch is None:
+        raise ConfigError(f"model {args.model}: its config does not state a Llama-style shape, so its memory cannot be planned")
+    context_length = params.get("context_length") or min(maximum, DEFAULT_CONTEXT_CAP)
+    if context_length > maximum:
+        raise ConfigError(f"context_length {context_length}: above {args.model}'s maximum of {maximum} tokens")
+    if args.gpus or args.gpu_memory:
+        hardware = Hardware(device="cuda", count=args.gpus or 1, memory_bytes=parse_bytes(args.gpu_memory or "80GB"))
+    else:
+        hardware = Hardware.detect()
+    nproc = args.nproc or settings.nproc_per_node or (hardware.count if hardware.device == "cuda" else 1)
+    precision, why = resolve_precision(settings.precision, hardware.device)
+    print(f"{args.model}: {parameters_text(arch.parameters)}, context {context_length} tokens, {precision} compute "
+          f"({why}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}")
+    try:
+        plan = plan_memory(arch, hardware, context_length, precision=precision, micro_batch_tokens=settings.micro_batch_tokens,
+                           activation_checkpointing=settings.activation_checkpointing, nproc=nproc)
+    except ConfigError as exc:  # a plan that does not fit is an answer, not a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(plan.render())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,19 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("create", help="start a fine-tuning run (like fm.create)")
-    c.add_argument("--model", required=True, help="catalog model, Hugging Face id or local directory")
-    c.add_argument("--train-data-path", required=True, help="/Volumes/c/s/v/file.jsonl, a local path, ...")
-    c.add_argument("--register-to", required=True, help="catalog.schema or catalog.schema.model")
-    c.add_argument("--task-type", default="CHAT_COMPLETION", help="CHAT_COMPLETION, INSTRUCTION_FINETUNE or CONTINUED_PRETRAIN")
-    c.add_argument("--eval-data-path")
-    c.add_argument("--eval-prompt", action="append", help="a prompt to generate from after training (repeatable)")
-    c.add_argument("--custom-weights-path", help="start from these weights instead of the base model's")
-    c.add_argument("--training-duration", default="1ep", help="<n>ep, <n>ba (steps) or <n>tok (default 1ep)")
-    c.add_argument("--learning-rate", type=float)
-    c.add_argument("--context-length", type=int)
-    c.add_argument("--no-validate", action="store_true", help="skip the full data validation pass")
-    c.add_argument("--data-prep-cluster-id", help="Spark for data prep: sc://host:port, local[*], spark://...")
-    c.add_argument("--experiment-path", help="MLflow experiment (default /Users/<you>/tessera)")
+    add_run_options(c)
+    c.add_argument("--config", help="a run's YAML: run parameters, and training settings under training_config:")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="a run parameter or training setting (repeatable)")
     c.add_argument("--wait", action="store_true", help="follow the run; exit non-zero if it fails")
     c.set_defaults(func=cmd_create)
 
@@ -171,7 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer <key>' (or set TESSERA_API_KEY)")
     s.set_defaults(func=cmd_serve)
 
+    pl = sub.add_parser("plan", help="the memory plan of a run (micro-batch, activation checkpointing), offline")
+    pl.add_argument("--model", required=True, help="catalog model or local directory")
+    pl.add_argument("--config", help="a run's YAML: context_length, and training settings under training_config:")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a run parameter or training setting (repeatable)")
+    pl.add_argument("--context-length", type=int, help="tokens per packed row (default: the run's, else min(model maximum, 4096))")
+    pl.add_argument("--gpus", type=int, help="plan for this many GPUs on the node (default: this machine's hardware)")
+    pl.add_argument("--gpu-memory", help="memory of each GPU, e.g. 80GB (GB = 10^9 bytes) or 80GiB (default 80GB)")
+    pl.add_argument("--nproc", type=int, help="training processes (default: training_config.nproc_per_node, else one per GPU, 1 on CPU)")
+    pl.set_defaults(func=cmd_plan)
+
     d = sub.add_parser("demo", help="the whole pipeline on embedded defaults, then one question to the served model")
+    d.add_argument(
+        "--model", default="tessera/tiny-chat",
+        help="tessera/tiny-chat (default, ~1 min) or tessera/smollm2-135m-instruct (a real pretrained model; needs `make real-model`)",
+    )
     d.set_defaults(func=cmd_demo)
     return p
 

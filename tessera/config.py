@@ -62,18 +62,37 @@ def parse_register_to(text: str, run_name: str) -> str:
     return ".".join(parts)
 
 
-class TrainSettings(BaseModel):
+class TrainingSettings(BaseModel):
+    """Tessera's `training_config`: the settings the managed service chose for its users. Every field has a
+    default; `None` means "decided per run" (by the hardware, the data or the memory plan), and the run
+    records what was decided and why."""
+
     model_config = ConfigDict(extra="forbid")
-    micro_batch_size: int = Field(gt=0)
-    grad_accum_steps: int = Field(gt=0)
-    learning_rate: float = Field(gt=0)
-    warmup_ratio: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
-    max_grad_norm: float = Field(gt=0)
-    log_every: int = Field(gt=0)
-    eval_every: int = Field(gt=0)
-    seed: int
-    nproc_per_node: int = Field(gt=0)
+
+    nproc_per_node: int | None = Field(
+        None, gt=0, description="training processes on this machine (default: every visible GPU, or 1 on CPU)"
+    )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="tokens per process per forward/backward pass (default: the memory plan picks)"
+    )
+    global_batch_tokens: int | None = Field(
+        None, gt=0,
+        description="tokens per optimizer step over all processes (default: at least 8 steps per epoch, at most 128k tokens)",
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup over this share of the steps, then linear decay to 0")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    activation_checkpointing: bool | None = Field(
+        None, description="recompute each layer in the backward pass instead of keeping its activations (default: the memory plan decides)"
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel (both keep packed examples apart)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute precision over fp32 master weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(0, description="seeds the row order and the model's random state")
+    log_every: int = Field(5, gt=0, description="optimizer steps between metric points and progress lines")
+    eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations (and always at the end)")
 
 
 @cache
@@ -81,8 +100,23 @@ def defaults() -> dict:
     return yaml.safe_load((CONFIGS_DIR / "defaults.yaml").read_text())
 
 
-def default_train_settings() -> TrainSettings:
-    return TrainSettings(**defaults()["train"])
+def load_training_config(value) -> TrainingSettings | dict:
+    """`training_config` as given: a TrainingSettings, a dict, or the path of a YAML file of one (a run's YAML
+    with a `training_config:` mapping works too). Validation (unknown keys, bad values) is the model's."""
+    if value is None:
+        return TrainingSettings()
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"training_config {value!r}: not a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"training_config {path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"training_config {path}: expected a mapping of settings")
+        return loaded.get("training_config", loaded)
+    return value
 
 
 def new_run_name(model: str) -> str:
@@ -90,27 +124,33 @@ def new_run_name(model: str) -> str:
     return f"{short[:40]}-{secrets.token_hex(3)}"
 
 
-class RunConfig(BaseModel):
-    """One training run, as the managed service's fm.create described it, plus the settings it hid."""
+class RunParameters(BaseModel):
+    """What a user sets for one training run: the managed service's fm.create parameters (same names, same
+    defaults) plus Tessera's `training_config`. The SDK, the CLI, the flow and the Prefect form take these."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_enum_values=False)
 
-    name: str
-    model: str
-    train_data_path: str
-    register_to: str
-    task_type: TaskType = TaskType.CHAT_COMPLETION
-    eval_data_path: str | None = None
-    eval_prompts: list[str] | None = None
-    custom_weights_path: str | None = None
-    training_duration: str = "1ep"
-    learning_rate: float | None = None
-    context_length: int | None = None
-    validate_inputs: bool = True
-    data_prep_cluster_id: str | None = None
-    experiment_path: str | None = None
-    created_by: str = Field(default_factory=getpass.getuser)
-    train: TrainSettings = Field(default_factory=default_train_settings)
+    model: str = Field(description="base model: a catalog name (tessera models), a Hugging Face id or a local directory")
+    train_data_path: str = Field(
+        description="training data: /Volumes/<catalog>/<schema>/<volume>/<file>.jsonl or folder of .txt, a Delta table "
+        "<catalog>.<schema>.<table>, or a Hugging Face dataset <name>/<split>"
+    )
+    register_to: str = Field(
+        description="catalog.schema.model (a new version of one model per run) or catalog.schema (a model named after the run)"
+    )
+    task_type: TaskType = Field(TaskType.CHAT_COMPLETION, description="what the data is and how the model learns from it")
+    eval_data_path: str | None = Field(None, description="held-out data in the same form, for eval loss")
+    eval_prompts: list[str] | None = Field(None, description="prompts answered (greedily) at each evaluation and at the end")
+    custom_weights_path: str | None = Field(None, description="start from these weights instead of the base model's")
+    training_duration: str = Field("1ep", description="<n>ep epochs, <n>ba optimizer steps or <n>tok tokens")
+    learning_rate: float | None = Field(None, description="peak learning rate (default: the model catalog's, else 1e-5)")
+    context_length: int | None = Field(
+        None, description="tokens per packed row (default: min(model maximum, 4096), shorter when the data is shorter)"
+    )
+    validate_inputs: bool = Field(True, description="check the inputs before starting (else the run checks them first)")
+    data_prep_cluster_id: str | None = Field(None, description="Spark for data prep: sc://host:port, local[*] or spark://...")
+    experiment_path: str | None = Field(None, description="MLflow experiment (default /Users/<you>/tessera)")
+    training_config: TrainingSettings = Field(default_factory=TrainingSettings, description="Tessera's training settings")
 
     @field_validator("training_duration")
     @classmethod
@@ -132,9 +172,26 @@ class RunConfig(BaseModel):
             raise ConfigError(f"learning_rate {v}: must be positive")
         return v
 
+    @field_validator("training_config", mode="before")
+    @classmethod
+    def _training_config(cls, v):
+        return load_training_config(v)
+
     @property
     def duration(self) -> Duration:
         return parse_duration(self.training_duration)
+
+
+class RunConfig(RunParameters):
+    """One training run: its parameters, its name and who started it."""
+
+    name: str
+    created_by: str = Field(default_factory=getpass.getuser)
+
+    @property
+    def parameters(self) -> dict:
+        """The run's parameters as the SDK, the CLI and the flow take them (JSON-ready)."""
+        return self.model_dump(mode="json", include=set(RunParameters.model_fields), exclude_unset=False)
 
     @property
     def registered_model_name(self) -> str:
@@ -151,6 +208,8 @@ def build_run_config(**kwargs) -> RunConfig:
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs.setdefault("name", new_run_name(kwargs.get("model", "run")))
+    if isinstance(kwargs.get("task_type"), TaskType):
+        kwargs["task_type"] = kwargs["task_type"].value
     if "task_type" in kwargs and str(kwargs["task_type"]).upper() not in TaskType.__members__:
         raise ConfigError(
             f"task_type {kwargs['task_type']!r}: expected one of {', '.join(TaskType.__members__)}"
@@ -165,6 +224,10 @@ def build_run_config(**kwargs) -> RunConfig:
         if isinstance(cause, TesseraError):
             raise cause from None
         field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = TrainingSettings if err["loc"][0] == "training_config" else RunParameters
+            known = ", ".join(f for f in parent.model_fields)
+            raise ConfigError(f"{field}: unknown key (known: {known})") from None
         raise ConfigError(f"{field}: {err['msg']}") from None
     parse_register_to(config.register_to, config.name)  # refuse a bad name now, not after training
     return config

@@ -1,7 +1,54 @@
 """Generating as the model was trained: chats rendered with its own chat template, decoding that stops at its
-end-of-turn token. One implementation for the served endpoint and the trainer's eval prompts."""
+end-of-turn token. One implementation for the served endpoint and the trainer's eval prompts.
+
+The end-of-turn token is read from the template itself (stop_token_ids): it is often not the tokenizer's
+EOS (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`), and a model that is only stopped at EOS never stops.
+Data prep trains the same token at the end of every assistant turn (tasks.prepare.assistant_spans).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+# a conversation to render to see how the template ends an assistant turn (plain words: no template alters them)
+_PROBE = [{"role": "user", "content": "tessera probe question"}, {"role": "assistant", "content": "tessera probe answer"}]
+
+
+def end_of_turn(text: str, start: int, tokens: Iterable[str]) -> tuple[int, str] | None:
+    """The first of `tokens` (a tokenizer's special and added tokens) in `text` at or after `start`, and where it
+    is: right after an assistant message's content, the token the chat template ends the turn with. At one
+    position the longest token wins (a token over another that is its prefix)."""
+    hits = [(at, -len(t), t) for t in tokens if (at := text.find(t, start)) >= 0]
+    if not hits:
+        return None
+    at, _, token = min(hits)
+    return at, token
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end an assistant turn, deduplicated, in this order: the token the chat template puts right
+    after an assistant message's content, the tokenizer's EOS, then whatever `generation_config.eos_token_id`
+    lists (an int or a list). Without a chat template: EOS and generation_config's. The trainer saves this list
+    as the model's generation_config.eos_token_id, so any runtime that honours it stops there too."""
+    ids = [_template_end_token(tokenizer) if tokenizer.chat_template else None, tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += [configured] if isinstance(configured, int) else configured or []
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _template_end_token(tokenizer) -> int | None:
+    """The first special or added token after the assistant's reply in a probe chat rendered by the template."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    except TemplateError:  # it cannot render the plainest chat, so it is never used for one (data prep refuses it)
+        return None
+    answer = _PROBE[-1]["content"]
+    at = text.rfind(answer)
+    added = tokenizer.get_added_vocab()
+    found = end_of_turn(text, at + len(answer), added) if at >= 0 else None
+    return added[found[1]] if found else None
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -16,20 +63,25 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
 
 
 def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> tuple[list[int], str]:
-    """New token ids and the finish reason ('stop' at the end-of-turn token, else 'length'); greedy at temperature 0."""
+    """New token ids and the finish reason: 'stop' when the model ended its turn (on any of stop_token_ids, which
+    is then left out of the ids), else 'length'. Greedy at temperature 0.
+
+    The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
+    not taken from the caller, so every caller stops the same way, also on a model saved without them."""
     import torch
 
+    stop = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids], device=model.device),
             max_new_tokens=max_tokens,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop,
             use_cache=True,
             **sampling,
         )
     new = out[0, len(ids):].tolist()
-    if new and new[-1] == tokenizer.eos_token_id:
+    if new and new[-1] in stop:
         return new[:-1], "stop"
     return new, "length"

@@ -9,21 +9,35 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from tessera.config import TaskType
-from tessera.errors import DataValidationError, TesseraError
+from tessera.errors import ConfigError, DataValidationError, TesseraError
 from tessera.sources import BadRecord, Record, Source, read_records, resolve_source
 
 ROLES = ("system", "user", "assistant")
 
 
 def supports_system_role(tokenizer) -> bool:
-    """Whether the chat template renders a system message (the Mistral family's raise or drop it)."""
+    """Whether the model's chat template renders a system message. The Mistral family's refuse one (their
+    template raises) or drop it: the model has no system role, and chat_errors refuses system messages.
+
+    Any other failure is no answer about roles: a model without a chat template, or one whose template
+    cannot render a plain user/assistant chat, cannot be trained on chats at all (a ConfigError naming it).
+    """
+    from jinja2 import TemplateError
+
+    model, plain = tokenizer.name_or_path, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"model {model}: has no chat template, so it cannot be trained on {TaskType.CHAT_COMPLETION.value} data; "
+            f"use a model with one, or {TaskType.INSTRUCTION_FINETUNE.value} data (prompt/response pairs)"
+        )
+    try:
+        tokenizer.apply_chat_template(plain, tokenize=False)
+    except TemplateError as exc:
+        raise ConfigError(f"model {model}: its chat template cannot render a plain user/assistant chat: {exc}") from None
     probe = "tessera-system-probe"
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
-            tokenize=False,
-        )
-    except Exception:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, *plain], tokenize=False)
+    except TemplateError:  # raised only now that there is a system message: the template refuses that role
         return False
     return probe in text
 

@@ -13,13 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
-
 from pydantic import BaseModel
 
 from tessera import runs
 from tessera.catalog import ModelSpec, catalog
-from tessera.config import RunConfig, build_run_config
+from tessera.config import RunConfig, RunParameters, build_run_config
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
 from tessera.runs import RunRecord, RunStatus
@@ -41,6 +39,7 @@ class TrainingRun(BaseModel):
     learning_rate: float | None = None
     context_length: int | None = None
     data_prep_cluster_id: str | None = None
+    training_config: dict
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
@@ -58,6 +57,7 @@ class TrainingRun(BaseModel):
             **c.model_dump(include={
                 "created_by", "model", "train_data_path", "register_to", "eval_data_path", "eval_prompts",
                 "custom_weights_path", "training_duration", "learning_rate", "context_length", "data_prep_cluster_id",
+                "training_config",
             }),
             name=c.name, task_type=c.task_type.value, status=record.status, created_at=record.created_at,
             started_at=record.started_at, completed_at=record.completed_at,
@@ -117,19 +117,17 @@ def create(
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
     experiment_path: str | None = None,
+    training_config: dict | str | None = None,
 ) -> TrainingRun:
     """Start a fine-tuning run in the background and return at once; follow it with get()/get_events().
 
+    The parameters are the managed service's (tessera.config.RunParameters describes each), plus
+    `training_config`: Tessera's training settings as a dict or the path of a YAML file (TrainingSettings).
     With `validate_inputs` (the default) the model, context length and data paths are checked here, so a bad
     input fails this call; without it the run checks them first, and fails instead.
     """
     apply_engine_defaults()
-    config = build_run_config(
-        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
-        eval_data_path=eval_data_path, eval_prompts=eval_prompts, custom_weights_path=custom_weights_path,
-        training_duration=training_duration, learning_rate=learning_rate, context_length=context_length,
-        validate_inputs=validate_inputs, data_prep_cluster_id=data_prep_cluster_id, experiment_path=experiment_path,
-    )
+    config = build_run_config(**{k: v for k, v in locals().items() if k in RunParameters.model_fields})
     if validate_inputs:  # as the managed service did: refuse bad inputs before anything starts
         config = check_inputs(config)
     runs.save(RunRecord(config=config, created_at=runs.now()))
@@ -223,11 +221,8 @@ def _execute(name: str) -> int:
     apply_engine_defaults()
     from flows.finetune import finetune
 
-    params: dict[str, Any] = runs.load(name).config.model_dump(
-        exclude={"name", "created_by", "train"}, mode="json"
-    )
     try:
-        finetune(run_name=name, **params)
+        finetune(run_name=name, **runs.load(name).config.parameters)
     except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING
         record = runs.load(name)
         if not (record.status.finished or record.status is RunStatus.TERMINATING):

@@ -14,8 +14,9 @@ How a data path is read (the first rule that matches wins):
 
 What each task accepts (DESIGN §4): CHAT_COMPLETION and INSTRUCTION_FINETUNE take a `.jsonl` file, a
 Delta table or a dataset split; CONTINUED_PRETRAIN takes a folder searched recursively for `.txt`
-files (one document each; other files, and names starting with `.` or `_` as Spark skips them, are
-ignored; links to folders are not followed), a Delta table or a dataset split with a text column
+files (one document each, whatever its name: `_thread.txt` is one; only hidden files and folders, with a
+leading `.`, and files that are not `.txt` are skipped, each counted by reason for the data report; links
+to folders are not followed), a Delta table or a dataset split with a text column
 (`text` unless `text_column` says otherwise). Every refusal that can be made up front (missing,
 empty, wrong kind of input, wrong columns, outside its volume) happens in resolve_source.
 
@@ -38,9 +39,11 @@ Engines. Without a cluster everything is read in-process (pyarrow, deltalake, da
 batches (read_records). With `cluster` (RunConfig.data_prep_cluster_id: `sc://host:port` for Spark
 Connect, or a master URL such as `local[2]` or `spark://host:7077`) Spark reads files and tables (at
 locations its executors can see: spark_input) and its executors decode their partitions with the same
-decoder (spark_partition_records), so the same data gives the same records and messages. Dataset
-splits are always read in-process (Spark has no reader for them), and so is table metadata (the pinned
-version, the schema): the table location must be readable from here too.
+decoder (spark_partition_records), so the same data gives the same records and messages. A folder's
+documents are listed here, not by Spark (whose listing drops every name starting with `_`, even one
+named explicitly), and each executor reads the files it is given. Dataset splits are always read
+in-process (Spark has no reader for them), and so is table metadata (the pinned version, the schema):
+the table location must be readable from here too.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import os
 import re
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -83,6 +87,7 @@ ACCEPTED = {
     TaskType.CONTINUED_PRETRAIN: f"a folder of .txt files, {_TABLES}",
 }
 _BATCH_ROWS = 1024  # rows per Arrow batch read in-process: bounds memory whatever the table's size
+_DOCUMENTS_PER_PARTITION = 1024  # a folder's documents per Spark partition: executors share the work
 _SCAN_CONFIG = {
     "datafusion.execution.batch_size": str(_BATCH_ROWS),
     "datafusion.execution.target_partitions": "1",  # one stream, files in order: row numbers are stable
@@ -127,12 +132,17 @@ class Source(BaseModel):
         if self.kind == "jsonl":
             _hash_file(h, Path(self.location))
         elif self.kind == "text_folder":
-            for rel, file in _text_files(Path(self.location), self.path):
+            for rel, file in _text_files(Path(self.location), self.path)[0]:
                 h.update(f"{rel}\0{file.stat().st_size}\0".encode())
                 _hash_file(h, file)
         else:
             h.update(json.dumps([self.kind, self.location, self.version, self.split, self.fields]).encode())
         return h.hexdigest()
+
+    def skipped_files(self) -> dict[str, int]:
+        """A text folder's files that are not documents, counted by reason (the data report shows them);
+        listed afresh, as they take no part in the fingerprint. {} for any other source."""
+        return _text_files(Path(self.location), self.path)[1] if self.kind == "text_folder" else {}
 
     def lineage(self) -> dict[str, str]:
         """Params recorded on the MLflow run so a model can be traced to the exact data it saw."""
@@ -209,7 +219,7 @@ def read_records(source: Source) -> Iterator[Record | BadRecord]:
     if source.kind == "jsonl":
         return _jsonl_records(source, name)
     if source.kind == "text_folder":
-        files = _text_files(Path(source.location), source.path)
+        files, _ = _text_files(Path(source.location), source.path)
         return decode_units(source, ((document_name(source.path, rel), file.read_bytes()) for rel, file in files), name)
     if source.kind == "delta":
         return decode_units(source, _delta_rows(source), name)
@@ -251,7 +261,7 @@ def _resolve_local(path: str, task_type: TaskType) -> Source:
     if task_type is TaskType.CONTINUED_PRETRAIN:
         if not local.is_dir():
             raise TesseraError(f"{path}: is a file; {task_type.value} data must be {ACCEPTED[task_type]}")
-        files = _text_files(local, path)
+        files, _ = _text_files(local, path)
         if not files:
             raise TesseraError(f"{path}: no .txt files in this folder or its subfolders")
         empty = [f"{document_name(path, rel)}: file is empty" for rel, file in files if file.stat().st_size == 0]
@@ -269,19 +279,29 @@ def _resolve_local(path: str, task_type: TaskType) -> Source:
     return Source(path=path, kind="jsonl", location=str(local))
 
 
-def _text_files(folder: Path, path: str) -> list[tuple[str, Path]]:
-    """(relative path, file) of every .txt document under `folder`, sorted; hidden names skipped as Spark does.
-    In a volume, a file that links out of it is refused."""
-    found = []
+def _text_files(folder: Path, path: str) -> tuple[list[tuple[str, Path]], dict[str, int]]:
+    """(relative path, file) of every .txt document under `folder`, sorted, and the files skipped, counted
+    by reason. Only hidden names (a leading `.`: `.git/`, `.DS_Store`) are skipped; a leading `_` is an
+    ordinary name (`_thread.txt`, `_static/`). In a volume, a file that links out of it is refused."""
+    found, skipped = [], Counter()
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for d in dirs:
+            if d.startswith("."):  # every file inside counts: that is what the user would lose
+                skipped["in a hidden folder"] += sum(len(f) for _, _, f in os.walk(Path(root) / d))
+            elif (Path(root) / d).is_symlink():  # os.walk does not follow it
+                skipped["link to a folder (not followed)"] += 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if name.endswith(".txt") and not name.startswith((".", "_")):
+            if name.startswith("."):
+                skipped["hidden file"] += 1
+            elif not name.endswith(".txt"):
+                skipped["not a .txt file"] += 1
+            else:
                 rel = (Path(root) / name).relative_to(folder).as_posix()
                 if is_volume_path(path):  # a link out of the volume is refused, here, once per file
                     resolve_data_path(document_name(path, rel))
                 found.append((rel, Path(root) / name))
-    return sorted(found)
+    return sorted(found), dict(sorted(skipped.items()))
 
 
 def document_name(path: str, rel: str) -> str:
@@ -538,17 +558,17 @@ def _dataset_rows(source: Source) -> Iterator[dict]:
 @contextmanager
 def spark_input(source: Source, cluster: str):
     """The source's input units as a Spark DataFrame, for executors to decode with spark_partition_records:
-    a JSONL file's lines (`value`, bytes), a folder's .txt files (`path`, `content`), or a table's columns
-    at the pinned version. Engine failures while the block runs become one message naming the source."""
+    a JSONL file's lines (`value`, bytes), a folder's documents (`path`, relative to the folder: listed here,
+    as in-process, and read by the executors), or a table's columns at the pinned version. Engine failures
+    while the block runs become one message naming the source."""
     with _spark(cluster) as spark, _reading(source, f"Spark at {cluster}"):
         try:
             if source.kind == "jsonl":
                 yield spark.read.text(source.location).selectExpr("CAST(value AS BINARY) AS value")
-            elif source.kind == "text_folder":
-                yield (
-                    spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                    .option("pathGlobFilter", "*.txt").load(source.location).select("path", "content")
-                )
+            elif source.kind == "text_folder":  # not Spark's file reader: it drops `_thread.txt`, even named
+                files, _ = _text_files(Path(source.location), source.path)
+                paths = spark.createDataFrame([(rel,) for rel, _ in files], "path string")
+                yield paths.repartition(len(files) // _DOCUMENTS_PER_PARTITION + 1)  # Spark Connect sends a list as one
             else:
                 table = spark.read.format("delta").option("versionAsOf", source.version).load(source.location)
                 yield table.select(*dict.fromkeys(source.fields.values()))
@@ -571,17 +591,11 @@ def spark_partition_records(source: Source, batches: Iterable[pa.RecordBatch]) -
     if source.kind == "jsonl":
         units = (row["value"] for row in rows)
     elif source.kind == "text_folder":
-        root = source.location.lstrip("/")
-        units = ((document_name(source.path, _spark_relative(row["path"], root)), row["content"]) for row in rows)
+        folder = Path(source.location)
+        units = ((document_name(source.path, row["path"]), (folder / row["path"]).read_bytes()) for row in rows)
     else:
         units = rows
     return decode_units(source, units, lambda k: k)
-
-
-def _spark_relative(uri: str, root: str) -> str:
-    """A file path Spark reports (`file:/v/a/b.txt`, or `v/a/b.txt` from Sail) relative to the folder read."""
-    path = unquote(uri.removeprefix("file:")).lstrip("/")
-    return path.removeprefix(root).lstrip("/")
 
 
 def _probe(cluster: str) -> None:

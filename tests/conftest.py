@@ -42,6 +42,58 @@ def home(tmp_path, monkeypatch, tiny_model_dir) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def real_model_dir(request) -> Path:
+    """SmolLM2-135M-Instruct converted from the wheel `make real-model` fetched (`make test` does), once for all
+    sessions: the conversion takes ~35 s, so it is kept in pytest's cache (.pytest_cache; --cache-clear redoes it)."""
+    from tessera.smollm2 import build_smollm2
+
+    return build_smollm2(request.config.cache.mkdir("tessera-models") / "smollm2-135m-instruct")
+
+
+@pytest.fixture
+def real_model_home(home, real_model_dir) -> Path:
+    """`home` with the converted SmolLM2 in it too, so resolve_model finds it instead of converting it again."""
+    (home / "models" / "smollm2-135m-instruct").symlink_to(real_model_dir)
+    return home
+
+
+EOT, EOS = "<|end_of_turn|>", "<|endoftext|>"
+EOT_TEMPLATE = (  # a newline after the end-of-turn token, as many templates have: it must not be trained
+    "{% for m in messages %}{{ '<|start|>' + m['role'] + '\n' + m['content'] + '<|end_of_turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def eot_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer whose chat template ends a turn with `<|end_of_turn|>`, which is not its EOS
+    (built as tessera.tiny_model builds tiny-chat, with that other template)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[EOS, "<|start|>", EOT, "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(["user assistant question answer what is two and two it is four"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token="<|pad|>", chat_template=EOT_TEMPLATE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("models") / "eot-chat"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

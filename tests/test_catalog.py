@@ -73,3 +73,41 @@ def test_cli_models_lists_the_catalog_without_heavy_imports():
     assert "meta-llama/Meta-Llama-3.1-405B-Instruct" in names and "tessera/tiny-chat" in names
     probe = "import sys, tessera.cli; tessera.cli.build_parser(); print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'pyspark', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+# Published parameter counts, by the part of the name that says the size (first match wins)
+NOMINAL_PARAMETERS = {
+    "dbrx": 132e9, "Mixtral-8x7B": 46.7e9, "Mistral-7B": 7.24e9, "Llama-3.2-1B": 1.24e9, "Llama-3.2-3B": 3.21e9,
+    "-8B": 8.03e9, "-70B": 70.6e9, "-405B": 405.9e9, "-7b": 6.74e9, "-13b": 13.0e9, "-34b": 33.7e9, "-70b": 69.0e9,
+    "smollm2-135m": 134.5e6, "tiny-chat": 0.91e6,
+}
+
+
+def test_every_catalog_entry_has_an_architecture_of_its_nominal_size():
+    for name, spec in catalog().items():
+        nominal = next(n for key, n in NOMINAL_PARAMETERS.items() if key in name)
+        assert spec.architecture is not None, name
+        assert spec.architecture.parameters == pytest.approx(nominal, rel=0.03), name
+
+
+def test_resolved_models_carry_their_architecture(home, tiny_model_dir):
+    assert resolve_model("meta-llama/Meta-Llama-3.1-8B").architecture == catalog()["meta-llama/Meta-Llama-3.1-8B"].architecture
+    from_config = resolve_model("tessera/tiny-chat").architecture  # read from the built model's config.json
+    assert_same_shape(from_config, catalog()["tessera/tiny-chat"].architecture)
+    assert_same_shape(resolve_model(str(tiny_model_dir)).architecture, from_config)
+
+
+def assert_same_shape(actual, expected):
+    """Equal architectures; a config.json states head_dim even where it is hidden_size / heads, the catalog does not."""
+    assert actual.model_dump(exclude={"head_dim"}) == expected.model_dump(exclude={"head_dim"})
+    assert actual.dims_per_head == expected.dims_per_head
+
+
+@pytest.mark.slow
+def test_the_real_model_resolves_to_its_converted_directory_with_its_catalog_settings(real_model_home):
+    model = resolve_model("tessera/smollm2-135m-instruct")
+    spec = catalog()["tessera/smollm2-135m-instruct"]
+    assert model.path == str(real_model_home / "models" / "smollm2-135m-instruct")
+    assert model.max_context_length == 8192 and model.learning_rate == spec.learning_rate
+    assert_same_shape(model.architecture, spec.architecture)  # read from its config.json
+    assert model.architecture.parameters == 134_515_008

@@ -1,16 +1,18 @@
 """Packed examples never see each other: each example's loss inside a packed row equals its loss alone.
 
 The rows come from the real pipeline (prepare -> rows on disk), the batch from the trainer's own
-collate, and the model is called as the trainer calls it: input_ids + position_ids, no attention
+reader, and the model is called as the trainer calls it: input_ids + position_ids, no attention
 mask, use_cache=False. transformers then builds a block-causal mask from the restarting position ids.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tasks.prepare import IGNORE_INDEX, prepare
-from tasks.train_worker import collate, loss_sum
+from tasks.train.data import PackedRows
+from tasks.train.loss import loss_sum
 from tessera.config import build_run_config
 
 from conftest import chat, write_jsonl
@@ -42,9 +44,14 @@ def packed_rows(home, tokenizer):
     records = [chat(f"question {i} " + "why " * (i % 7), "answer " * (1 + i % 9) + str(i)) for i in range(24)]
     path = write_jsonl(home / "chat.jsonl", records)
     config = build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.t", context_length=96)
-    rows = list(load_from_disk(f"{prepare(config).path}/rows"))
+    path = prepare(config).path
+    rows = list(load_from_disk(f"{path}/rows"))
     assert any(sum(p == 0 for p in r["position_ids"]) >= 3 for r in rows), "the test needs rows holding several examples"
-    return rows
+    return rows, PackedRows(path)
+
+
+def collate(packed_rows, indices, pad):
+    return packed_rows[1].batch(np.asarray(indices), pad)
 
 
 def examples_of(row: dict) -> list[tuple[int, int]]:
@@ -56,8 +63,8 @@ def examples_of(row: dict) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_each_packed_example_has_the_loss_it_has_alone(packed_rows, tokenizer, attn):
     model = tiny_llama(len(tokenizer), attn)
-    pad = tokenizer.pad_token_id
-    ids, labels, pos = collate(packed_rows, pad, torch.device("cpu"))  # padded batch, as the trainer trains
+    ids, labels, pos = collate(packed_rows, range(len(packed_rows[0])), tokenizer.pad_token_id)  # padded, as the trainer trains
+    packed_rows = packed_rows[0]
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():
         packed = token_losses(model, ids, pos, labels, use_cache=False)
@@ -79,8 +86,8 @@ def test_each_packed_example_has_the_loss_it_has_alone(packed_rows, tokenizer, a
 def test_with_the_kv_cache_on_packed_examples_leak(packed_rows, tokenizer, attn):
     """The trap the trainer avoids with use_cache=False (STACK.md): the default call attends across examples."""
     model = tiny_llama(len(tokenizer), attn)
-    row = next(r for r in packed_rows if len(examples_of(r)) >= 2)
-    ids, labels, pos = collate([row], tokenizer.pad_token_id, torch.device("cpu"))
+    at, row = next((i, r) for i, r in enumerate(packed_rows[0]) if len(examples_of(r)) >= 2)
+    ids, labels, pos = collate(packed_rows, [at], tokenizer.pad_token_id)
     start, end = examples_of(row)[1]
     with torch.no_grad():
         default_call = model(input_ids=ids, position_ids=pos).logits[0, start:end]

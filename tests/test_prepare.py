@@ -315,3 +315,30 @@ def test_lengths_are_counted_and_cut_here_whatever_truncation_the_tokenizer_file
     tokenizer.backend_tokenizer.enable_truncation(max_length=4)
     ids, labels = tokenize_instruction(tokenizer, "a prompt of several words", "and a response of several words")
     assert len(ids) > 8 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_default_context_length_fits_the_longest_example_without_losing_any(home, tokenizer):
+    """No context length set: rows of the smallest multiple of 256 that holds the longest example, repacked from the
+    rows prepared at the default cap, so every token and label is the one the cap's preparation made."""
+    from datasets import load_from_disk
+
+    records = [chat(f"question {i} " + "why " * (i % 5), "answer " * (1 + i % 40)) for i in range(60)]
+    path = write_jsonl(home / "chat.jsonl", records)
+    fitted = prepare(run_config(path))
+    capped = prepare(run_config(path, context_length=512))  # tiny-chat's maximum, the cap it was first prepared at
+    assert fitted.stats.length_max <= 256 < capped.stats.length_max * 2
+    assert fitted.stats.context_length == 256 and capped.stats.context_length == 512
+    assert (fitted.stats.examples, fitted.stats.tokens, fitted.stats.trainable_tokens) == (
+        capped.stats.examples, capped.stats.tokens, capped.stats.trainable_tokens)
+    assert fitted.stats.rows > capped.stats.rows
+
+    def examples(prepared):
+        out = []
+        for row in load_from_disk(f"{prepared.path}/rows"):
+            starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+            out += [(tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])) for a, b in zip(starts, starts[1:])]
+        return sorted(out)
+
+    assert examples(fitted) == examples(capped)
+    assert max(len(r["input_ids"]) for r in load_from_disk(f"{fitted.path}/rows")) <= 256
+    assert prepare(run_config(path)).reused  # both steps are cached

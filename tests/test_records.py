@@ -3,7 +3,7 @@
 import pytest
 
 from tessera.config import TaskType
-from tessera.errors import DataValidationError, TesseraError
+from tessera.errors import ConfigError, DataValidationError, TesseraError
 from tessera.records import chat_errors, instruction_errors, record_errors, supports_system_role, text_errors, valid_records
 
 from conftest import chat, write_jsonl
@@ -49,16 +49,34 @@ def test_system_refused_when_the_template_has_no_system_role():
     assert "no system role" in chat_errors(record, allow_system=False)[0]
 
 
+MISTRAL_STYLE = (  # refuses a system message, as the Mistral family's templates do
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def with_template(tokenizer, template):
+    copy = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    copy.chat_template = template
+    return copy
+
+
 def test_system_role_detection(tokenizer):
     assert supports_system_role(tokenizer)
+    assert not supports_system_role(with_template(tokenizer, MISTRAL_STYLE))
+    dropped = "{% for m in messages if m['role'] != 'system' %}{{ m['content'] + eos_token }}{% endfor %}"
+    assert not supports_system_role(with_template(tokenizer, dropped))
 
-    class NoSystem:  # a Mistral-style template raises on a system message
-        def apply_chat_template(self, messages, **kw):
-            if messages[0]["role"] == "system":
-                raise ValueError("Conversation roles must alternate user/assistant")
-            return "ok"
 
-    assert not supports_system_role(NoSystem())
+def test_a_model_without_a_chat_template_is_no_chat_model(tokenizer):
+    with pytest.raises(ConfigError, match=r"model .*tiny-chat: has no chat template, so it cannot be trained on CHAT_COMPLETION"):
+        supports_system_role(with_template(tokenizer, None))
+
+
+def test_a_template_that_fails_on_a_plain_chat_is_not_read_as_no_system_role(tokenizer):
+    broken = "{{ raise_exception('tool definitions are required') }}"
+    with pytest.raises(ConfigError, match="its chat template cannot render a plain user/assistant chat: tool definitions are required"):
+        supports_system_role(with_template(tokenizer, broken))
 
 
 def test_instruction_rules():

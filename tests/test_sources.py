@@ -107,7 +107,7 @@ def test_missing_file_or_folder(tmp_path):
 def test_text_folder_is_searched_recursively_and_other_files_are_ignored(home, volume):
     write_docs(volume, {
         "b.txt": "second", "a/deep/c.txt": "third", "a/first.txt": "first",
-        "notes.md": "ignored", "data.jsonl": "{}", "_SUCCESS.txt": "hidden", ".cache/x.txt": "hidden",
+        "notes.md": "ignored", "data.jsonl": "{}", ".hidden.txt": "hidden", ".cache/x.txt": "hidden",
     })
     source = resolve_source("dbfs:/Volumes/main/raw/docs", PRETRAIN)
     assert source.kind == "text_folder"
@@ -117,6 +117,20 @@ def test_text_folder_is_searched_recursively_and_other_files_are_ignored(home, v
         ("dbfs:/Volumes/main/raw/docs/a/first.txt", {"text": "first"}),
         ("dbfs:/Volumes/main/raw/docs/b.txt", {"text": "second"}),
     ]
+
+
+def test_only_hidden_names_are_skipped_and_every_skipped_file_is_counted(tmp_path):
+    folder = write_docs(tmp_path / "corpus", {
+        "_thread.txt": "a thread", "__future__.txt": "the future", "_sub/x.txt": "in a folder named _sub",
+        ".hidden.txt": "hidden", ".git/y.txt": "hidden", ".git/objects/z": "hidden", "notes.md": "not text",
+    })
+    os.symlink(folder / "_sub", folder / "linked")
+    source = resolve_source(str(folder), PRETRAIN)
+    assert [r.where.removeprefix(f"{folder}/") for r in read_records(source)] == ["__future__.txt", "_sub/x.txt", "_thread.txt"]
+    assert source.skipped_files() == {
+        "hidden file": 1, "in a hidden folder": 2, "link to a folder (not followed)": 1, "not a .txt file": 1,
+    }
+    assert resolve_source(str(write_jsonl(tmp_path / "c.jsonl", [chat("q", "a")])), CHAT).skipped_files() == {}
 
 
 def test_a_folder_without_txt_files_is_refused_by_name(home, volume):
@@ -168,7 +182,12 @@ def test_text_folder_fingerprint_follows_names_and_content(tmp_path):
     changed = source.fingerprint()
     assert changed != before
     (folder / "sub" / "b.txt").rename(folder / "b.txt")
-    assert source.fingerprint() not in (before, changed)
+    renamed = source.fingerprint()
+    assert renamed not in (before, changed)
+    (folder / ".hidden.txt").write_text("not a document")
+    assert source.fingerprint() == renamed
+    (folder / "_new.txt").write_text("a document")
+    assert source.fingerprint() != renamed
 
 
 def test_jsonl_fingerprint_and_lineage(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,9 +35,11 @@ def test_report_counts_tokens_and_estimates_the_bill(chat_file):
     assert report.packed_rows >= 1 and 0 < report.packing_fill <= 1
 
 
-def test_tokens_duration_bills_exactly_that_many(chat_file):
+def test_tokens_duration_trains_whole_steps_up_to_that_many(chat_file):
     report = fm.validate_data(str(chat_file), model="tessera/tiny-chat", training_duration="10_000tok")
-    assert report.billed_tokens == 10_000
+    # the fewest whole optimizer steps that reach 10,000 tokens: what the trainer runs, and bills
+    assert 10_000 <= report.billed_tokens < 10_000 + report.global_batch_tokens
+    assert report.optimizer_steps > 10_000 // report.global_batch_tokens
 
 
 def test_warnings_for_tiny_data_and_many_epochs(chat_file):
@@ -129,3 +132,66 @@ def test_every_class_of_bad_input_is_one_clear_message_without_a_traceback(home)
         assert "Traceback" not in result.stderr, case
     assert not (home / "prepared").exists() or list((home / "prepared").iterdir()) == []
     assert not (home / "runs").exists()  # nothing was started
+
+
+def test_the_report_counts_the_files_a_text_folder_skips_and_why(home):
+    folder = home / "docs"
+    for rel, text in {
+        "_thread.txt": "a thread", "__future__.txt": "the future", "_sub/x.txt": "in a folder named _sub",
+        ".hidden.txt": "hidden", ".git/y.txt": "hidden", "notes.md": "not text",
+    }.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    report = fm.validate_data(str(folder), model="tessera/tiny-chat", task_type="CONTINUED_PRETRAIN")
+    assert report.valid and report.examples == 3  # every name starting with '_' is a document
+    assert report.skipped_files == {"hidden file": 1, "in a hidden folder": 1, "not a .txt file": 1}
+    assert "skipped files: 3 (hidden file: 1, in a hidden folder: 1, not a .txt file: 1)" in report.render()
+    assert "3 file(s) in the folder are not documents and will not be trained on" in report.warnings
+    (folder / ".git" / "z.txt").write_text("hidden too")  # the documents are the same: prepared data is reused
+    again = fm.validate_data(str(folder), model="tessera/tiny-chat", task_type="CONTINUED_PRETRAIN")
+    assert again.skipped_files["in a hidden folder"] == 2 and again.tokens_per_epoch == report.tokens_per_epoch
+
+
+def tiny_chat_with(tiny_model_dir, out, template: str | None):
+    """tiny-chat's config and tokenizer with another chat template (None: none), as a local model directory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    shutil.copy(tiny_model_dir / "config.json", out)
+    return out
+
+
+def test_a_model_without_a_chat_template_is_one_clear_error_for_chats(home, chat_file, tiny_model_dir):
+    model = tiny_chat_with(tiny_model_dir, home / "no-template", None)
+    result = tessera("validate", str(chat_file), "--model", str(model))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: model {model}: has no chat template, so it cannot be trained on CHAT_COMPLETION")
+    pairs = write_jsonl(home / "pairs.jsonl", [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(5)])
+    assert fm.validate_data(str(pairs), model=str(model), task_type="INSTRUCTION_FINETUNE").valid  # no template needed
+
+
+def test_a_template_that_raises_on_a_record_names_the_model_and_the_record(home, tiny_model_dir):
+    template = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    model = tiny_chat_with(tiny_model_dir, home / "strict", template)
+    path = write_jsonl(home / "chat.jsonl", [chat("q", "a"), chat("say the forbidden word", "no"), chat("q", "a")])
+    result = tessera("validate", str(path), "--model", str(model))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: {path}:2: the chat template of model {model} cannot render this conversation: no forbidden words"
+
+
+def test_a_template_that_refuses_system_messages_still_means_no_system_role(home, tiny_model_dir):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    model = tiny_chat_with(tiny_model_dir, home / "mistral-style", template)
+    path = write_jsonl(home / "chat.jsonl", [chat("q", "a"), chat("q", "a", system="be brief")])
+    report = fm.validate_data(str(path), model=str(model))
+    assert not report.valid and report.errors == [f"{path}:2: messages[0].role: this model's chat template has no system role"]

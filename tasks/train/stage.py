@@ -1,0 +1,138 @@
+"""Stage: train. Plans the run (tessera.training.plan_run), opens its MLflow run, then launches the
+training worker under torchrun and follows it. A worker that dies ends the stage with one message
+saying why and what to change, never a torchrun traceback."""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import sys
+
+from prefect import task
+from pydantic import BaseModel
+
+from tasks import stage_logger
+from tasks.prepare import PreparedData, row_tokens
+from tasks.train.report import ERROR_MARKER
+from tasks.validate import DataReport, histogram_png
+from tessera import runs
+from tessera.catalog import resolve_model
+from tessera.config import RunConfig
+from tessera.errors import TesseraError
+from tessera.paths import mlflow_tracking_uri
+from tessera.tracking import experiment_id, mlflow_client
+from tessera.run_plan import RunPlan, plan_run
+from tessera.training import TrainJob
+
+
+class TrainedModel(BaseModel):
+    model_dir: str
+    experiment_id: str
+    mlflow_run_id: str
+
+
+def torchrun_command(job_file: str, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "tasks.train.worker", job_file,
+    ]
+
+
+def stop_torchrun(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM first: torchrun then stops its workers (they run in sessions of their own); SIGKILL if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
+    """The one message for a failed torchrun: the worker's own, else what the exit says (the OOM killer's SIGKILL)."""
+    for line in output:
+        if ERROR_MARKER in line:
+            return line.split(ERROR_MARKER, 1)[1]
+    if any(re.search(r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", line) for line in output):
+        s = plan.settings
+        return (
+            "a training process was killed (SIGKILL), most likely by the out-of-memory killer: the run needed more "
+            f"memory than this machine had (planned {plan.memory.total_bytes / 1e9:.1f} GB per process of "
+            f"{plan.memory.budget_bytes / 1e9:.1f} GB). Lower training_config micro_batch_tokens (now {s.micro_batch_tokens}), "
+            f"set activation_checkpointing: true (now {str(s.activation_checkpointing).lower()}), use fewer processes "
+            f"(nproc_per_node, now {s.nproc_per_node}) or a shorter context_length (now {plan.context_length})"
+        )
+    raised = [line.strip() for line in output if re.match(r"^\w+(Error|Exception|Interrupt)\b", line.strip())]
+    cause = raised[0] if raised else f"torchrun exit code {returncode}"
+    return f"training failed: {cause} (the whole output is in the train stage's log)"
+
+
+def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
+    """Run the job under torchrun, relaying its output to `log`; raise TesseraError with the reason if it fails."""
+    job_file.write_text(job.model_dump_json(indent=2))
+    cmd = torchrun_command(str(job_file), job.settings.nproc_per_node)
+    log.info("launching: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                log.info(line.rstrip())
+        except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
+            stop_torchrun(proc)
+            raise
+    if proc.returncode != 0:
+        raise TesseraError(failure_reason(list(tail), proc.returncode, plan))
+
+
+def train(
+    config: RunConfig, prepared: PreparedData, report: DataReport | None = None, eval_prepared: PreparedData | None = None
+) -> TrainedModel:
+    model = resolve_model(config.model, config.context_length)
+    plan = plan_run(config, model, row_tokens(prepared.path), prepared.stats.context_length)
+    client = mlflow_client()
+    exp_id = experiment_id(client, config.experiment)
+    run = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name})
+    run_id = run.info.run_id
+    runs.update(config.name, experiment_id=exp_id, run_id=run_id)
+    params = {
+        "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
+        "training_duration": config.training_duration, "context_length": plan.context_length,
+        "register_to": config.register_to,
+        "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
+        **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
+        **prepared.lineage,
+        **plan.effective(),
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    if report is not None:
+        client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
+        client.log_text(run_id, report.render(), "data_report/report.txt")
+        client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
+
+    log = stage_logger()
+    log.info(plan.memory.decided)
+    runs.append_event(config.name, "train", f"memory plan: {plan.memory.decided}")
+    out_dir = runs.run_dir(config.name) / "final_model"
+    job = TrainJob(
+        run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
+        task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
+        eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
+        context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
+        learning_rate=plan.learning_rate, settings=plan.settings,
+        mlflow_tracking_uri=mlflow_tracking_uri(), mlflow_run_id=run_id,
+    )
+    try:
+        launch(job, runs.run_dir(config.name) / "train_job.json", log, plan)
+    except TesseraError:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    return TrainedModel(model_dir=str(out_dir), experiment_id=exp_id, mlflow_run_id=run_id)
+
+
+train_model = task(train, name="train")

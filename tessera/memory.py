@@ -1,0 +1,346 @@
+"""The memory model: what a training run needs, from the model's config alone (no weights, no download).
+
+A process holds fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes a parameter),
+the activations autograd keeps for the backward pass (per token, per layer; with activation
+checkpointing only each layer's input), one chunk of the loss's logits, and a fixed runtime overhead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tessera.errors import ConfigError
+
+GB = 10**9  # what every message and `--gpu-memory 80GB` mean by a GB
+CPU_RAM_SHARE = 0.8  # of psutil's available RAM: the rest stays for the OS, page cache and other processes
+
+# The chooser's limits: past 8 rows or 16k tokens a micro-batch gains little speed, and costs memory.
+MAX_MICRO_ROWS = 8
+MAX_MICRO_TOKENS = 16384
+
+# tasks/train/loss.py's LOSS_CHUNK_BYTES (that module imports torch; tests/test_memory.py checks they agree).
+LOSS_CHUNK_BYTES = 256 * 1024**2
+# Fitted on SmolLM2-135M (tests/test_memory.py's measurement): in the backward pass of one loss chunk
+# its fp32 logits, their log-softmax and two gradients of that size are alive at once.
+LOSS_CHUNK_COPIES = 3
+# Fitted the same way: torch, transformers, datasets and the MLflow client imported, the tokenizer and
+# the model's modules loaded, the allocator's slack. On CUDA, an assumption (not measured here): the
+# CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation.
+RUNTIME_BYTES = {"cpu": 700 * 10**6, "cuda": 3 * 1024**3}
+MAX_FSDP_GPUS = 1024
+
+
+class Architecture(BaseModel):
+    """A decoder-only transformer's shape, as a Hugging Face config.json states it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    num_local_experts: int = 1  # mixture of experts (Mixtral, DBRX): experts per layer ...
+    num_experts_per_tok: int = 1  # ... and how many each token goes through
+
+    @classmethod
+    def from_config(cls, config: dict) -> Architecture:
+        """From a config.json dict; GQA models without num_key_value_heads have as many as attention heads."""
+        config = {**config.get("text_config", {}), **config}
+        config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+        return cls(**config)
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_matrix_parameters(self) -> int:
+        """One layer's projection weights: what autocast casts to bf16 (norm weights it leaves in fp32)."""
+        h, d = self.hidden_size, self.dims_per_head
+        attention = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        mlp = 3 * h * self.intermediate_size * self.num_local_experts
+        router = h * self.num_local_experts if self.num_local_experts > 1 else 0
+        return attention + mlp + router
+
+    @property
+    def parameters(self) -> int:
+        h = self.hidden_size
+        per_layer = self.layer_matrix_parameters + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embeddings + h
+
+    def layer_bytes_per_token(self, compute_bytes: int, context_length: int) -> int:
+        """What autograd keeps of one decoder layer per token (Llama-style; counted on transformers 5.23).
+
+        With packed rows and no attention mask, transformers builds a block-causal mask, and that mask
+        costs twice: sdpa then repeats k/v to every head (its GQA path needs no mask) and keeps its own
+        copy of the mask in the compute dtype, per layer: compute_bytes * T per token, O(T^2) per row.
+        """
+        h, i, heads, d = self.hidden_size, self.intermediate_size, self.num_attention_heads, self.dims_per_head
+        c = compute_bytes
+        residual = 16 * h  # fp32: each norm's input (the residual stream) and its normalized input
+        # autocast casts the norm's output once per projection (q, k, v, gate, up); fp32 shares one per norm
+        linear_inputs = 5 * c * h if c < 4 else 2 * 4 * h
+        attention = 4 * c * heads * d + 4 * heads  # q, k, v (k/v at every head), output; fp32 log-sum-exp
+        mask = c * context_length
+        mlp = 4 * c * i * self.num_experts_per_tok  # gate, silu(gate), up, their product
+        norm_stats = 2 * 4  # each norm's 1/rms
+        return residual + linear_inputs + attention + mask + mlp + norm_stats
+
+
+class Hardware(BaseModel):
+    """Where the run trains: the device kind, how many per node, and the memory one process may use."""
+
+    device: Literal["cpu", "cuda"]
+    count: int  # GPUs on this node (1 on CPU)
+    memory_bytes: int  # per device: a GPU's memory; on CPU CPU_RAM_SHARE of the available RAM
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            return cls(device="cuda", count=torch.cuda.device_count(), memory_bytes=total)
+        import psutil
+
+        return cls(device="cpu", count=1, memory_bytes=int(psutil.virtual_memory().available * CPU_RAM_SHARE))
+
+    def describe(self) -> str:
+        if self.device == "cpu":
+            return f"CPU RAM ({_gb(self.memory_bytes)}: {CPU_RAM_SHARE:.0%} of what is available)"
+        return f"{_count(self.count, 'GPU')} of {_gb(self.memory_bytes)}"
+
+
+class MemoryPlan(BaseModel):
+    """The micro-batch and checkpointing a run uses, and the per-process estimate behind them.
+
+    total_bytes is the peak: weights, gradients, optimizer states and the runtime always, plus the larger
+    of the backward pass (activations and the loss chunk) and the optimizer step's gradient-sized
+    temporaries (AdamW's foreach on CPU, the flat all-reduce buffer with more than one process).
+    """
+
+    micro_batch_tokens: int
+    activation_checkpointing: bool
+    nproc: int
+    estimate_bytes: dict[str, int]  # weights, gradients, optimizer, activations, loss, runtime (per process)
+    total_bytes: int  # per process
+    budget_bytes: int  # per process (on CPU, processes share the machine's RAM: budget / nproc)
+    decided: str  # one line: what it picked and why
+
+    def render(self) -> str:
+        parts = "  ".join(f"{k} {_gb(v)}" for k, v in self.estimate_bytes.items())
+        return "\n".join([
+            f"memory plan: {self.total_bytes / GB:.1f} GB peak of {self.budget_bytes / GB:.1f} GB per process, "
+            f"{_count(self.nproc, 'process')}",
+            f"  {parts}",
+            f"  {self.decided}",
+        ])
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def parameters_text(n: int) -> str:
+    return f"{n / 1e9:.2f}B parameters" if n >= 10**9 else f"{n / 1e6:.1f}M parameters"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+class _Sizes(BaseModel):
+    """One configuration's estimate: its parts and its peak."""
+
+    parts: dict[str, int]
+    total: int
+
+
+def estimate(arch: Architecture, device: str, context_length: int, rows: int, *, precision: str,
+             activation_checkpointing: bool, nproc: int = 1, fsdp: int = 1) -> _Sizes:
+    """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens.
+
+    With FSDP over `fsdp` GPUs the states are sharded, and the largest unit (a layer, or the embeddings)
+    is gathered whole: its fp32 parameters and, in the backward pass, its gradients.
+    """
+    c = 2 if precision == "bf16" else 4
+    p, h, layers = arch.parameters, arch.hidden_size, arch.num_hidden_layers
+    tokens = rows * context_length
+    layer = arch.layer_bytes_per_token(c, context_length)
+    cast_weights = 2 * arch.layer_matrix_parameters if c < 4 else 0  # autocast's bf16 copies, kept for backward
+    if activation_checkpointing:  # each layer's input kept; one layer recomputed at a time in the backward
+        activations = tokens * (layers * 4 * h + layer) + cast_weights
+    else:
+        activations = tokens * layers * layer + layers * cast_weights
+    activations += rows * context_length**2 + tokens * 8 * h  # the boolean mask; the final norm's input and output
+    chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * arch.vocab_size)), tokens)
+    loss = LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4 + tokens * 4 * h  # the chunk; gathered hidden states
+    gathered = 2 * 4 * max(arch.layer_matrix_parameters, arch.vocab_size * h) if fsdp > 1 else 0
+    parts = {
+        "weights": 4 * p // fsdp + gathered // 2,
+        "gradients": 4 * p // fsdp + gathered // 2,
+        "optimizer": 8 * p // fsdp,
+        "activations": activations,
+        "loss": loss,
+        "runtime": RUNTIME_BYTES[device],
+    }
+    # AdamW's foreach implementation (CPU) makes one gradient-sized temporary; with DDP the flat
+    # all-reduce buffer is another copy of the gradients. Fused AdamW and FSDP's reduce-scatter make none.
+    step_copy = parts["gradients"] if device == "cpu" or (nproc > 1 and fsdp == 1) else 0
+    always = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["runtime"]
+    return _Sizes(parts=parts, total=always + max(activations + loss, step_copy))
+
+
+def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, precision: str,
+                micro_batch_tokens: int | None, activation_checkpointing: bool | None, nproc: int) -> MemoryPlan:
+    """Choose the micro-batch and activation checkpointing for this model, context and hardware.
+
+    Policy: values the run set are kept (only the None ones are chosen). Activation checkpointing is off
+    unless not even one row fits without it (it costs a second forward pass). The micro-batch is the
+    largest whole number of rows, at most MAX_MICRO_ROWS rows and MAX_MICRO_TOKENS tokens (at least one
+    row), that fits. A set micro_batch_tokens is rounded down to whole rows (at least one). If nothing
+    fits, ConfigError names what would: fewer micro-batch tokens, activation checkpointing, a shorter
+    context, fewer processes on CPU, FSDP over N GPUs.
+    """
+    if context_length <= 0:
+        raise ConfigError(f"context_length {context_length}: must be a positive number of tokens")
+    budget = hardware.memory_bytes // nproc if hardware.device == "cpu" else hardware.memory_bytes
+    found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing, nproc)
+    if found is not None:
+        rows, ckpt, sizes, why = found
+        decided = (
+            f"micro_batch_tokens {rows * context_length} ({_count(rows, 'row')} of {context_length}) "
+            f"{'with' if ckpt else 'without'} activation checkpointing: "
+            f"{_gb(sizes.total)} of {_gb(budget)} per process ({why})"
+        )
+        return MemoryPlan(
+            micro_batch_tokens=rows * context_length, activation_checkpointing=ckpt, nproc=nproc,
+            estimate_bytes=sizes.parts, total_bytes=sizes.total, budget_bytes=budget, decided=decided,
+        )
+    raise ConfigError(_refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens,
+                               activation_checkpointing, nproc))
+
+
+def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
+    return max(1, micro_batch_tokens // context_length)
+
+
+def _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
+            nproc, fsdp=1):
+    """(rows, checkpointing, sizes, why) of the policy's choice, or None when nothing allowed fits."""
+    if micro_batch_tokens is not None:
+        candidates = [_set_rows(micro_batch_tokens, context_length)]
+    else:
+        most = max(1, min(MAX_MICRO_ROWS, MAX_MICRO_TOKENS // context_length))
+        candidates = list(range(most, 0, -1))
+    modes = [activation_checkpointing] if activation_checkpointing is not None else [False, True]
+    for ckpt in modes:
+        for rows in candidates:
+            sizes = estimate(arch, hardware.device, context_length, rows, precision=precision,
+                             activation_checkpointing=ckpt, nproc=nproc, fsdp=fsdp)
+            if sizes.total <= budget:
+                return rows, ckpt, sizes, _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing)
+    return None
+
+
+def _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing) -> str:
+    if micro_batch_tokens is not None:
+        size = "micro_batch_tokens set by the run"
+    elif rows == candidates[0]:
+        size = f"the most the plan takes: {MAX_MICRO_ROWS} rows, {MAX_MICRO_TOKENS} tokens"
+    else:
+        size = "the most rows that fit"
+    if activation_checkpointing is not None:
+        return f"{size}; activation checkpointing set by the run"
+    return f"{size}; checkpointing on: not one row fits without it" if ckpt else size
+
+
+def _refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
+             nproc) -> str:
+    """Why nothing fits, and every change that would."""
+    rows = _set_rows(micro_batch_tokens, context_length) if micro_batch_tokens is not None else 1
+    ckpt = activation_checkpointing is not False  # the least memory the run's settings allow
+    least = estimate(arch, hardware.device, context_length, rows, precision=precision, activation_checkpointing=ckpt,
+                     nproc=nproc)
+    states = sum(least.parts[k] for k in ("weights", "gradients", "optimizer"))
+    head = (
+        f"does not fit {hardware.describe()}: {_count(rows, 'row')} of {context_length} tokens "
+        f"{'with' if ckpt else 'without'} activation checkpointing need{'s' if rows == 1 else ''} "
+        f"{_gb(least.total)} per process, {_gb(budget)} available; fp32 weights, gradients and AdamW states "
+        f"alone take {_gb(states)} (16 B x {parameters_text(arch.parameters)})"
+    )
+    if hardware.device == "cuda":
+        head += ", and plain DDP keeps all of them on every GPU"
+    fixes = []
+    free = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc)
+    if micro_batch_tokens is not None and rows > 1:
+        found = _choose(arch, context_length=context_length, micro_batch_tokens=None,
+                        activation_checkpointing=activation_checkpointing, **free)
+        if found and found[0] < rows:
+            fixes.append(f"micro_batch_tokens {found[0] * context_length} (fewer tokens per micro-batch)")
+    if activation_checkpointing is False:
+        found = _choose(arch, context_length=context_length, micro_batch_tokens=micro_batch_tokens,
+                        activation_checkpointing=True, **free)
+        if found:
+            fixes.append("activation_checkpointing: true")
+    if _choose(arch, context_length=context_length, micro_batch_tokens=None, activation_checkpointing=True, **free) is None:
+        shorter = _longest_context(arch, context_length, free)
+        if shorter:
+            fixes.append(f"context_length {shorter} (one row with activation checkpointing)")
+    if hardware.device == "cpu":
+        if nproc > 1 and _choose(arch, hardware=hardware, budget=hardware.memory_bytes, context_length=context_length,
+                                 precision=precision, micro_batch_tokens=micro_batch_tokens,
+                                 activation_checkpointing=activation_checkpointing, nproc=1):
+            fixes.append("nproc_per_node 1 (processes on a CPU share its RAM)")
+        needed = math.ceil(least.total * nproc / CPU_RAM_SHARE)
+        fixes.append(f"a machine with {_gb(needed)} of available RAM")
+    else:
+        fsdp = _fsdp(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing)
+        if fsdp:
+            gpus, (rows, ckpt, sizes, _) = fsdp
+            fixes.append(
+                f"FSDP over >= {gpus} GPUs of {_gb(hardware.memory_bytes)} (fully sharded weights, gradients and "
+                f"AdamW states; {_count(rows, 'row')} per micro-batch {'with' if ckpt else 'without'} activation "
+                f"checkpointing: {_gb(sizes.total)} per GPU)"
+            )
+        else:
+            fixes.append(f"nothing up to FSDP over {MAX_FSDP_GPUS} GPUs of {_gb(hardware.memory_bytes)}")
+    return head + ". What would fit: " + "; ".join(fixes)
+
+
+def _longest_context(arch, context_length, free) -> int | None:
+    """The longest context (a multiple of 256 below the asked one) of which one checkpointed row fits."""
+    fits = [t for t in range(256, context_length, 256)
+            if _choose(arch, context_length=t, micro_batch_tokens=t, activation_checkpointing=True, **free)]
+    return fits[-1] if fits else None
+
+
+def _fsdp(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing):
+    """(GPUs, choice) for the fewest GPUs over which sharded states plus activations fit, or None."""
+    for n in range(2, MAX_FSDP_GPUS + 1):
+        found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
+                        nproc=n, fsdp=n)
+        if found:
+            return n, found
+    return None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' or '80' -> 80 * 10^9 bytes; '80GiB' -> 80 * 2^30."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ConfigError(f"memory size {text!r}: expected e.g. 80GB (10^9 bytes) or 80GiB (2^30 bytes)")
+    unit = 1024**3 if (match.group(2) or "").lower() == "gib" else GB
+    return int(float(match.group(1)) * unit)

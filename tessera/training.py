@@ -1,0 +1,100 @@
+"""What every stage agrees on about training: the ignore index, the step plan and the job the worker runs.
+
+The step plan is exact: an epoch is a seeded permutation of the packed rows, cut into steps of
+`rows_per_step` (the last step of an epoch may be smaller); nothing crosses an epoch boundary. The data
+report and the trainer both read their numbers from it, so the estimate is what the trainer runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel
+
+from tessera.config import Duration, TaskType, TrainingSettings
+
+IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: the same on every rank and in every process."""
+    return np.random.default_rng([seed, epoch]).permutation(rows)
+
+
+class StepPlan(BaseModel):
+    rows: int  # packed rows in an epoch
+    rows_per_step: int  # the global batch, in rows
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+    tokens: int  # non-padding input tokens the whole run trains on
+
+    @property
+    def epochs(self) -> float:
+        full, part = divmod(self.total_steps, self.steps_per_epoch)
+        last = min(self.rows, part * self.rows_per_step)
+        return full + last / self.rows
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Indices of the rows optimizer step `step` (0-based) trains on, over all ranks."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return epoch_order(self.rows, self.seed, epoch)[k * self.rows_per_step : (k + 1) * self.rows_per_step]
+
+
+def plan_steps(duration: Duration, row_tokens: np.ndarray, rows_per_step: int, seed: int) -> StepPlan:
+    """The exact steps of a run: `ep` whole epochs, `ba` optimizer steps, `tok` the fewest steps that reach
+    that many tokens. `row_tokens[i]` is the number of real tokens in packed row i."""
+    rows = len(row_tokens)
+    if rows == 0:
+        raise ValueError("no rows to train on")
+    rows_per_step = min(rows_per_step, rows)
+    steps_per_epoch = math.ceil(rows / rows_per_step)
+    epoch_tokens = int(row_tokens.sum())
+    if duration.unit == "ep":
+        total = duration.value * steps_per_epoch
+    elif duration.unit == "ba":
+        total = duration.value
+    else:
+        full_epochs, rest = divmod(duration.value, epoch_tokens)
+        total = full_epochs * steps_per_epoch
+        if rest:
+            order = epoch_order(rows, seed, full_epochs)
+            per_step = np.add.reduceat(row_tokens[order], np.arange(0, rows, rows_per_step))
+            total += int(np.searchsorted(np.cumsum(per_step), rest)) + 1
+    plan = StepPlan(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, total_steps=total, seed=seed, tokens=0)
+    full, part = divmod(total, steps_per_epoch)
+    tokens = full * epoch_tokens
+    if part:
+        tokens += int(row_tokens[epoch_order(rows, seed, full)[: part * rows_per_step]].sum())
+    return plan.model_copy(update={"tokens": tokens})
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warmup over `warmup_ratio` of the steps up to the peak, then linear decay toward 0 (the last step
+    still trains, at peak / (steps after warmup))."""
+    warmup = int(total * warmup_ratio)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+class TrainJob(BaseModel):
+    """Everything one training run needs, written by the train stage for every rank to read.
+    `settings` are resolved: no field is None. Without `mlflow_run_id` nothing is logged to MLflow."""
+
+    run_name: str
+    model_path: str
+    custom_weights_path: str | None = None
+    task_type: TaskType
+    eval_prompts: list[str] = []
+    prepared_path: str
+    eval_prepared_path: str | None = None
+    output_dir: str
+    context_length: int
+    micro_rows: int  # packed rows per process per forward/backward pass
+    plan: StepPlan
+    learning_rate: float
+    settings: TrainingSettings
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None

@@ -1,0 +1,233 @@
+"""The memory model (tessera/memory.py): its arithmetic, its choices, its refusals, and (slow) its estimate
+against the peak RSS of real training steps of a real pretrained model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.errors import ConfigError
+from tessera.memory import GB, Architecture, Hardware, estimate, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LLAMA_31_8B = Architecture(
+    hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256,
+)
+SMOLLM2_135M = Architecture(
+    hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, head_dim=64, tie_word_embeddings=True,
+)
+ONE_80GB_GPU = Hardware(device="cuda", count=1, memory_bytes=80 * GB)
+
+
+def plan(arch=SMOLLM2_135M, hardware=None, context_length=1024, precision="bf16", micro_batch_tokens=None,
+         activation_checkpointing=None, nproc=1):
+    hardware = hardware or Hardware(device="cpu", count=1, memory_bytes=16 * GB)
+    return plan_memory(arch, hardware, context_length, precision=precision, micro_batch_tokens=micro_batch_tokens,
+                       activation_checkpointing=activation_checkpointing, nproc=nproc)
+
+
+# --- the arithmetic ---------------------------------------------------------------------------------
+
+
+def test_parameter_counts_and_states():
+    assert SMOLLM2_135M.parameters == 134_515_008  # what torch counts for the converted model
+    assert LLAMA_31_8B.parameters == 8_030_261_248
+    parts = estimate(LLAMA_31_8B, "cuda", 4096, 1, precision="bf16", activation_checkpointing=True).parts
+    assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (4 * 8_030_261_248, 4 * 8_030_261_248, 8 * 8_030_261_248)
+
+
+def test_from_config_reads_gqa_defaults():
+    config = json.loads(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                                    "num_attention_heads": 4, "vocab_size": 100, "model_type": "llama"}))
+    assert Architecture.from_config(config).num_key_value_heads == 4
+
+
+def test_loss_chunk_matches_the_trainers():
+    from tasks.train import loss
+    from tessera import memory
+
+    assert memory.LOSS_CHUNK_BYTES == loss.LOSS_CHUNK_BYTES
+
+
+def test_checkpointing_and_context_scale_activations():
+    def act(t, rows, ckpt):
+        return estimate(SMOLLM2_135M, "cpu", t, rows, precision="bf16", activation_checkpointing=ckpt).parts["activations"]
+
+    assert act(1024, 3, False) - act(1024, 2, False) == act(1024, 2, False) - act(1024, 1, False)  # linear in rows
+    assert act(1024, 1, True) < act(1024, 1, False) / 5
+    # sdpa's per-layer copy of the block-causal mask (O(T^2) a row): one row of 4096 costs more than 4 of 1024
+    assert act(4096, 1, False) > act(1024, 4, False) + 0.5 * GB
+
+
+# --- the chooser ------------------------------------------------------------------------------------
+
+
+def test_picks_the_largest_micro_batch_without_checkpointing():
+    p = plan()
+    assert (p.micro_batch_tokens, p.activation_checkpointing) == (8 * 1024, False)
+    assert p.total_bytes <= p.budget_bytes
+    assert "8 rows of 1024" in p.decided and "without activation checkpointing" in p.decided
+    assert "GB" in p.render()
+
+
+def test_fewer_rows_when_memory_is_short():
+    p = plan(hardware=Hardware(device="cpu", count=1, memory_bytes=6 * GB))
+    assert 1024 <= p.micro_batch_tokens < 8 * 1024 and not p.activation_checkpointing
+    more = estimate(SMOLLM2_135M, "cpu", 1024, p.micro_batch_tokens // 1024 + 1, precision="bf16",
+                    activation_checkpointing=False)
+    assert more.total > 6 * GB
+
+
+def test_checkpointing_only_when_one_row_does_not_fit():
+    p = plan(context_length=8192, hardware=Hardware(device="cpu", count=1, memory_bytes=8 * GB))
+    assert p.activation_checkpointing and p.micro_batch_tokens % 8192 == 0
+    assert "checkpointing on" in p.decided
+
+
+def test_keeps_what_the_run_set():
+    p = plan(micro_batch_tokens=3000, activation_checkpointing=True)
+    assert (p.micro_batch_tokens, p.activation_checkpointing) == (2048, True)  # rounded down to whole rows
+    assert "set by the run" in p.decided
+    assert plan(micro_batch_tokens=100).micro_batch_tokens == 1024  # at least one row
+
+
+def test_cpu_processes_share_the_ram():
+    assert plan(nproc=2).budget_bytes == 8 * GB
+
+
+def test_refuses_a_set_micro_batch_that_does_not_fit_naming_what_would():
+    with pytest.raises(ConfigError) as err:
+        plan(micro_batch_tokens=8192, activation_checkpointing=False, hardware=Hardware(device="cpu", count=1, memory_bytes=5 * GB))
+    message = str(err.value)
+    assert "micro_batch_tokens 1024" in message or "micro_batch_tokens 2048" in message
+    assert "activation_checkpointing: true" in message
+
+
+def test_refuses_too_long_a_context_naming_a_shorter_one():
+    with pytest.raises(ConfigError, match=r"context_length \d+ \(one row with activation checkpointing\)"):
+        plan(context_length=65536, hardware=Hardware(device="cpu", count=1, memory_bytes=8 * GB))
+
+
+def test_llama_8b_on_one_80gb_gpu_needs_fsdp():
+    states = 16 * LLAMA_31_8B.parameters
+    assert states > 80 * GB  # 128.5 GB: not even weights, gradients and AdamW fit one GPU
+    with pytest.raises(ConfigError) as err:
+        plan(LLAMA_31_8B, ONE_80GB_GPU, context_length=4096)
+    message = str(err.value)
+    assert "plain DDP" in message and "FSDP over >= 2 GPUs of 80.0 GB" in message
+    fsdp = estimate(LLAMA_31_8B, "cuda", 4096, 1, precision="bf16", activation_checkpointing=True, fsdp=2)
+    assert fsdp.total <= 80 * GB < states
+
+
+def test_llama_8b_fits_a_bigger_gpu():
+    p = plan(LLAMA_31_8B, Hardware(device="cuda", count=1, memory_bytes=141 * GB), context_length=4096)
+    assert p.total_bytes <= 141 * GB
+
+
+# --- tessera plan ----------------------------------------------------------------------------------
+
+
+def test_plan_command_says_llama_8b_needs_fsdp_without_importing_torch():
+    argv = ["plan", "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct", "--gpus", "1", "--gpu-memory", "80GB"]
+    code = f"import sys; from tessera.cli import main; rc = main({argv!r}); assert 'torch' not in sys.modules; sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert "8.03B parameters, context 4096 tokens, bf16 compute" in out.stdout
+    error = out.stderr.strip()
+    assert error.startswith("error: does not fit 1 GPU of 80.0 GB") and "Traceback" not in error
+    assert "plain DDP" in error and "FSDP over >= 2 GPUs of 80.0 GB" in error
+
+
+def test_plan_command_takes_a_run_yaml(tmp_path, capsys):
+    from tessera.cli import main
+
+    run = tmp_path / "run.yaml"
+    run.write_text("context_length: 2048\ntraining_config: {micro_batch_tokens: 4096, activation_checkpointing: true, precision: fp32}\n")
+    rc = main(["plan", "--model", "tessera/smollm2-135m-instruct", "--config", str(run), "--gpus", "1", "--gpu-memory", "24GB"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "context 2048 tokens, fp32 compute (set by the run)" in out
+    assert "micro_batch_tokens 4096 (2 rows of 2048) with activation checkpointing" in out
+
+
+def test_plan_command_for_a_local_model_directory(tiny_model_dir, capsys):
+    from tessera.cli import main
+
+    assert main(["plan", "--model", str(tiny_model_dir), "--context-length", "256"]) == 0
+    assert "memory plan:" in capsys.readouterr().out
+
+
+# --- against the real model -------------------------------------------------------------------------
+
+
+def measure_peak_rss(model_dir: str, context_length: int, rows: int, precision: str, checkpointing: bool) -> int:
+    """Peak RSS (bytes) of this process through a training step done as tasks/train/worker.py does it:
+    fp32 weights, foreach AdamW, a gloo process group, the trainer's imports, packed rows of 4 examples
+    with position ids restarting at 0, no attention mask, the chunked loss under autocast.
+
+    The trainer's peak comes from its second step on, when AdamW's states exist during the forward and
+    backward passes; a first optimizer step on zero gradients creates them here, so one forward and
+    backward pass measures that peak. Run it in a fresh process: a process's peak RSS never goes down."""
+    import resource
+    import tempfile
+
+    import datasets  # noqa: F401  (the trainer reads its rows with datasets, and reports to MLflow)
+    import torch
+    import torch.distributed as dist
+    from mlflow import MlflowClient  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.train.loss import loss_sum
+    from tessera.training import IGNORE_INDEX
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        example = context_length // 4
+        ids = torch.randint(0, model.config.vocab_size, (rows, context_length))
+        pos = torch.arange(context_length).remainder(example).expand(rows, -1).contiguous()
+        labels = ids.masked_fill(pos == 0, IGNORE_INDEX)  # every token trained but each example's first
+        trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_sum(model, ids, labels, pos)
+        (loss / trained).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.destroy_process_group()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measured_in_subprocess(model_dir: Path, context_length: int, rows: int, precision: str, checkpointing: bool) -> int:
+    args = json.dumps([str(model_dir), context_length, rows, precision, checkpointing])
+    code = f"import json; from tests.test_memory import measure_peak_rss; print(measure_peak_rss(*json.loads({args!r})))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_estimate_within_25_percent_of_measured_peak_rss(real_model_dir, checkpointing):
+    measured = measured_in_subprocess(real_model_dir, 512, 1, "bf16", checkpointing)
+    arch = Architecture.from_config(json.loads((real_model_dir / "config.json").read_text()))
+    estimated = estimate(arch, "cpu", 512, 1, precision="bf16", activation_checkpointing=checkpointing).total
+    assert estimated == pytest.approx(measured, rel=0.25), f"estimate {estimated / GB:.2f} GB, measured {measured / GB:.2f} GB"

@@ -1,0 +1,172 @@
+"""The train stage for real: plan_run, torchrun and its worker processes (gloo on CPU), an MLflow store.
+
+Pins the loss for batch splits: 1 process x 1 micro-batch of 8 rows, 1 process x 4 micro-batches of 2,
+and 2 processes x 1 micro-batch of 4 all train the same steps and give the same loss curve. A worker
+killed with SIGKILL (what the OOM killer does) and a bad weights file each end in one message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import chat, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def trainer_home(tmp_path_factory, tiny_model_dir):
+    """One TESSERA_HOME (and MLflow store) for the module, the tiny model in it, ~20 packed rows."""
+    home = tmp_path_factory.mktemp("trainer-home")
+    (home / "models").mkdir()
+    (home / "models" / "tiny-chat").symlink_to(tiny_model_dir)
+    records = [chat(f"question {i} " + "why " * (i % 7), "answer " * (1 + i % 9) + str(i)) for i in range(40)]
+    data = write_jsonl(home / "chat.jsonl", records)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESSERA_HOME", str(home))
+        yield home, data
+
+
+def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-chat", learning_rate: float = 2e-3, **params):
+    """The train stage (on the tiny model by default): its run record, prepared data, and what train() returns."""
+    from tasks.prepare import prepare
+    from tasks.train.stage import train
+    from tessera import runs
+    from tessera.config import build_run_config
+
+    config = build_run_config(
+        model=model, train_data_path=str(data), register_to="main.test.trainer", context_length=CTX,
+        training_duration=duration, learning_rate=learning_rate,
+        training_config={"precision": "fp32", "log_every": 1, **settings}, **params,
+    )
+    runs.save(runs.RunRecord(config=config, created_at=runs.now()))
+    prepared = prepare(config)
+    eval_prepared = prepare(config, config.eval_data_path) if config.eval_data_path else None
+    return config, prepared, train(config, prepared, eval_prepared=eval_prepared)
+
+
+def metric(run_id: str, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    from tessera.paths import mlflow_tracking_uri
+
+    history = MlflowClient(mlflow_tracking_uri()).get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
+    _, data = trainer_home
+    batch = {"global_batch_tokens": 8 * CTX}
+    _, prepared, whole = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 8 * CTX})
+    _, _, accumulated = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 2 * CTX})
+    _, _, two_procs = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2})
+
+    rows = prepared.stats.rows
+    assert rows >= 16, "the test needs several steps"
+    steps = -(-rows // 8)  # 1ep: every row once, the last step smaller
+    reference = metric(whole.mlflow_run_id, "loss")
+    assert len(reference) == steps
+    assert reference[-1] < reference[0]
+    for other in (accumulated, two_procs):
+        assert metric(other.mlflow_run_id, "loss") == pytest.approx(reference, rel=2e-4)
+
+    from mlflow import MlflowClient
+
+    from tessera.paths import mlflow_tracking_uri
+
+    params = MlflowClient(mlflow_tracking_uri()).get_run(two_procs.mlflow_run_id).data.params
+    assert params["world_size"] == "2" and params["train.nproc_per_node"] == "2"
+    assert params["train.nproc_per_node.source"] == "run"
+    assert params["train.micro_batch_tokens"] == str(4 * CTX)
+    assert params["train.warmup_ratio.source"] == "default"
+    assert params["train.learning_rate"] == "0.002" and params["train.learning_rate.source"] == "run"
+    assert float(metric(two_procs.mlflow_run_id, "peak_rss_mb")[-1]) > 100
+    assert metric(two_procs.mlflow_run_id, "tokens_per_sec")[-1] > 0
+
+
+def test_the_data_report_states_what_the_trainer_runs(trainer_home):
+    from tasks.validate import data_report
+
+    _, data = trainer_home
+    config, prepared, trained = run_stage(data, "25tok", {"global_batch_tokens": 4 * CTX}, eval_data_path=str(data))
+    report = data_report(config, prepared)
+    losses = metric(trained.mlflow_run_id, "loss")
+    assert report.optimizer_steps == len(losses) == 1  # 25 tokens: the first step reaches them
+    assert report.billed_tokens >= 25 and report.epochs < 1
+    assert len(metric(trained.mlflow_run_id, "eval_loss")) == 1  # at the end
+
+
+def test_a_killed_worker_ends_the_stage_with_one_message(trainer_home):
+    from tessera.errors import TesseraError
+
+    _, data = trainer_home
+    killed: list[int] = []
+
+    def kill_the_worker():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if "tasks.train.worker" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline()):
+                        time.sleep(3)  # let it start training
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    with pytest.raises(TesseraError) as failure:
+        run_stage(data, "2000ba", {"global_batch_tokens": CTX})
+    killer.join()
+    assert killed
+    message = str(failure.value)
+    assert "killed (SIGKILL)" in message and "out-of-memory" in message
+    assert "micro_batch_tokens" in message and "activation_checkpointing" in message
+    assert "Traceback" not in message and "\n" not in message
+
+
+def test_a_bad_weights_file_ends_the_stage_with_one_message(trainer_home, tiny_model_dir, tmp_path):
+    from tessera.errors import TesseraError
+
+    _, data = trainer_home
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TesseraError) as failure:
+        run_stage(data, "1ba", {}, custom_weights_path=str(broken))
+    message = str(failure.value)
+    assert message.startswith(f"could not load the model weights from {broken}")
+    assert "\n" not in message
+
+
+def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_there(trainer_home, eot_model_dir):
+    """The template ends turns with <|end_of_turn|>, not EOS: the fine-tuned model stops at the turn's end."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import EOS, EOT
+    from tessera.generation import generate, prompt_ids
+
+    home, _ = trainer_home
+    data = write_jsonl(home / "eot.jsonl", [chat("what is two and two", "it is four"), chat("and four", "two and two")])
+    _, _, trained = run_stage(data, "150ep", {"log_every": 50}, model=str(eot_model_dir), learning_rate=1e-2)
+    model = AutoModelForCausalLM.from_pretrained(trained.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(trained.model_dir)
+    eot, eos = tokenizer.convert_tokens_to_ids([EOT, EOS])
+    assert model.generation_config.eos_token_id == [eot, eos]  # saved with the model, for every generator
+    assert model.config.use_cache is True
+    new, finish = generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}]), 40)
+    assert (tokenizer.decode(new, skip_special_tokens=True), finish) == ("it is four", "stop")
+    assert len(new) < 10  # stopped at the turn's end, well before max_tokens
