@@ -1,8 +1,11 @@
 """The memory model: what a training run needs, from the model's config alone (no weights, no download).
 
-A process holds fp32 master weights, fp32 gradients and AdamW's two fp32 moments (16 bytes a parameter),
-the activations autograd keeps for the backward pass (per token, per layer; with activation
-checkpointing only each layer's input), one chunk of the loss's logits, and a fixed runtime overhead.
+A training process (tasks/train/worker.py) holds fp32 master weights, fp32 gradients and AdamW's two fp32
+moments (16 bytes a parameter), the activations autograd keeps for the backward pass (per token and
+layer, counted from the Llama code; with activation checkpointing only each layer's input, and one
+layer recomputed at a time), one chunk of the loss's logits, and a runtime overhead. The constants that
+are not counted were measured on SmolLM2-135M (tests/test_memory.py: estimate within 12% of the peak RSS
+of real steps, with and without checkpointing, 512 to 4096 tokens, bf16 and fp32 compute).
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ MAX_MICRO_TOKENS = 16384
 
 # tasks/train/loss.py's LOSS_CHUNK_BYTES (that module imports torch; tests/test_memory.py checks they agree).
 LOSS_CHUNK_BYTES = 256 * 1024**2
-# Fitted on SmolLM2-135M (tests/test_memory.py's measurement): in the backward pass of one loss chunk
-# its fp32 logits, their log-softmax and two gradients of that size are alive at once.
-LOSS_CHUNK_COPIES = 3
-# Fitted the same way: torch, transformers, datasets and the MLflow client imported, the tokenizer and
-# the model's modules loaded, the allocator's slack. On CUDA, an assumption (not measured here): the
-# CUDA context, cuBLAS/NCCL workspaces and the caching allocator's fragmentation.
-RUNTIME_BYTES = {"cpu": 700 * 10**6, "cuda": 3 * 1024**3}
+# Measured: the backward pass of one loss chunk (recomputed under checkpointing) peaks at 3.4-3.6 times
+# the chunk's fp32 logits: the logits, their log-softmax, its gradient and the logits' gradient.
+LOSS_CHUNK_COPIES = 3.5
+# Fitted on SmolLM2-135M: torch, transformers, datasets and the MLflow client imported, the tokenizer and
+# the model's modules loaded. On CUDA an assumption, not measured: the CUDA context, cuBLAS and NCCL
+# workspaces, the caching allocator's fragmentation.
+RUNTIME_BYTES = {"cpu": 500 * 10**6, "cuda": 3 * GB}
+# Fitted on SmolLM2-135M: glibc keeps freed heap memory resident, and a checkpointed forward frees each
+# layer's intermediates between the inputs it keeps, so about this many bytes per hidden unit, token and
+# layer stay resident on CPU (1.0-1.4 GB at 4096 tokens a micro-batch). MALLOC_MMAP_THRESHOLD_=1048576
+# in the trainer's environment hands them back (measured: 5.4 -> 3.6 GB), and makes this an overestimate.
+CPU_CHECKPOINT_SLACK = 10
 MAX_FSDP_GPUS = 1024
 
 
@@ -137,10 +145,13 @@ class MemoryPlan(BaseModel):
     decided: str  # one line: what it picked and why
 
     def render(self) -> str:
-        parts = "  ".join(f"{k} {_gb(v)}" for k, v in self.estimate_bytes.items())
+        e = self.estimate_bytes
+        parts = "  ".join(f"{k} {_gb(v)}" for k, v in e.items())
+        step = self.total_bytes - (e["weights"] + e["gradients"] + e["optimizer"] + e["runtime"])
+        if step > e["activations"] + e["loss"]:
+            parts += f"  (the optimizer step's temporaries, {_gb(step)}, outweigh activations and loss)"
         return "\n".join([
-            f"memory plan: {self.total_bytes / GB:.1f} GB peak of {self.budget_bytes / GB:.1f} GB per process, "
-            f"{_count(self.nproc, 'process')}",
+            f"memory plan: {_gb(self.total_bytes)} peak of {_gb(self.budget_bytes)} per process, {_count(self.nproc, 'process')}",
             f"  {parts}",
             f"  {self.decided}",
         ])
@@ -158,15 +169,15 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
 
 
-class _Sizes(BaseModel):
-    """One configuration's estimate: its parts and its peak."""
+class Estimate(BaseModel):
+    """One configuration's estimate, per process: its parts and its peak."""
 
     parts: dict[str, int]
     total: int
 
 
 def estimate(arch: Architecture, device: str, context_length: int, rows: int, *, precision: str,
-             activation_checkpointing: bool, nproc: int = 1, fsdp: int = 1) -> _Sizes:
+             activation_checkpointing: bool, nproc: int = 1, fsdp: int = 1) -> Estimate:
     """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens.
 
     With FSDP over `fsdp` GPUs the states are sharded, and the largest unit (a layer, or the embeddings)
@@ -179,11 +190,13 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
     cast_weights = 2 * arch.layer_matrix_parameters if c < 4 else 0  # autocast's bf16 copies, kept for backward
     if activation_checkpointing:  # each layer's input kept; one layer recomputed at a time in the backward
         activations = tokens * (layers * 4 * h + layer) + cast_weights
+        if device == "cpu":
+            activations += tokens * layers * CPU_CHECKPOINT_SLACK * h
     else:
         activations = tokens * layers * layer + layers * cast_weights
     activations += rows * context_length**2 + tokens * 8 * h  # the boolean mask; the final norm's input and output
     chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * arch.vocab_size)), tokens)
-    loss = LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4 + tokens * 4 * h  # the chunk; gathered hidden states
+    loss = int(LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4) + tokens * 4 * h  # the chunk; gathered hidden states
     gathered = 2 * 4 * max(arch.layer_matrix_parameters, arch.vocab_size * h) if fsdp > 1 else 0
     parts = {
         "weights": 4 * p // fsdp + gathered // 2,
@@ -197,7 +210,7 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
     # all-reduce buffer is another copy of the gradients. Fused AdamW and FSDP's reduce-scatter make none.
     step_copy = parts["gradients"] if device == "cpu" or (nproc > 1 and fsdp == 1) else 0
     always = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["runtime"]
-    return _Sizes(parts=parts, total=always + max(activations + loss, step_copy))
+    return Estimate(parts=parts, total=always + max(activations + loss, step_copy))
 
 
 def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, precision: str,
@@ -281,19 +294,19 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
     if hardware.device == "cuda":
         head += ", and plain DDP keeps all of them on every GPU"
     fixes = []
-    free = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc)
+    fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc)
     if micro_batch_tokens is not None and rows > 1:
         found = _choose(arch, context_length=context_length, micro_batch_tokens=None,
-                        activation_checkpointing=activation_checkpointing, **free)
+                        activation_checkpointing=activation_checkpointing, **fixed)
         if found and found[0] < rows:
             fixes.append(f"micro_batch_tokens {found[0] * context_length} (fewer tokens per micro-batch)")
     if activation_checkpointing is False:
         found = _choose(arch, context_length=context_length, micro_batch_tokens=micro_batch_tokens,
-                        activation_checkpointing=True, **free)
+                        activation_checkpointing=True, **fixed)
         if found:
             fixes.append("activation_checkpointing: true")
-    if _choose(arch, context_length=context_length, micro_batch_tokens=None, activation_checkpointing=True, **free) is None:
-        shorter = _longest_context(arch, context_length, free)
+    if _choose(arch, context_length=context_length, micro_batch_tokens=None, activation_checkpointing=True, **fixed) is None:
+        shorter = _longest_context(arch, context_length, fixed)
         if shorter:
             fixes.append(f"context_length {shorter} (one row with activation checkpointing)")
     if hardware.device == "cpu":
@@ -317,10 +330,10 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
     return head + ". What would fit: " + "; ".join(fixes)
 
 
-def _longest_context(arch, context_length, free) -> int | None:
+def _longest_context(arch, context_length, fixed) -> int | None:
     """The longest context (a multiple of 256 below the asked one) of which one checkpointed row fits."""
     fits = [t for t in range(256, context_length, 256)
-            if _choose(arch, context_length=t, micro_batch_tokens=t, activation_checkpointing=True, **free)]
+            if _choose(arch, context_length=t, micro_batch_tokens=t, activation_checkpointing=True, **fixed)]
     return fits[-1] if fits else None
 
 

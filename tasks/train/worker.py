@@ -185,6 +185,7 @@ def main(job: TrainJob) -> None:
             report.say("train", progress_line(done, plan.total_steps, mean_loss, lr, tok_s, time.time() - start))
             window_loss.zero_()
             window_trained = window_tokens = 0
+            window_start = time.time()
 
         # --- evaluation: at every eval interval and at the end ---
         if done % s.eval_every == 0 or last:
@@ -195,7 +196,7 @@ def main(job: TrainJob) -> None:
                 eval_loss = evaluate(model, eval_rows, job, pad_id, dtype, device, rank, world)
                 report.metrics(done, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
                 report.say("eval", f"eval at step {done}: loss {eval_loss:.4f} perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
-            window_start = time.time()  # tokens/s counts training time only
+            window_start = time.time()  # tokens/s counts training time, not evaluation
 
     # --- save, then answer the eval prompts from the saved weights, as the endpoint will ---
     report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **peak_memory(device))
