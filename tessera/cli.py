@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on embedded defaults, then one question to the served model")
     d.add_argument(
         "--model", default="tessera/tiny-chat",
-        help="tessera/tiny-chat (default, ~1 min) or tessera/smollm2-135m-instruct (a real pretrained model; needs `make real-model`)",
+        help="tessera/tiny-chat (default: a toy model, quick) or tessera/smollm2-135m-instruct (a real pretrained model, ~15 min on 2 cores; needs `make real-model`)",
     )
     d.set_defaults(func=cmd_demo)
     return p
