@@ -24,8 +24,8 @@ rows or conversations, context length, global batch, steps and peak learning rat
   trainer  (tiny model) transformers.Trainer on the very rows ours trained on (prepared/rows: input_ids, labels with
            our loss masks, position_ids restarting at each packed example), padded as ours pads and with no attention
            mask, so the model keeps packed examples apart exactly as ours does (use_cache off); per_device x
-           accumulation = our rows per step (the tiny bench fixes the global batch at 8 rows, one micro-batch on
-           both sides), max_steps = our steps, our peak learning rate, warmup share, clipping and weight decay;
+           accumulation = our rows per step and micro-batch (the tiny bench fixes the global batch at 8 rows, a whole
+           number of our micro-batches), max_steps = our steps, our peak learning rate, warmup share, clipping and weight decay;
            bf16=True (autocast over fp32 weights) when ours runs bf16; its default optimizer (adamw_torch_fused).
            Its row order is its own (seed 0), so its losses are close to ours, not equal.
   trl      (--model) TRL's SFTTrainer as a user would pick it: its defaults plus use_cpu=True, packing=True,
@@ -78,9 +78,10 @@ TINY_CONTEXT = 512
 REAL_CONTEXT = 1024
 VOCAB_SIZE = 32_000
 CONVERSATIONS = 175
-# The tiny bench's global batch: 8 rows, the most rows our memory plan puts in one micro-batch, so both sides run
-# each step as one micro-batch of 8 rows (the plan's own default, rows // 8 = 11 here, has no whole split that
-# transformers.Trainer can copy except 11 x 1 or 1 x 11). With --model the plan's own default is kept.
+# The tiny bench's global batch: 8 rows, a whole number of our micro-batches (the memory plan's, e.g. 4 rows of 512
+# on CPU), so transformers.Trainer can run exactly the same split (per_device x accumulation); the plan's own
+# default here, rows // 8 = 11 rows, is prime: it splits only as 11 x 1 or 1 x 11. With --model the plan's own
+# default global batch is kept, and the peer gets the largest per-device batch that divides it.
 TINY_BATCH_ROWS = 8
 TINY_LR = 1e-3  # random init: a rate at which the loss visibly falls
 REAL_LR = 2e-5  # TRL's default
