@@ -23,17 +23,20 @@ rows or conversations, context length, global batch, steps and peak learning rat
            over fp32 weights on a CPU with AMX/AVX-512 BF16, else fp32), logged every step (log_every 1).
   trainer  (tiny model) transformers.Trainer on the very rows ours trained on (prepared/rows: input_ids, labels with
            our loss masks, position_ids restarting at each packed example), padded as ours pads and with no attention
-           mask, so the model keeps packed examples apart exactly as ours does (use_cache off); per_device x
-           accumulation = our rows per step and micro-batch (the tiny bench fixes the global batch at 8 rows, a whole
-           number of our micro-batches), max_steps = our steps, our peak learning rate, warmup share, clipping and weight decay;
-           bf16=True (autocast over fp32 weights) when ours runs bf16; its default optimizer (adamw_torch_fused).
-           Its row order is its own (seed 0), so its losses are close to ours, not equal.
+           mask, so the model keeps packed examples apart exactly as ours does (use_cache off); max_steps = our steps,
+           our peak learning rate, warmup share, clipping and weight decay; bf16=True (autocast over fp32 weights)
+           when ours runs bf16; its default optimizer (adamw_torch_fused). Its row order is its own (seed 0), so its
+           losses are close to ours, not equal.
   trl      (--model) TRL's SFTTrainer as a user would pick it: its defaults plus use_cpu=True, packing=True,
            max_length=<context>, num_train_epochs=1 (its default is 3), logging_steps=1 (for the first loss), our
            peak learning rate; it tokenizes and packs the same JSONL its own way (bfd, padding-free), trains on every
-           token (its default), bf16 autocast over fp32 weights with gradient checkpointing (its defaults). Its global
-           batch is ours in rows of up to max_length tokens (per_device_train_batch_size x gradient_accumulation_steps
-           = our rows per step); with --steps both stop after N optimizer steps, else each runs its own one epoch.
+           token (its default), bf16 autocast over fp32 weights with gradient checkpointing (its defaults). With
+           --steps both stop after N optimizer steps, else each runs its own one epoch.
+Both peers get our global batch in rows (trl: rows of up to max_length tokens): per_device_train_batch_size x
+gradient_accumulation_steps = our rows per step. --peer-split user (the default) keeps their default per-device
+batch of 8 rows, or the largest divisor of our rows per step below it (what a user who sets only the global batch
+gets); --peer-split ours copies our memory plan's micro-batch instead (which, for TRL's padding-free batches, also
+shortens the one flattened sequence its attention runs over). The tiny bench fixes the global batch at 8 rows.
 
 The figures of each side's table:
   steps        optimizer steps run
@@ -78,10 +81,9 @@ TINY_CONTEXT = 512
 REAL_CONTEXT = 1024
 VOCAB_SIZE = 32_000
 CONVERSATIONS = 175
-# The tiny bench's global batch: 8 rows, a whole number of our micro-batches (the memory plan's, e.g. 4 rows of 512
-# on CPU), so transformers.Trainer can run exactly the same split (per_device x accumulation); the plan's own
-# default here, rows // 8 = 11 rows, is prime: it splits only as 11 x 1 or 1 x 11. With --model the plan's own
-# default global batch is kept, and the peer gets the largest per-device batch that divides it.
+# The tiny bench's global batch: 8 rows, a whole number of our micro-batches (the memory plan's: 4 rows of 512 on
+# CPU) and the peers' default per-device batch, so either split (--peer-split) is exact; the plan's own default
+# here, rows // 8 = 11 rows, is prime. With --model the plan's own default global batch is kept.
 TINY_BATCH_ROWS = 8
 TINY_LR = 1e-3  # random init: a rate at which the loss visibly falls
 REAL_LR = 2e-5  # TRL's default
@@ -296,6 +298,19 @@ def divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+PEER_DEFAULT_BATCH = 8  # per_device_train_batch_size's default in transformers.TrainingArguments and TRL's SFTConfig
+
+
+def peer_split(spec: dict) -> tuple[int, int]:
+    """(per_device_train_batch_size, gradient_accumulation_steps) giving our rows per step. `user`: the peer's
+    default per-device batch (8) or the largest divisor of our rows per step below it, accumulation for the rest:
+    what a user who sets only the global batch gets. `ours`: our memory plan's micro-batch."""
+    ours = spec["ours"]
+    cap = ours["micro_rows"] if spec["peer_split"] == "ours" else PEER_DEFAULT_BATCH
+    per_device = divisor_at_most(ours["rows_per_step"], cap)
+    return per_device, ours["rows_per_step"] // per_device
+
+
 def side_trainer(spec: dict) -> dict:
     """transformers.Trainer on our packed rows, our global batch, steps and learning rate."""
     import datasets
@@ -325,8 +340,7 @@ def side_trainer(spec: dict) -> dict:
         counter.collated(sum(len(f["input_ids"]) for f in features))
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
-    per_device = divisor_at_most(ours["rows_per_step"], ours["micro_rows"])
-    accumulation = ours["rows_per_step"] // per_device
+    per_device, accumulation = peer_split(spec)
     clock = Clock()
     args = TrainingArguments(
         output_dir=spec["work"] + "/trainer-out", use_cpu=True, bf16=ours["precision"] == "bf16",
@@ -353,8 +367,7 @@ def side_trl(spec: dict) -> dict:
     ours = spec["ours"]
     conversations = datasets.load_dataset("json", data_files=spec["data"], split="train",
                                           cache_dir=spec["work"] + "/hf-cache")
-    per_device = divisor_at_most(ours["rows_per_step"], ours["micro_rows"])
-    accumulation = ours["rows_per_step"] // per_device
+    per_device, accumulation = peer_split(spec)
     clock = Clock()
     args = SFTConfig(
         output_dir=spec["work"] + "/trl-out", use_cpu=True, packing=True, max_length=spec["context_length"],
@@ -445,6 +458,10 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, help=f"peak, both sides (default {TINY_LR} tiny, {REAL_LR} --model)")
     ap.add_argument("--training-config", default="{}", help="JSON of extra tessera training_config settings for ours")
     ap.add_argument("--sides", default="ours,peer", help="ours,peer (default), or one of them")
+    ap.add_argument("--peer-split", choices=["user", "ours"], default="user",
+                    help="the peer's per-device batch x accumulation for our global batch: user (default): its default "
+                         "per-device batch of 8 rows, or the largest divisor of our rows per step below it; ours: our "
+                         "memory plan's micro-batch")
     ap.add_argument("--repeat", type=int, default=1, help="run the sides this many times, alternating; each side's fastest counts")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-train",
                     help="keeps the data, the tiny model, the prepared rows and each side's log between runs")
@@ -500,7 +517,7 @@ def main() -> None:
         "learning_rate": args.learning_rate or (REAL_LR if real else TINY_LR),
         "training_config": {**({} if real else {"global_batch_tokens": TINY_BATCH_ROWS * context}),
                             **json.loads(args.training_config)},
-        "work": str(work), "seed": 0,
+        "work": str(work), "seed": 0, "peer_split": args.peer_split,
     }
     from transformers import AutoTokenizer
 
