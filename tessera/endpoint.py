@@ -1,4 +1,4 @@
-"""Starting and stopping a model endpoint (`bentoml serve` of tasks.serve) as a child process."""
+"""Starting and stopping a model endpoint (`bentoml serve` of tasks.serve.service) as a child process."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serve_command(host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "bentoml", "serve", "tasks.serve:ChatService",
+        sys.executable, "-m", "bentoml", "serve", "tasks.serve.service:ChatService",
         "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT),
     ]
 

@@ -1,10 +1,4 @@
-"""Stage: serve. A BentoML service with an OpenAI-compatible API over a registered model version.
-
-The model and tokenizer are loaded from the registry exactly as registered, and prompts are rendered
-with the chat template saved with them: the text the model was trained on.
-
-    bentoml serve tasks.serve:ChatService   (with TESSERA_MODEL_URI=models:/<name>/<version or @alias>)
-"""
+"""The BentoML service: OpenAI's API over one registered model version."""
 
 from __future__ import annotations
 
@@ -17,6 +11,7 @@ import bentoml
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.serve.loading import load_registered
 from tessera.generation import generate, prompt_ids
 
 MODEL_URI_ENV = "TESSERA_MODEL_URI"
@@ -38,19 +33,6 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
-
-
-def load_registered(model_uri: str):
-    """(model, tokenizer) of a registry URI, through MLflow's transformers flavor."""
-    import mlflow
-
-    from tessera.tracking import mlflow_client
-
-    mlflow_client()
-    components = mlflow.transformers.load_model(model_uri, return_type="components")
-    model = components["model"]
-    model.eval()
-    return model, components["tokenizer"]
 
 
 @bentoml.service(name="tessera-chat", traffic={"timeout": 600})
