@@ -1,0 +1,145 @@
+"""Continuous batching over one model: every running request shares each forward pass.
+
+transformers' continuous-batching manager runs the batch in a background thread with a paged KV cache; results
+come back on the server's asyncio loop. This module turns one request into a stream of text deltas that stop where
+the model's turn ends (any of its end-of-turn tokens) or at a `stop` string, and cancels the work of a request
+whose client went away or whose time ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from tessera.generation import stop_token_ids
+from tessera.serving import ServeSettings
+
+# temperature 0 means greedy; the engine samples, and at this temperature sampling is the argmax (STACK.md)
+GREEDY_TEMPERATURE = 1e-5
+
+
+class QueueFull(Exception):
+    pass
+
+
+class GenerationTimeout(Exception):
+    pass
+
+
+class EngineError(Exception):
+    pass
+
+
+@dataclass
+class Delta:
+    text: str  # new text since the previous delta
+    finish_reason: str | None  # "stop" or "length" on the last delta, else None
+    completion_tokens: int  # generated so far, end-of-turn token excluded
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, settings: ServeSettings):
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        self.tokenizer, self.settings = tokenizer, settings
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
+        # one request can use the whole cache, never more than the model's positions
+        self.context = min(getattr(model.config, "max_position_embeddings", settings.kv_cache_tokens), settings.kv_cache_tokens)
+        # per-request temperature and top_p take effect only when the base config has non-default values of them
+        base = GenerationConfig(
+            do_sample=True, temperature=0.5, top_p=0.5, max_new_tokens=settings.default_max_tokens,
+            eos_token_id=self.stop_ids, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0],
+        )
+        # sized explicitly: by default the cache takes 60% of RAM on CPU and 30 s to allocate (STACK.md)
+        batching = ContinuousBatchingConfig(
+            page_size=settings.page_size, num_blocks=max(1, settings.kv_cache_tokens // settings.page_size),
+            max_batch_tokens=settings.max_batch_tokens, per_request_processors=True,
+        )
+        self.manager = model.init_continuous_batching(generation_config=base, continuous_batching_config=batching)
+        self.manager.start()
+        self.pending = 0  # sequences admitted and not yet over
+
+    def close(self) -> None:
+        self.manager.stop(block=True)
+
+    def admit(self, sequences: int) -> None:
+        """Reserve room for `sequences`, or raise QueueFull (the caller answers 429). Each is given back with
+        release() when its work is over, however it ended."""
+        if self.pending + sequences > self.settings.max_pending:
+            raise QueueFull(f"the server is busy ({self.pending} sequences in progress, at most {self.settings.max_pending}); retry later")
+        self.pending += sequences
+
+    def release(self, *_) -> None:
+        self.pending -= 1
+
+    async def generate(self, ids: list[int], sampling: Sampling, deadline: float,
+                       disconnected: Callable[[], object] | None = None) -> AsyncIterator[Delta]:
+        """Deltas of one sequence; the last has its finish_reason. Raises GenerationTimeout past `deadline` (loop
+        time) and EngineError when the engine failed the request; the request is cancelled whenever the caller stops
+        early (a client that disconnected, a timeout, a stop string found)."""
+        loop = asyncio.get_running_loop()
+        rid = uuid.uuid4().hex
+        results: asyncio.Queue = asyncio.Queue()
+        self.manager.register_result_handler(rid, results.put_nowait)
+        self.manager.add_request(
+            ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=True, eos_token_id=self.stop_ids,
+            temperature=max(sampling.temperature, GREEDY_TEMPERATURE), top_p=sampling.top_p,
+        )
+        sent, done = "", False
+        try:
+            while not done:
+                out = await self._next(results, loop, deadline, disconnected)
+                if out.error:
+                    raise EngineError(out.error)
+                tokens, done = list(out.generated_tokens), out.is_finished()
+                reason = "length" if done else None
+                if tokens and tokens[-1] in self.stop_ids:
+                    tokens, reason, done = tokens[:-1], "stop", True
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = min((at for s in sampling.stop if (at := text.find(s)) >= 0), default=None)
+                if cut is not None:
+                    text, reason, done = text[:cut], "stop", True
+                if not done:
+                    text = _settled(text, sampling.stop)
+                if done or (len(text) > len(sent) and text.startswith(sent)):
+                    yield Delta(text[len(sent):], reason, len(tokens))
+                    sent = text
+        finally:
+            if not done:
+                self.manager.cancel_request(rid)
+            with self.manager.output_router._lock:  # a cancelled request never finishes, so its handler stays
+                self.manager.output_router.result_handlers.pop(rid, None)
+
+    async def _next(self, results: asyncio.Queue, loop, deadline: float, disconnected):
+        """The next result, checking every second whether the client is still there."""
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise GenerationTimeout(f"generation took longer than the limit of {self.settings.request_timeout_s:g} s")
+            try:
+                return await asyncio.wait_for(results.get(), timeout=min(left, 1.0))
+            except TimeoutError:
+                if disconnected is not None and await disconnected():
+                    raise asyncio.CancelledError("the client disconnected") from None
+
+
+def _settled(text: str, stops: list[str]) -> str:
+    """The part of `text` that can be sent: not a half-decoded character, not what may become a stop string."""
+    text = text.rstrip("\ufffd")
+    for stop in stops:
+        for keep in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:keep]):
+                text = text[: len(text) - keep]
+                break
+    return text

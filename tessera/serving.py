@@ -1,0 +1,32 @@
+"""How an endpoint serves: its limits and its KV cache, one definition for the service, the CLI and bench/serve.py.
+
+Every field can be set for a server process as TESSERA_SERVE_<FIELD> (e.g. TESSERA_SERVE_MAX_PENDING=8).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "TESSERA_SERVE_"
+
+
+class ServeSettings(BaseModel):
+    max_pending: int = Field(64, ge=1, description="requested sequences in the engine (running or queued); beyond it 429")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body; beyond it 413")
+    request_timeout_s: float = Field(300.0, gt=0, description="generation time limit of one request; beyond it 504")
+    default_max_tokens: int = Field(512, ge=1, description="new tokens when a request sets no max_tokens")
+    max_n: int = Field(8, ge=1, description="most choices one request may ask for")
+    kv_cache_tokens: int = Field(32768, ge=256, description="KV cache size in tokens, shared by all running requests")
+    page_size: int = Field(64, ge=16, description="tokens per KV cache page")
+    max_batch_tokens: int = Field(2048, ge=64, description="most tokens one forward pass of the batch takes")
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> ServeSettings:
+        environ = os.environ if environ is None else environ
+        values = {name: environ[ENV_PREFIX + name.upper()] for name in cls.model_fields if ENV_PREFIX + name.upper() in environ}
+        return cls.model_validate(values)
+
+    def as_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + name.upper(): str(value) for name, value in self.model_dump().items()}
