@@ -39,7 +39,7 @@ def finetune(
 ) -> str:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
     The parameters are tessera.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
-    config = check_inputs(runs.ensure_record(run_name or runtime.flow_run.name, runtime.flow_run.parameters).config)
+    config = check_inputs(runs.ensure_record(run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id), runtime.flow_run.parameters).config)
     prepared = prepare_data(config)
     eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
     report = report_data(config, prepared)

@@ -516,6 +516,12 @@ def prepare(config: RunConfig, data_path: str | None = None, context_length: int
     return prepared
 
 
+def lineage(source, inputs: dict) -> dict[str, str]:
+    """The source's lineage params plus its fingerprint (a file's or folder's content hash), which the
+    registered version's tags carry."""
+    return {**source.lineage(), "source.fingerprint": inputs["data"]}
+
+
 def reuse(inputs: dict, skipped: dict, source) -> PreparedData | None:
     key = cache_key(inputs)
     out = tessera_home() / "prepared" / key
@@ -524,7 +530,7 @@ def reuse(inputs: dict, skipped: dict, source) -> PreparedData | None:
     manifest = json.loads((out / "manifest.json").read_text())
     stage_logger().info("reusing prepared data %s (cache key %s)", out, key)
     stats = PrepStats(**{**manifest["stats"], "skipped_files": skipped})
-    return PreparedData(path=str(out), cache_key=key, reused=True, stats=stats, lineage=source.lineage())
+    return PreparedData(path=str(out), cache_key=key, reused=True, stats=stats, lineage=lineage(source, inputs))
 
 
 def prepare_rows(config: RunConfig, data_path: str, source, model, tokenizer, inputs: dict, skipped: dict) -> PreparedData:
@@ -602,7 +608,7 @@ def commit(rows: Iterable[Rows], inputs: dict, manifest: dict, stats: Callable[[
         "prepared %d examples into %d rows of %d tokens (%s; fill %.1f%%, %d truncated, %d trainable tokens)",
         s.examples, s.rows, s.context_length, manifest["engine"], 100 * s.fill, s.truncated, s.trainable_tokens,
     )
-    return PreparedData(path=str(out), cache_key=key, reused=False, stats=counted, lineage=source.lineage())
+    return PreparedData(path=str(out), cache_key=key, reused=False, stats=counted, lineage=lineage(source, inputs))
 
 
 @task(name="prepare-data")

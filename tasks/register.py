@@ -1,7 +1,14 @@
 """Stage: register. Logs the trained model and tokenizer (chat template included) with MLflow's
-transformers flavor and registers it as a new version under one UC-style name."""
+transformers flavor and registers it as a new version under one UC-style name, tagged with its lineage,
+and points the `challenger` alias at it.
+
+The store is the embedded SQLite one in TESSERA_HOME, or the MLflow server MLFLOW_TRACKING_URI names
+(artifacts then go through the server: start it with `--artifacts-destination`)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
@@ -12,6 +19,11 @@ from tessera import runs
 from tessera.config import RunConfig, TaskType
 from tessera.tracking import mlflow_client
 
+CHALLENGER = "challenger"  # the newest version: the retrain flow compares it with @champion
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate")
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
 class RegisteredVersion(BaseModel):
     name: str
     version: str
@@ -21,11 +33,61 @@ class RegisteredVersion(BaseModel):
         return f"models:/{self.name}/{self.version}"
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared_packages() -> set[str]:
+    """The packages the project declares (pyproject.toml's `dependencies`, else the installed metadata's), canonical names."""
+    if PYPROJECT.is_file():
+        import tomllib
+
+        requirements = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    else:
+        from importlib.metadata import requires
+
+        requirements = [r for r in requires("tessera") or [] if "extra ==" not in r]
+    return {_canonical(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", r).group(1)) for r in requirements}
+
+
 def serving_requirements() -> list[str]:
-    """Pinned from this environment, so MLflow does not spend a minute inferring them."""
+    """What serving the model needs, pinned to this environment's versions (so MLflow does not spend a minute
+    inferring them): only packages the project declares, without local version labels (`2.13.0+cpu` -> `2.13.0`,
+    which no index serves). MLflow adds its own pin."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}".replace("+cpu", "") for pkg in ("torch", "transformers", "tokenizers", "accelerate")]
+    declared = declared_packages()
+    return [f"{pkg}=={version(pkg).split('+', 1)[0]}" for pkg in SERVING_PACKAGES if _canonical(pkg) in declared]
+
+
+def _metric(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def version_tags(config: RunConfig, trained: TrainedModel, client) -> dict[str, str]:
+    """Lineage of one registered version: base model, task type, the data and the exact version of it that was read
+    (a Delta table's version or a dataset's fingerprint; a file's or folder's content hash), custom weights, the MLflow
+    run and its final train and eval loss (the last value logged; no eval loss without eval data)."""
+    run = client.get_run(trained.mlflow_run_id)
+    params, metrics = run.data.params, run.data.metrics
+    tags = {
+        "base_model": config.model,
+        "task_type": config.task_type.value,
+        "train_data_path": config.train_data_path,
+        "run_name": config.name,
+        "mlflow_run_id": trained.mlflow_run_id,
+    }
+    if params.get("source.version"):
+        tags["train_data_version"] = params["source.version"]
+    if params.get("source.fingerprint") and params.get("source.kind") in ("jsonl", "text_folder"):
+        tags["train_data_content_hash"] = params["source.fingerprint"]
+    if config.custom_weights_path:
+        tags["custom_weights_path"] = config.custom_weights_path
+    if "loss" in metrics:
+        tags["train_loss"] = _metric(metrics["loss"])
+    if "eval_loss" in metrics:
+        tags["eval_loss"] = _metric(metrics["eval_loss"])
+    return tags
 
 
 def register(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
@@ -45,22 +107,18 @@ def register(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
                 registered_model_name=name,
                 pip_requirements=serving_requirements(),
             )
+        version = str(info.registered_model_version)
+        for key, value in version_tags(config, trained, client).items():
+            client.set_model_version_tag(name, version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, version)
     except Exception:
         client.set_terminated(trained.mlflow_run_id, "FAILED")
         raise
-    version = str(info.registered_model_version)
-    for key, value in {
-        "base_model": config.model,
-        "task_type": config.task_type.value,
-        "train_data_path": config.train_data_path,
-        "run_name": config.name,
-    }.items():
-        client.set_model_version_tag(name, version, key, value)
     client.set_terminated(trained.mlflow_run_id, "FINISHED")
     registered = RegisteredVersion(name=name, version=version)
     runs.update(config.name, registered_version=registered.uri)
-    runs.append_event(config.name, "register", f"registered {registered.uri}")
-    stage_logger().info("registered %s", registered.uri)
+    runs.append_event(config.name, "register", f"registered {registered.uri} (alias @{CHALLENGER})")
+    stage_logger().info("registered %s as @%s", registered.uri, CHALLENGER)
     return registered
 
 

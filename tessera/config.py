@@ -119,9 +119,11 @@ def load_training_config(value) -> TrainingSettings | dict:
     return value
 
 
-def new_run_name(model: str) -> str:
+def new_run_name(model: str, token: str | None = None) -> str:
+    """`<model's short name>-<6 hex>`: a run's name, and the model's name for a two-part register_to. `token` (default
+    random) lets a caller derive it from something already unique, such as a Prefect flow run's id."""
     short = re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").split("/")[-1].lower()).strip("-")
-    return f"{short[:40]}-{secrets.token_hex(3)}"
+    return f"{short[:40]}-{token or secrets.token_hex(3)}"
 
 
 class RunParameters(BaseModel):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tessera.config import RunConfig
+from tessera.config import RunConfig, new_run_name
 from tessera.errors import TesseraError
 from tessera.paths import runs_dir
 
@@ -108,8 +108,15 @@ def read_events(name: str) -> list[dict]:
 
 # Prefect state hooks: (flow, flow_run, state). Runs started outside the SDK get a record here.
 
+def flow_run_name(parameters: dict, flow_run_id) -> str:
+    """The run's name: the one the SDK gave it, else (a run from the Prefect UI, a schedule, an event) a model-based
+    name as the SDK would give, never Prefect's random flow-run name. Derived from the flow run's id, so the state
+    hooks and the flow itself agree on it; a two-part register_to names the registered model after it."""
+    return parameters.get("run_name") or new_run_name(str(parameters.get("model") or "run"), str(flow_run_id).replace("-", "")[-6:])
+
+
 def _run_name(flow_run) -> str:
-    return flow_run.parameters.get("run_name") or flow_run.name
+    return flow_run_name(flow_run.parameters, flow_run.id)
 
 
 def ensure_record(name: str, flow_parameters: dict) -> RunRecord:

@@ -1,6 +1,7 @@
 """The demo's path for real: a Prefect flow run in a detached process, torchrun, an MLflow store,
 and a BentoML server on 127.0.0.1 answering over the OpenAI API."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -91,12 +92,18 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     params = client.get_run(run.run_id).data.params
     assert params["data.examples"] == "4" and params["source.kind"] == "jsonl"
     version = client.get_model_version("main.finetuning.support_bot", "1")
+    data_file = home / "volumes" / "main" / "default" / "raw" / "chat.jsonl"
     assert version.tags == {
         "base_model": "tessera/tiny-chat",
         "task_type": "CHAT_COMPLETION",
         "train_data_path": "dbfs:/Volumes/main/default/raw/chat.jsonl",
+        "train_data_content_hash": hashlib.sha256(data_file.read_bytes()).hexdigest(),
         "run_name": run.name,
+        "mlflow_run_id": run.run_id,
+        "train_loss": f"{losses[-1]:.6g}",
+        "eval_loss": f"{eval_losses[-1]:.6g}",
     }
+    assert str(client.get_model_version_by_alias("main.finetuning.support_bot", "challenger").version) == "1"
 
     with start_endpoint(run.registered_model_version, log_file=home / "endpoint.log") as endpoint:
         openai = OpenAI(base_url=f"{endpoint.url}/v1", api_key="unused")
