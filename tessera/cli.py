@@ -151,17 +151,118 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import os
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached a foreground `tessera serve`."""
 
-    from tessera.endpoint import serve_command, serve_env
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def cmd_serve(args) -> int:
+    """Start a named endpoint (router + model server, both in the background). In the foreground (the default)
+    wait, and stop it on Ctrl-C, SIGTERM or SIGHUP; with --detach, return once it answers and leave it running."""
+    import os
+    import signal
+
+    from tessera import endpoints
     from tessera.paths import apply_engine_defaults
 
     apply_engine_defaults()
-    env = serve_env(args.model_uri, args.api_key or os.environ.get("TESSERA_API_KEY"))
-    print(f"serving {args.model_uri} on http://{args.host}:{args.port}/v1/chat/completions", flush=True)
-    command = serve_command(args.host, args.port)
-    os.execve(command[0], command, env)  # BentoML in this process's place: Ctrl-C and SIGTERM reach it directly
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}  # a stop while starting cleans up too
+    name = args.name or endpoints.default_name(args.model_uri)
+    print(f"starting endpoint {name}: {args.model_uri}", flush=True)
+    try:
+        record = endpoints.serve(args.model_uri, name=name, host=args.host, port=args.port,
+                                 api_key=args.api_key or os.environ.get("TESSERA_API_KEY"), follow=args.follow)
+    except _Stop:
+        print("interrupted", file=sys.stderr)
+        return 130
+    follows = f", following {record.model_uri}" if record.follow else ""
+    print(f"endpoint {record.name} ready at {record.url}/v1 (version {record.version}{follows})", flush=True)
+    if args.detach:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        print(f"it runs in the background: tessera endpoints get|update|stop {record.name}")
+        return 0
+    print("Ctrl-C stops it (tessera serve --detach leaves it running)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+            record = endpoints.load(record.name)
+            if record.status.value == "STOPPED" or not endpoints.is_ours(record.router_pid, record.router_create_time):
+                print(f"endpoint {record.name} was stopped", file=sys.stderr)
+                return 0 if record.status.value == "STOPPED" else EXIT_FAILED
+    except (KeyboardInterrupt, _Stop):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping takes a few seconds: let it finish
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        endpoints.stop(record.name)
+        print(f"endpoint {record.name} stopped")
+        return 0
+
+
+def _print_endpoint(record) -> None:
+    backend = record.backend
+    rows = {
+        "name": record.name, "status": record.status.value, "model_uri": record.model_uri,
+        "follows_alias": "yes" if record.follow else "no", "version": record.version, "url": record.url,
+        "api_key": "required" if record.api_key else None, "router_pid": record.router_pid,
+        "server_pid": backend and backend.pid, "server_url": backend and backend.url,
+        "updating_to": record.candidate and f"version {record.candidate.version} (pid {record.candidate.pid})",
+        "created_at": record.created_at, "updated_at": record.updated_at, "details": record.details,
+        "server_log": backend and backend.log,
+    }
+    for key, value in rows.items():
+        if value is not None:
+            print(f"{key:14} {value}")
+    if record.history:
+        print("history")
+        for line in record.history[-10:]:
+            print(f"  {line}")
+
+
+def cmd_endpoints(args) -> int:
+    from tessera import endpoints
+
+    if args.action == "list":
+        found = endpoints.list_endpoints()
+        if args.json:
+            print(json.dumps([r.model_dump(mode="json", exclude={"api_key"}) for r in found], indent=2))
+            return 0
+        for r in found:
+            print(f"{r.name:24} {r.status.value:9} {'v' + r.version if r.version else '-':5} {r.model_uri:44} {r.url}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"tessera endpoints {args.action}: an endpoint name is required")
+    if args.action != "update" and (args.model or args.follow is not None):
+        raise SystemExit(f"tessera endpoints {args.action}: --model and --follow go with update")
+    if args.action == "get":
+        record = endpoints.get(args.name)
+        if args.json:
+            print(record.model_copy(update={"api_key": None}).model_dump_json(indent=2, exclude={"api_key"}))
+        else:
+            _print_endpoint(record)
+        return 0 if record.status.value in ("READY", "UPDATING", "STARTING", "STOPPED") else EXIT_FAILED
+    if args.action == "update":
+        from tessera.paths import apply_engine_defaults
+
+        import signal
+
+        apply_engine_defaults()
+        before = endpoints.load(args.name)
+        print(f"updating endpoint {args.name} (version {before.version}) to {args.model or before.model_uri}", flush=True)
+        signal.signal(signal.SIGTERM, _raise_stop)  # stopped midway: the new server is stopped, the old one serves on
+        try:
+            record = endpoints.update(args.name, model_uri=args.model, follow=args.follow)
+        except _Stop:
+            print(f"interrupted; the endpoint serves on (tessera endpoints get {args.name})", file=sys.stderr)
+            return 130
+        print(f"endpoint {record.name}: {record.details} at {record.url}")
+        return 0
+    endpoints.stop(args.name)
+    print(f"endpoint {args.name} stopped")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -246,12 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    s = sub.add_parser("serve", help="serve a registered model with an OpenAI-compatible API")
+    s = sub.add_parser("serve", help="serve a registered model as a named endpoint with an OpenAI-compatible API")
     s.add_argument("model_uri", help="models:/<name>/<version> or models:/<name>@<alias>")
+    s.add_argument("--name", help="the endpoint's name (default: the model's, models:/main.support.bot/1 -> bot)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--port", type=int, help="the endpoint's port for its whole life (default 3000, or a free one if taken)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer <key>' (or set TESSERA_API_KEY)")
+    s.add_argument("--detach", action="store_true", help="return once it answers and leave it running (stop: tessera endpoints stop NAME)")
+    s.add_argument("--follow", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether `tessera endpoints update NAME` re-resolves the alias (default: yes for @alias URIs)")
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("endpoints", help="list, inspect, update (health-checked, rolled back on failure) or stop endpoints")
+    e.add_argument("action", choices=["list", "get", "update", "stop"])
+    e.add_argument("name", nargs="?")
+    e.add_argument("--model", help="with update: serve this models:/ URI instead (default: the endpoint's, an alias re-resolved)")
+    e.add_argument("--follow", action=argparse.BooleanOptionalAction, default=None,
+                   help="with update: whether the endpoint follows the alias of --model (default: yes for @alias URIs)")
+    e.add_argument("--json", action="store_true", help="with list or get: JSON")
+    e.set_defaults(func=cmd_endpoints)
 
     pl = sub.add_parser("plan", help="the memory plan of a run (micro-batch, activation checkpointing), offline")
     pl.add_argument("--model", required=True, help="catalog model or local directory")
