@@ -62,12 +62,14 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(ids)
 
 
-def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> tuple[list[int], str]:
+def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             ignore_eos: bool = False) -> tuple[list[int], str]:
     """New token ids and the finish reason: 'stop' when the model ended its turn (on any of stop_token_ids, which
     is then left out of the ids), else 'length'. Greedy at temperature 0.
 
     The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
-    not taken from the caller, so every caller stops the same way, also on a model saved without them."""
+    not taken from the caller, so every caller stops the same way, also on a model saved without them.
+    `ignore_eos` generates max_tokens regardless (benchmarks)."""
     import torch
 
     stop = stop_token_ids(tokenizer, model.generation_config)
@@ -79,6 +81,7 @@ def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: flo
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             eos_token_id=stop,
             use_cache=True,
+            min_new_tokens=max_tokens if ignore_eos else 0,
             **sampling,
         )
     new = out[0, len(ids):].tolist()

@@ -6,6 +6,7 @@ Every field can be set for a server process as TESSERA_SERVE_<FIELD> (e.g. TESSE
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -21,6 +22,10 @@ class ServeSettings(BaseModel):
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache size in tokens, shared by all running requests")
     page_size: int = Field(64, ge=16, description="tokens per KV cache page")
     max_batch_tokens: int = Field(2048, ge=64, description="most tokens one forward pass of the batch takes")
+    engine: Literal["continuous", "sequential"] = Field(
+        "continuous", description="sequential: one request at a time with plain generate (the baseline of bench/serve.py)"
+    )
+    ignore_eos: bool = Field(False, description="always generate max_tokens, past the end of the turn (for benchmarks)")
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServeSettings:

@@ -47,15 +47,49 @@ class Sampling:
     stop: list[str]
 
 
-class Engine:
-    def __init__(self, model, tokenizer, settings: ServeSettings):
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
+class _Admission:
+    """What both engines share: the context a request may use, admission (429 beyond max_pending), and where the
+    text of a sequence ends (its end-of-turn token or a stop string)."""
 
+    def __init__(self, model, tokenizer, settings: ServeSettings):
         self.tokenizer, self.settings = tokenizer, settings
         self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         # one request can use the whole cache, never more than the model's positions
         self.context = min(getattr(model.config, "max_position_embeddings", settings.kv_cache_tokens), settings.kv_cache_tokens)
+        self.pending = 0  # sequences admitted and not yet over
+
+    def admit(self, sequences: int) -> None:
+        """Reserve room for `sequences`, or raise QueueFull (the caller answers 429). Each is given back with
+        release() when its work is over, however it ended."""
+        if self.pending + sequences > self.settings.max_pending:
+            raise QueueFull(f"the server is busy ({self.pending} sequences in progress, at most {self.settings.max_pending}); retry later")
+        self.pending += sequences
+
+    def release(self, *_) -> None:
+        self.pending -= 1
+
+    def text(self, tokens: list[int], finished: bool, stops: list[str]) -> tuple[str, str | None, int]:
+        """(text, finish_reason or None, tokens generated) of a sequence so far: cut at its end-of-turn token or at
+        the first stop string."""
+        reason = "length" if finished else None
+        if tokens and tokens[-1] in self.stop_ids and not self.settings.ignore_eos:
+            tokens, reason = tokens[:-1], "stop"
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((at for s in stops if (at := text.find(s)) >= 0), default=None)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        return text, reason, len(tokens)
+
+    def close(self) -> None:
+        pass
+
+
+class Engine(_Admission):
+    def __init__(self, model, tokenizer, settings: ServeSettings):
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        super().__init__(model, tokenizer, settings)
         # per-request temperature and top_p take effect only when the base config has non-default values of them
         base = GenerationConfig(
             do_sample=True, temperature=0.5, top_p=0.5, max_new_tokens=settings.default_max_tokens,
@@ -68,32 +102,23 @@ class Engine:
         )
         self.manager = model.init_continuous_batching(generation_config=base, continuous_batching_config=batching)
         self.manager.start()
-        self.pending = 0  # sequences admitted and not yet over
 
     def close(self) -> None:
         self.manager.stop(block=True)
 
-    def admit(self, sequences: int) -> None:
-        """Reserve room for `sequences`, or raise QueueFull (the caller answers 429). Each is given back with
-        release() when its work is over, however it ended."""
-        if self.pending + sequences > self.settings.max_pending:
-            raise QueueFull(f"the server is busy ({self.pending} sequences in progress, at most {self.settings.max_pending}); retry later")
-        self.pending += sequences
-
-    def release(self, *_) -> None:
-        self.pending -= 1
-
     async def generate(self, ids: list[int], sampling: Sampling, deadline: float,
-                       disconnected: Callable[[], object] | None = None) -> AsyncIterator[Delta]:
+                       disconnected: Callable[[], object] | None = None, incremental: bool = True) -> AsyncIterator[Delta]:
         """Deltas of one sequence; the last has its finish_reason. Raises GenerationTimeout past `deadline` (loop
         time) and EngineError when the engine failed the request; the request is cancelled whenever the caller stops
-        early (a client that disconnected, a timeout, a stop string found)."""
+        early (a client that disconnected, a timeout, a stop string found). Without `incremental` (nobody streams it,
+        no stop string to look for) the engine reports only the finished sequence: less work per token."""
         loop = asyncio.get_running_loop()
         rid = uuid.uuid4().hex
         results: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(rid, results.put_nowait)
         self.manager.add_request(
-            ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=True, eos_token_id=self.stop_ids,
+            ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=incremental or bool(sampling.stop),
+            eos_token_id=-1 if self.settings.ignore_eos else self.stop_ids,
             temperature=max(sampling.temperature, GREEDY_TEMPERATURE), top_p=sampling.top_p,
         )
         sent, done = "", False
@@ -102,18 +127,12 @@ class Engine:
                 out = await self._next(results, loop, deadline, disconnected)
                 if out.error:
                     raise EngineError(out.error)
-                tokens, done = list(out.generated_tokens), out.is_finished()
-                reason = "length" if done else None
-                if tokens and tokens[-1] in self.stop_ids:
-                    tokens, reason, done = tokens[:-1], "stop", True
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = min((at for s in sampling.stop if (at := text.find(s)) >= 0), default=None)
-                if cut is not None:
-                    text, reason, done = text[:cut], "stop", True
+                text, reason, generated = self.text(list(out.generated_tokens), out.is_finished(), sampling.stop)
+                done = reason is not None
                 if not done:
                     text = _settled(text, sampling.stop)
                 if done or (len(text) > len(sent) and text.startswith(sent)):
-                    yield Delta(text[len(sent):], reason, len(tokens))
+                    yield Delta(text[len(sent):], reason, generated)
                     sent = text
         finally:
             if not done:
@@ -122,16 +141,43 @@ class Engine:
                 self.manager.output_router.result_handlers.pop(rid, None)
 
     async def _next(self, results: asyncio.Queue, loop, deadline: float, disconnected):
-        """The next result, checking every second whether the client is still there."""
+        """The newest result, checking every second whether the client is still there. Results are cumulative, so
+        when several are waiting only the last counts (the loop catches up instead of decoding each)."""
         while True:
             left = deadline - loop.time()
             if left <= 0:
                 raise GenerationTimeout(f"generation took longer than the limit of {self.settings.request_timeout_s:g} s")
             try:
-                return await asyncio.wait_for(results.get(), timeout=min(left, 1.0))
+                out = await asyncio.wait_for(results.get(), timeout=min(left, 1.0))
+                while not results.empty() and not out.is_finished():
+                    out = results.get_nowait()
+                return out
             except TimeoutError:
                 if disconnected is not None and await disconnected():
                     raise asyncio.CancelledError("the client disconnected") from None
+
+
+class SequentialEngine(_Admission):
+    """The baseline bench/serve.py measures against: one request at a time, each with plain `generate`."""
+
+    def __init__(self, model, tokenizer, settings: ServeSettings):
+        super().__init__(model, tokenizer, settings)
+        self.model, self.lock = model, asyncio.Lock()
+
+    async def generate(self, ids: list[int], sampling: Sampling, deadline: float, disconnected=None, incremental=True) -> AsyncIterator[Delta]:
+        from tessera.generation import generate
+
+        async with self.lock:
+            tokens, finish = await asyncio.to_thread(
+                generate, self.model, self.tokenizer, ids, sampling.max_tokens, sampling.temperature, sampling.top_p,
+                self.settings.ignore_eos,
+            )
+        text, reason, generated = self.text(tokens, True, sampling.stop)  # the end-of-turn token is already cut
+        yield Delta(text, "stop" if finish == "stop" else reason, generated)
+
+
+def engine_for(model, tokenizer, settings: ServeSettings) -> _Admission:
+    return (Engine if settings.engine == "continuous" else SequentialEngine)(model, tokenizer, settings)
 
 
 def _settled(text: str, stops: list[str]) -> str:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tasks.serve.api import ApiError, ChatRequest, CompletionRequest, Reply, parse_body, sse, usage
-from tasks.serve.engine import Engine, EngineError, GenerationTimeout, QueueFull, Sampling
+from tasks.serve.engine import EngineError, GenerationTimeout, QueueFull, Sampling, engine_for
 from tasks.serve.loading import load_registered
 from tessera.generation import prompt_ids
 from tessera.serving import ServeSettings
@@ -52,7 +52,7 @@ class ChatService:
         self.settings = ServeSettings.from_env()
         loaded = load_registered(self.model_uri)
         self.tokenizer, self.task = loaded.tokenizer, loaded.task
-        self.engine = Engine(loaded.model, loaded.tokenizer, self.settings)
+        self.engine = engine_for(loaded.model, loaded.tokenizer, self.settings)
 
     @api.get("/models")
     async def models(self, request: Request) -> dict:
@@ -121,7 +121,7 @@ class ChatService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         deltas: asyncio.Queue = asyncio.Queue()
-        workers = [asyncio.create_task(self._pump(i, ids, sampling, deadline, request, deltas)) for i, ids in enumerate(sequences)]
+        workers = [asyncio.create_task(self._pump(i, ids, sampling, deadline, request, deltas, body.stream)) for i, ids in enumerate(sequences)]
         for worker in workers:
             worker.add_done_callback(self.engine.release)
         reply = Reply(chat, body.model or self.model_uri)
@@ -143,9 +143,10 @@ class ChatService:
                 worker.cancel()
         return reply.whole(list(zip(texts, finishes)), usage(prompt_tokens, sum(generated)))
 
-    async def _pump(self, index: int, ids: list[int], sampling: Sampling, deadline: float, request: Request, deltas: asyncio.Queue):
+    async def _pump(self, index: int, ids: list[int], sampling: Sampling, deadline: float, request: Request,
+                    deltas: asyncio.Queue, stream: bool):
         try:
-            async for delta in self.engine.generate(ids, sampling, deadline, request.is_disconnected):
+            async for delta in self.engine.generate(ids, sampling, deadline, request.is_disconnected, incremental=stream):
                 deltas.put_nowait((index, delta))
         except (GenerationTimeout, EngineError) as exc:
             deltas.put_nowait((index, exc))
