@@ -159,6 +159,14 @@ def _raise_stop(signum, frame):
     raise _Stop()
 
 
+def cmd_bento(args) -> int:
+    from tessera.bento import bentoml_home, build_bento
+
+    tag = build_bento(args.model_uri, name=args.name, version=args.version)
+    print(f"built Bento {tag}; serve it with: BENTOML_HOME={bentoml_home()} bentoml serve {tag} --host 127.0.0.1 --port 3000")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Start a named endpoint (router + model server, both in the background). In the foreground (the default)
     wait, and stop it on Ctrl-C, SIGTERM or SIGHUP; with --detach, return once it answers and leave it running."""
@@ -366,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with update: whether the endpoint follows the alias of --model (default: yes for @alias URIs)")
     e.add_argument("--json", action="store_true", help="with list or get: JSON")
     e.set_defaults(func=cmd_endpoints)
+
+    b = sub.add_parser("bento", help="build a Bento (BentoML's deployable) of the service with a registered model inside, offline")
+    b.add_argument("model_uri", help="models:/<name>/<version> (or @alias, /latest): frozen to the version it names now")
+    b.add_argument("--name", help="the Bento's name (default: the registered model's name)")
+    b.add_argument("--version", help="the Bento's version (default: generated)")
+    b.set_defaults(func=cmd_bento)
 
     pl = sub.add_parser("plan", help="the memory plan of a run (micro-batch, activation checkpointing), offline")
     pl.add_argument("--model", required=True, help="catalog model or local directory")

@@ -421,6 +421,9 @@ def _start_router(record: EndpointRecord, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port: int | None = None,
           api_key: str | None = None, follow: bool | None = None, timeout: float = 300) -> EndpointRecord:
     """Start an endpoint serving a registered version or alias, in the background; return once it generates.
@@ -430,6 +433,9 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
     """
     registered, version_part, alias = parse_model_uri(model_uri)
     name = check_name(name or default_name(model_uri))
+    if not api_key and host not in LOOPBACK:
+        print(f"warning: endpoint {name} listens on {host} without an API key: anyone who can reach it can use the model "
+              "(set --api-key or TESSERA_API_KEY)", file=sys.stderr)
     if follow is None:
         follow = alias is not None
     if follow and alias is None:
