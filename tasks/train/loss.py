@@ -3,8 +3,9 @@
 A model's own forward would materialize logits for every position of the micro-batch (rows x context x
 vocabulary, in fp32 for the loss: 1.6 GB for 8 rows of 1024 tokens and a 49k vocabulary, and a second
 copy for the gradient). Here the decoder runs without its head, the hidden states of trained positions
-are gathered, and each chunk's logits are computed under checkpointing: only one chunk's logits exist
-at a time, in the forward pass and again in the backward pass.
+are gathered, and when they take more than one chunk each chunk's logits are computed under checkpointing:
+only one chunk's logits exist at a time, in the forward pass and again in the backward pass. One chunk is
+kept for the backward pass instead: recomputing it would cost a forward of the head and save no memory.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) 
     hidden, targets = hidden[:, :-1][trained], targets[trained]
     weight = model.get_output_embeddings().weight
     step = chunk_tokens(weight.shape[0])
+    if targets.numel() <= step:
+        return _chunk_loss(hidden, targets, weight)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), step):
         total = total + checkpoint(

@@ -142,7 +142,8 @@ def main(job: TrainJob) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model, stored_dtype = load_model(job, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=s.weight_decay, fused=cuda)
+    # the fused kernel (CUDA and CPU): one pass over each fp32 master tensor instead of a loop of small ops
+    optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=s.weight_decay, fused=True)
     data = PackedRows(job.prepared_path)
     eval_rows = PackedRows(job.eval_prepared_path) if job.eval_prepared_path else None
     chat = job.task_type is TaskType.CHAT_COMPLETION
