@@ -19,6 +19,7 @@ from tessera.config import TaskType, TrainingSettings
     on_completion=[runs.on_completion],
     on_failure=[runs.on_failure],
     on_crashed=[runs.on_failure],
+    on_cancellation=[runs.on_cancellation],
 )
 def finetune(
     model: str,

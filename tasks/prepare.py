@@ -54,7 +54,7 @@ from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import TesseraError
 from tessera.generation import end_of_turn
-from tessera.paths import tessera_home
+from tessera.paths import home_lock, tessera_home
 from tessera.records import supports_system_role, valid_records
 from tessera.sources import Record, resolve_source
 from tessera.training import IGNORE_INDEX  # defined there for every stage; still importable from here
@@ -506,13 +506,15 @@ def prepare(config: RunConfig, data_path: str | None = None, context_length: int
         "context_length": ctx,
     }
     skipped = source.skipped_files()  # not in the key (the rows do not depend on them): counted afresh each time
-    prepared = reuse(inputs, skipped, source)
-    if prepared is None:
-        prepared = prepare_rows(config, data_path, source, model, tokenizer, inputs, skipped)
+    with home_lock(f"prepared-{cache_key(inputs)}"):  # runs preparing the same data at once: one prepares, the others reuse
+        prepared = reuse(inputs, skipped, source)
+        if prepared is None:
+            prepared = prepare_rows(config, data_path, source, model, tokenizer, inputs, skipped)
     fitted = fitted_context_length(prepared.stats.length_max, ctx)
     if (context_length or config.context_length) is None and config.task_type is not TaskType.CONTINUED_PRETRAIN and fitted < ctx:
         inputs = {**inputs, "context_length": fitted}
-        prepared = reuse(inputs, skipped, source) or repack(prepared, inputs, source)
+        with home_lock(f"prepared-{cache_key(inputs)}"):
+            prepared = reuse(inputs, skipped, source) or repack(prepared, inputs, source)
     return prepared
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from tessera.config import CONFIGS_DIR
 from tessera.errors import ConfigError
 from tessera.memory import Architecture
-from tessera.paths import models_dir
+from tessera.paths import home_lock, models_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,15 @@ def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel
 
 
 def _build_local(name: str, spec: ModelSpec) -> Path:
-    if name == TINY_CHAT:
-        from tessera.tiny_model import build_tiny_chat
+    """Built once under a lock in TESSERA_HOME: runs started at the same moment on a fresh home wait for one build."""
+    with home_lock(f"model-{name.split('/')[-1]}"):
+        if name == TINY_CHAT:
+            from tessera.tiny_model import build_tiny_chat
 
-        return build_tiny_chat(models_dir() / "tiny-chat", context_length=spec.context_length)
-    from tessera.smollm2 import build_smollm2
+            return build_tiny_chat(models_dir() / "tiny-chat", context_length=spec.context_length)
+        from tessera.smollm2 import build_smollm2
 
-    return build_smollm2(models_dir() / "smollm2-135m-instruct")
+        return build_smollm2(models_dir() / "smollm2-135m-instruct")
 
 
 def _architecture(config: dict) -> Architecture | None:

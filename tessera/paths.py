@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tessera.errors import TesseraError
@@ -80,3 +82,38 @@ def apply_engine_defaults() -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(key, value)
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive inter-process lock (fcntl.flock) on `path`, created if missing; released when the block ends
+    or the process dies. Not reentrant: a second `file_lock` on the same path in one thread waits for the first.
+    With `timeout`, a TesseraError after that many seconds of waiting."""
+    import fcntl
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if timeout is None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TesseraError(f"{path}: still locked by another process after {timeout:.0f} s") from None
+                    time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def home_lock(name: str, timeout: float | None = None):
+    """`file_lock` on TESSERA_HOME/.locks/<name>.lock: what processes sharing one home create once (an embedded
+    store's schema, a built model, a prepared-data cache entry) is created under it."""
+    return file_lock(tessera_home() / ".locks" / f"{name}.lock", timeout)

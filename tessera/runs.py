@@ -9,15 +9,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import socket
 import tempfile
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel
 
-from tessera.config import RunConfig, new_run_name
+from tessera.config import RunConfig, RunParameters, new_run_name
 from tessera.errors import TesseraError
-from tessera.paths import runs_dir
+from tessera.paths import file_lock, runs_dir
 
 
 class RunStatus(str, Enum):
@@ -44,6 +47,10 @@ class RunRecord(BaseModel):
     completed_at: dt.datetime | None = None
     estimated_end_time: dt.datetime | None = None
     pid: int | None = None
+    # the run's process is `pid` only while a process of that pid started at `pid_create_time` (psutil's
+    # create_time) runs on `host`: a pid alone may have been reused. Both None in records from before they existed.
+    pid_create_time: float | None = None
+    host: str | None = None
     prefect_flow_run_id: str | None = None
     experiment_id: str | None = None
     run_id: str | None = None
@@ -81,8 +88,79 @@ def load(name: str) -> RunRecord:
     return RunRecord.model_validate_json(path.read_text())
 
 
-def update(name: str, **fields) -> RunRecord:
-    return save(load(name).model_copy(update=fields))
+def _record_lock(name: str):
+    return file_lock(run_dir(name) / ".run.lock")
+
+
+def update(name: str, only_if: Callable[[RunRecord], bool] | None = None, **fields) -> RunRecord:
+    """Change fields of a record, read and written under the record's lock so that concurrent writers (the flow's
+    hooks, fm.cancel, a reader marking a dead run) never lose each other's changes. With `only_if`, only when it
+    holds for the record as it is now; the record is returned either way."""
+    with _record_lock(name):
+        record = load(name)
+        if only_if is not None and not only_if(record):
+            return record
+        return save(record.model_copy(update=fields))
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def process_identity(pid: int) -> dict:
+    """The fields that name a process beyond its pid: its start time and this host."""
+    import psutil
+
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except psutil.Error:  # gone already: no start time, so no live process can ever match it
+        create_time = 0.0
+    return {"pid": pid, "pid_create_time": create_time, "host": this_host()}
+
+
+CREATE_TIME_TOLERANCE = 1.0  # seconds: a start time read twice can differ by clock adjustments, never a reused pid's
+
+
+def process_alive(pid: int | None, create_time: float | None = None) -> bool:
+    """Whether `pid` runs here (not a zombie) and, given its start time, is that very process, not a later one that
+    got the same pid."""
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but we may not look at it
+        return create_time is None
+
+
+def on_other_host(record: RunRecord) -> bool:
+    """A run recorded by another machine sharing this TESSERA_HOME: nothing here can tell whether it lives."""
+    return record.host is not None and record.host != this_host()
+
+
+def process_gone(record: RunRecord) -> bool:
+    """Whether the run's recorded process has certainly ended: never for a run on another host or with no pid."""
+    if not record.pid or on_other_host(record):
+        return False
+    if record.pid_create_time is not None:
+        return not process_alive(record.pid, record.pid_create_time)
+    if not process_alive(record.pid):  # a record from before start times were kept: the pid, and what else is known
+        return True
+    if record.started_at is not None:  # a process started after the run was already running is not the run's
+        import psutil
+
+        try:
+            started = psutil.Process(record.pid).create_time()
+        except psutil.Error:
+            return False
+        return started > record.started_at.timestamp() + CREATE_TIME_TOLERANCE
+    return False
 
 
 def list_records() -> list[RunRecord]:
@@ -119,31 +197,123 @@ def _run_name(flow_run) -> str:
     return flow_run_name(flow_run.parameters, flow_run.id)
 
 
-def ensure_record(name: str, flow_parameters: dict) -> RunRecord:
-    """The run's record; a run started outside the SDK (Prefect UI, schedule, event) gets one here."""
-    if _record_file(name).exists():
-        return load(name)
+def _pinned(recorded, given) -> bool:
+    """A table the record pinned to the version read at creation (`main.sales.chats@v3`) is the table as given."""
+    return isinstance(recorded, str) and isinstance(given, str) and "@" not in given and bool(
+        re.fullmatch(re.escape(given) + r"@v\d+", recorded)
+    )
+
+
+def parameter_differences(config: RunConfig, flow_parameters: dict) -> list[str]:
+    """How a flow run's parameters differ from a record's configuration (its name and creator aside), one
+    `field: the record has X, this flow run Y` per difference; empty when they are the same run."""
     from tessera.config import build_run_config
 
     params = {k: v for k, v in flow_parameters.items() if k != "run_name"}
-    return save(RunRecord(config=build_run_config(name=name, **params), created_at=now()))
+    wanted = build_run_config(name=config.name, **params).parameters
+    have = config.parameters
+    diffs = []
+    for key in RunParameters.model_fields:
+        a, b = have.get(key), wanted.get(key)
+        if a == b or (key in ("train_data_path", "eval_data_path") and _pinned(a, b)):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: the record has {a.get(k)!r}, this flow run {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            diffs.append(f"{key}: the record has {a!r}, this flow run {b!r}")
+    return diffs
+
+
+def ensure_record(name: str, flow_parameters: dict) -> RunRecord:
+    """The run's record. An existing one is adopted only when its configuration is this flow run's parameters;
+    otherwise a TesseraError says which differ. A run started outside the SDK (Prefect UI, schedule, event) gets
+    one here, made from its own parameters."""
+    from tessera.config import build_run_config
+
+    with _record_lock(name):
+        if _record_file(name).exists():
+            record = load(name)
+            diffs = parameter_differences(record.config, flow_parameters)
+            if diffs:
+                raise TesseraError(
+                    f"a run named {name!r} already exists with other parameters, so this flow run does not adopt it: "
+                    + "; ".join(diffs)
+                    + ". Start it under another run_name, or with none (it then gets a new name and a record of its own)"
+                )
+            return record
+        params = {k: v for k, v in flow_parameters.items() if k != "run_name"}
+        return save(RunRecord(config=build_run_config(name=name, **params), created_at=now()))
+
+
+def _owns(record: RunRecord, flow_run) -> bool:
+    """Whether this flow run is the record's: the one that adopted it, or (before any adopted it) one of the same
+    parameters. A flow run refused by ensure_record never writes to the other run's record."""
+    if record.prefect_flow_run_id is not None:
+        return record.prefect_flow_run_id == str(flow_run.id)
+    try:
+        return not parameter_differences(record.config, flow_run.parameters)
+    except TesseraError:
+        return False
+
+
+def _own_record(flow_run) -> RunRecord | None:
+    name = _run_name(flow_run)
+    if not _record_file(name).exists():
+        return None
+    record = load(name)
+    return record if _owns(record, flow_run) else None
 
 
 def on_running(flow, flow_run, state) -> None:
     name = _run_name(flow_run)
-    ensure_record(name, flow_run.parameters)
-    update(name, status=RunStatus.RUNNING, started_at=now(), prefect_flow_run_id=str(flow_run.id), pid=os.getpid())
+    try:
+        ensure_record(name, flow_run.parameters)
+    except TesseraError:  # not adopted: the flow fails with the reason, and the other run's record stays as it is
+        return
+    update(name, status=RunStatus.RUNNING, started_at=now(), prefect_flow_run_id=str(flow_run.id),
+           **process_identity(os.getpid()))
     append_event(name, "run", f"running (Prefect flow run {flow_run.name}, {flow_run.id})")
 
 
 def on_completion(flow, flow_run, state) -> None:
-    name = _run_name(flow_run)
-    update(name, status=RunStatus.COMPLETED, completed_at=now())
-    append_event(name, "run", "completed")
+    record = _own_record(flow_run)
+    if record is None:
+        return
+    update(record.config.name, status=RunStatus.COMPLETED, completed_at=now())
+    append_event(record.config.name, "run", "completed")
+
+
+def _stop(name: str, details: str) -> None:
+    """End a run STOPPED (a cancel), unless it completed meanwhile; the event once."""
+    before = load(name).status
+    record = update(name, only_if=lambda r: r.status is not RunStatus.COMPLETED and r.status is not RunStatus.STOPPED,
+                    status=RunStatus.STOPPED, completed_at=now(), details=details)
+    if before is not RunStatus.STOPPED and record.status is RunStatus.STOPPED:
+        append_event(name, "run", f"stopped: {details}")
+
+
+def _cancelling_in_prefect(flow_run) -> bool:
+    """Whether Prefect now has the flow run cancelling or cancelled (a cancel from the UI whose kill reached the
+    flow as a crash before the worker ran the on_cancellation hooks)."""
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+        return state is not None and (state.is_cancelling() or state.is_cancelled())
+    except Exception:
+        return False
 
 
 def on_failure(flow, flow_run, state) -> None:
-    name = _run_name(flow_run)
+    record = _own_record(flow_run)
+    if record is None or record.status in (RunStatus.TERMINATING, RunStatus.STOPPED):  # not ours, or a cancel
+        return
+    name = record.config.name
+    if _cancelling_in_prefect(flow_run):
+        _stop(name, "cancelled from Prefect")
+        return
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result could not be read back: fall back to Prefect's message
@@ -154,6 +324,17 @@ def on_failure(flow, flow_run, state) -> None:
         reason = f"{type(exc).__name__}: {exc}"
     else:
         reason = state.message or "failed"
-    if _record_file(name).exists() and load(name).status not in (RunStatus.TERMINATING, RunStatus.STOPPED):  # not a cancel
-        update(name, status=RunStatus.FAILED, completed_at=now(), details=reason)
+    record = update(name, only_if=lambda r: r.status not in (RunStatus.TERMINATING, RunStatus.STOPPED),
+                    status=RunStatus.FAILED, completed_at=now(), details=reason)
+    if record.status is RunStatus.FAILED:
         append_event(name, "run", f"failed: {reason}")
+
+
+def on_cancellation(flow, flow_run, state) -> None:
+    """A cancel from the Prefect UI (or API): the run ends STOPPED, not FAILED. Prefect runs this hook in the flow's
+    process, or in the worker's after it stopped that process; a FAILED written meanwhile by the crash is replaced."""
+    record = _own_record(flow_run)
+    if record is None:
+        return
+    message = getattr(state, "message", None)
+    _stop(record.config.name, "cancelled from Prefect" + (f" ({message})" if message else ""))

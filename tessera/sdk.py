@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from tessera import runs
@@ -76,30 +78,29 @@ class TrainingRun(BaseModel):
         return get_events(self.name)
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
+def _alive(pid: int | None, create_time: float | None = None) -> bool:
+    """Whether `pid` runs here and (given its start time) is the very process recorded, not a reuse of its pid."""
+    return runs.process_alive(pid, create_time)
 
 
 def _current(record: RunRecord) -> RunRecord:
-    """A run whose process died without saying so (killed, machine restarted) is FAILED, not RUNNING forever."""
-    if not record.status.finished and record.pid and not _alive(record.pid):
-        record = runs.update(
-            record.config.name, status=RunStatus.FAILED, completed_at=runs.now(),
-            details=f"the run's process ({record.pid}) exited unexpectedly; see {runs.run_dir(record.config.name) / 'run.log'}",
-        )
-    return record
+    """A run whose process died without saying so (killed, machine restarted) is FAILED, not RUNNING forever; one a
+    cancel was stopping is STOPPED. Liveness is the recorded process (pid and start time), never a bare pid; a run
+    recorded by another host is left as it is (nothing here can tell)."""
+    if record.status.finished or not runs.process_gone(record):
+        return record
+    name, pid, create_time = record.config.name, record.pid, record.pid_create_time
+
+    def same_process_unfinished(r: RunRecord) -> bool:  # re-checked under the record's lock: nobody wrote meanwhile
+        return not r.status.finished and r.pid == pid and r.pid_create_time == create_time
+
+    if record.status is RunStatus.TERMINATING:
+        return runs.update(name, only_if=same_process_unfinished, status=RunStatus.STOPPED, completed_at=runs.now(),
+                           details=record.details or "cancelled")
+    return runs.update(
+        name, only_if=same_process_unfinished, status=RunStatus.FAILED, completed_at=runs.now(),
+        details=f"the run's process ({pid}) exited unexpectedly; see {runs.run_dir(name) / 'run.log'}",
+    )
 
 
 def create(
@@ -137,7 +138,7 @@ def create(
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env=dict(os.environ, TESSERA_HOME=str(tessera_home())),
     )
-    runs.update(config.name, pid=process.pid)
+    runs.update(config.name, **runs.process_identity(process.pid))
     runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
     return get(config.name)
 
@@ -154,19 +155,21 @@ def list(statuses: list[str] | None = None, limit: int | None = None) -> list[Tr
     return found[:limit] if limit else found
 
 
-def _stop(pid: int, grace: float = 60) -> None:
+def _stop(pid: int, create_time: float | None = None, grace: float = 60) -> None:
     """SIGTERM the run's process, which Prefect turns into a crash of the flow: the train stage then stops
     torchrun and its workers, and Prefect its own API server. Whatever is left after `grace` is killed."""
+    if not _alive(pid, create_time):  # gone, or its pid reused by another process: nothing of ours to signal
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(pid, create_time) and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)  # fm.create started it as the leader of its own process group
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
@@ -175,9 +178,15 @@ def cancel(run_or_name: TrainingRun | str) -> None:
     run = get(run_or_name)
     if run.status.finished:
         raise TesseraError(f"run {run.name} already finished ({run.status.value})")
+    record = runs.load(run.name)
+    if runs.on_other_host(record):
+        raise TesseraError(
+            f"run {run.name} runs on host {record.host}, not this one ({runs.this_host()}): cancel it there, "
+            "or from the Prefect UI"
+        )
     record = runs.update(run.name, status=RunStatus.TERMINATING)
-    if record.pid and _alive(record.pid):
-        _stop(record.pid)
+    if record.pid:
+        _stop(record.pid, record.pid_create_time)
     runs.update(run.name, status=RunStatus.STOPPED, completed_at=runs.now(), details="cancelled by the user")
     runs.append_event(run.name, "run", "stopped: cancelled by the user")
 
@@ -216,17 +225,35 @@ def get_models() -> list[ModelSpec]:
     return [m for m in catalog().values()]
 
 
+def _start_prefect_server() -> None:
+    """Start this process's ephemeral Prefect API server (no PREFECT_API_URL) under a lock in PREFECT_HOME, so that
+    runs started at the same moment do not create and migrate its embedded database at once, nor take one port.
+    The flow then uses this server (Prefect keeps one per process)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tessera.paths import file_lock
+
+    with file_lock(Path(settings.home) / ".tessera-server-start.lock"):
+        SubprocessASGIServer().start()
+
+
 def _execute(name: str) -> int:
     """Body of the detached process fm.create starts: run the flow for a recorded run."""
     apply_engine_defaults()
     from flows.finetune import finetune
 
     try:
+        _start_prefect_server()
         finetune(run_name=name, **runs.load(name).config.parameters)
     except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING
-        record = runs.load(name)
-        if not (record.status.finished or record.status is RunStatus.TERMINATING):
-            runs.update(name, status=RunStatus.FAILED, completed_at=runs.now(), details=f"{type(exc).__name__}: {exc}")
+        reason = str(exc) if isinstance(exc, TesseraError) else f"{type(exc).__name__}: {exc}"
+        runs.update(name, only_if=lambda r: not (r.status.finished or r.status is RunStatus.TERMINATING),
+                    status=RunStatus.FAILED, completed_at=runs.now(), details=reason)
         return 1
     return 0
 

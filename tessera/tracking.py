@@ -2,31 +2,60 @@
 
 from __future__ import annotations
 
-from tessera.paths import mlflow_artifacts_root, mlflow_tracking_uri
+from pathlib import Path
+
+from tessera.paths import file_lock, mlflow_artifacts_root, mlflow_tracking_uri
+
+_ready: set[str] = set()  # SQLite stores this process has seen created
+
+
+def _sqlite_lock(uri: str):
+    """The lock beside an embedded store's database file (in TESSERA_HOME/mlflow unless the user pointed elsewhere)."""
+    return file_lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
 
 
 def mlflow_client():
-    """An MlflowClient on our store, with the mlflow module pointed at the same place."""
+    """An MlflowClient on our store, with the mlflow module pointed at the same place.
+
+    An embedded SQLite store is created (its schema migrated, its default experiment made) under an inter-process
+    lock: runs started at the same moment on a fresh TESSERA_HOME would otherwise each migrate it at once and fail
+    ("table ... already exists", "Online migration expected to match one row")."""
     import mlflow
     from mlflow import MlflowClient
 
     uri = mlflow_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _ready:
+        return MlflowClient(uri, registry_uri=uri)
+    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    with _sqlite_lock(uri):
+        client = MlflowClient(uri, registry_uri=uri)  # creates the tracking store: its tables, the default experiment
+        client.search_registered_models(max_results=1)  # and the registry's
+    _ready.add(uri)
+    return client
 
 
 def experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing; two runs creating it at once get the same one."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    uri = mlflow_tracking_uri()
     location = None
-    if mlflow_tracking_uri().startswith("sqlite:///"):
+    if uri.startswith("sqlite:///"):
         root = mlflow_artifacts_root()
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
-    return client.create_experiment(name, artifact_location=location)
+        with _sqlite_lock(uri):
+            exp = client.get_experiment_by_name(name)
+            return exp.experiment_id if exp is not None else client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a server: another run created it meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

@@ -1,0 +1,315 @@
+"""Runs and their records: adoption by a flow run only of equal parameters, hooks that never touch another run's
+record, STOPPED on a cancel from Prefect, liveness by process identity (pid, start time, host), and embedded stores
+created once under a lock when runs start at the same moment on a fresh home."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from conftest import chat, write_jsonl
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    """A bare TESSERA_HOME (no model in it): enough for records, locks and liveness."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TESSERA_HOME", str(home))
+    return home
+
+
+def _config(name="run-1", **overrides):
+    from tessera.config import build_run_config
+
+    params = dict(model="tessera/tiny-chat", train_data_path="/data/chat.jsonl", register_to="main.ft.bot",
+                  training_duration="2ba")
+    return build_run_config(name=name, **{**params, **overrides})
+
+
+def _record(name="run-1", status="RUNNING", **fields):
+    from tessera import runs
+
+    record = runs.RunRecord(config=_config(name), created_at=runs.now(), status=status, **fields)
+    return runs.save(record)
+
+
+def _flow_run(parameters: dict, flow_run_id=None):
+    return SimpleNamespace(id=flow_run_id or uuid.uuid4(), name="prefect-name", parameters=parameters)
+
+
+def _prefect_parameters(config, **changes) -> dict:
+    """What Prefect hands a hook: JSON parameters, the SDK's run_name among them."""
+    return json.loads(json.dumps({**config.parameters, "run_name": config.name, **changes}))
+
+
+# --- 1. adoption -------------------------------------------------------------------------------------------------
+
+def test_a_flow_run_adopts_a_record_whose_configuration_is_its_parameters(fresh_home):
+    from tessera import runs
+
+    saved = runs.save(runs.RunRecord(config=_config().model_copy(update={"created_by": "someone-else"}), created_at=runs.now()))
+    # as Prefect passes them (JSON, run_name included) and as a caller might (defaults left out, None for unset)
+    assert runs.ensure_record("run-1", _prefect_parameters(saved.config)) == saved
+    sparse = dict(model="tessera/tiny-chat", train_data_path="/data/chat.jsonl", register_to="main.ft.bot",
+                  training_duration="2ba", learning_rate=None, training_config={"seed": 0})
+    assert runs.ensure_record("run-1", sparse) == saved
+
+
+def test_a_flow_run_of_other_parameters_is_refused_naming_each_difference(fresh_home):
+    from tessera import runs
+    from tessera.errors import TesseraError
+
+    saved = _record(status="PENDING")
+    before = runs._record_file("run-1").read_bytes()
+    params = _prefect_parameters(saved.config, training_duration="3ba", learning_rate=0.001,
+                                 training_config={**saved.config.parameters["training_config"], "seed": 7})
+    with pytest.raises(TesseraError) as info:
+        runs.ensure_record("run-1", params)
+    message = str(info.value)
+    assert "a run named 'run-1' already exists with other parameters" in message
+    assert "training_duration: the record has '2ba', this flow run '3ba'" in message
+    assert "learning_rate: the record has None, this flow run 0.001" in message
+    assert "training_config.seed: the record has 0, this flow run 7" in message
+    assert runs._record_file("run-1").read_bytes() == before  # the other run's record is untouched
+
+
+def test_a_table_the_record_pinned_is_the_table_as_given(fresh_home):
+    from tessera import runs
+
+    record = runs.save(runs.RunRecord(config=_config(train_data_path="main.sales.chats@v3"), created_at=runs.now()))
+    assert runs.ensure_record("run-1", _prefect_parameters(record.config, train_data_path="main.sales.chats")) == record
+    assert runs.parameter_differences(record.config, _prefect_parameters(record.config, train_data_path="main.sales.other"))
+
+
+def test_a_flow_run_without_a_record_gets_one_from_its_own_parameters_under_a_model_based_name(fresh_home):
+    from tessera import runs
+
+    params = _prefect_parameters(_config(), run_name=None)
+    flow_run_id = uuid.uuid4()
+    name = runs.flow_run_name(params, flow_run_id)
+    assert name == f"tiny-chat-{flow_run_id.hex[-6:]}"
+    record = runs.ensure_record(name, params)
+    assert record.config.name == name and not runs.parameter_differences(record.config, params)
+    assert runs.load(name) == record
+
+
+def test_hooks_of_a_refused_flow_run_leave_the_other_runs_record_alone(fresh_home, monkeypatch):
+    from tessera import runs
+
+    monkeypatch.setattr(runs, "_cancelling_in_prefect", lambda flow_run: False)
+    saved = _record(status="RUNNING", prefect_flow_run_id=str(uuid.uuid4()))
+    intruder = _flow_run(_prefect_parameters(saved.config, training_duration="9ba"))
+    before = runs._record_file("run-1").read_bytes()
+    runs.on_running(None, intruder, None)
+    failed = SimpleNamespace(result=lambda raise_on_failure=False: ValueError("boom"), message="boom")
+    runs.on_failure(None, intruder, failed)
+    runs.on_completion(None, intruder, None)
+    runs.on_cancellation(None, intruder, SimpleNamespace(message="cancelled"))
+    assert runs._record_file("run-1").read_bytes() == before
+    assert runs.read_events("run-1") == []
+
+
+# --- 3. a cancel from Prefect ends STOPPED -----------------------------------------------------------------------
+
+def _running_flow_run(monkeypatch, cancelling=False):
+    from tessera import runs
+
+    monkeypatch.setattr(runs, "_cancelling_in_prefect", lambda flow_run: cancelling)
+    saved = _record(status="PENDING")
+    flow_run = _flow_run(_prefect_parameters(saved.config))
+    runs.on_running(None, flow_run, None)
+    record = runs.load("run-1")
+    assert record.status.value == "RUNNING" and record.prefect_flow_run_id == str(flow_run.id)
+    assert record.pid == os.getpid() and record.host == runs.this_host()
+    assert record.pid_create_time == pytest.approx(psutil.Process().create_time(), abs=0.5)
+    return flow_run
+
+
+def test_a_cancel_from_prefect_ends_the_run_stopped_even_after_the_kill_was_recorded_as_a_crash(fresh_home, monkeypatch):
+    from tessera import runs
+
+    flow_run = _running_flow_run(monkeypatch)
+    crashed = SimpleNamespace(result=lambda raise_on_failure=False: None, message="Execution was aborted by a termination signal")
+    runs.on_failure(None, flow_run, crashed)  # the worker's SIGTERM reached the flow first
+    assert runs.load("run-1").status.value == "FAILED"
+    runs.on_cancellation(None, flow_run, SimpleNamespace(message="cancelled from the UI"))
+    record = runs.load("run-1")
+    assert record.status.value == "STOPPED" and record.completed_at is not None
+    assert record.details == "cancelled from Prefect (cancelled from the UI)"
+    runs.on_cancellation(None, flow_run, SimpleNamespace(message=None))  # hooks may run twice: one event
+    assert [e["message"] for e in runs.read_events("run-1")].count("stopped: cancelled from Prefect (cancelled from the UI)") == 1
+
+
+def test_a_crash_while_prefect_is_cancelling_is_recorded_stopped(fresh_home, monkeypatch):
+    from tessera import runs
+
+    flow_run = _running_flow_run(monkeypatch, cancelling=True)
+    runs.on_failure(None, flow_run, SimpleNamespace(result=lambda raise_on_failure=False: None, message="aborted"))
+    assert runs.load("run-1").status.value == "STOPPED"
+
+
+def test_a_cancel_never_overwrites_a_completed_run(fresh_home, monkeypatch):
+    from tessera import runs
+
+    flow_run = _running_flow_run(monkeypatch)
+    runs.on_completion(None, flow_run, None)
+    runs.on_cancellation(None, flow_run, SimpleNamespace(message="late"))
+    assert runs.load("run-1").status.value == "COMPLETED"
+
+
+def test_the_finetune_flow_registers_the_cancellation_hook():
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "flows" / "finetune.py").read_text()
+    assert "on_cancellation=[runs.on_cancellation]" in source
+    ast.parse(source)
+
+
+# --- 4. liveness: pid, start time, host --------------------------------------------------------------------------
+
+@pytest.fixture
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_live_process_of_the_recorded_start_time_is_alive(fresh_home):
+    from tessera import foundation_model as fm
+    from tessera import runs
+
+    _record(**runs.process_identity(os.getpid()))
+    assert fm.get("run-1").status.value == "RUNNING"
+
+
+def test_a_reused_pid_is_dead(fresh_home):
+    from tessera import foundation_model as fm
+    from tessera import runs
+    from tessera.sdk import _alive
+
+    started = psutil.Process().create_time()
+    _record(pid=os.getpid(), pid_create_time=started - 1000, host=runs.this_host())  # our pid, another process's start
+    assert not _alive(os.getpid(), started - 1000) and _alive(os.getpid(), started)
+    run = fm.get("run-1")
+    assert run.status.value == "FAILED" and f"process ({os.getpid()}) exited unexpectedly" in run.details
+
+
+def test_a_dead_process_fails_the_run_and_a_stopping_one_ends_stopped(fresh_home, dead_pid):
+    from tessera import foundation_model as fm
+    from tessera import runs
+
+    _record("run-1", pid=dead_pid, pid_create_time=1.0, host=runs.this_host())
+    _record("run-2", status="TERMINATING", pid=dead_pid, pid_create_time=1.0, host=runs.this_host())
+    assert fm.get("run-1").status.value == "FAILED"
+    assert fm.get("run-2").status.value == "STOPPED"
+
+
+def test_a_run_recorded_by_another_host_is_never_failed_here(fresh_home, dead_pid):
+    from tessera import foundation_model as fm
+    from tessera.errors import TesseraError
+
+    _record(pid=dead_pid, pid_create_time=1.0, host="another-host.example")
+    assert fm.get("run-1").status.value == "RUNNING"
+    assert [r.status.value for r in fm.list()] == ["RUNNING"]
+    with pytest.raises(TesseraError, match="runs on host another-host.example"):
+        fm.cancel("run-1")
+    assert fm.get("run-1").status.value == "RUNNING"
+
+
+def test_records_from_before_start_times_still_load_and_judge_by_what_they_have(fresh_home, dead_pid):
+    from tessera import foundation_model as fm
+    from tessera import runs
+
+    started = psutil.Process().create_time()
+    for name, pid, started_at in [("old-live", os.getpid(), started + 60), ("old-reused", os.getpid(), started - 1000),
+                                  ("old-dead", dead_pid, None)]:
+        record = _record(name, pid=pid, started_at=started_at and dt.datetime.fromtimestamp(started_at, dt.timezone.utc))
+        data = json.loads(record.model_dump_json())
+        del data["pid_create_time"], data["host"]  # as an older Tessera wrote it
+        runs._record_file(name).write_text(json.dumps(data))
+    assert runs.load("old-live").pid_create_time is None
+    assert fm.get("old-live").status.value == "RUNNING"
+    assert fm.get("old-reused").status.value == "FAILED"  # that pid's process started after the run was running
+    assert fm.get("old-dead").status.value == "FAILED"
+
+
+def test_cancel_never_signals_a_process_that_only_has_the_runs_pid(fresh_home):
+    from tessera.sdk import _stop
+
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        real = psutil.Process(other.pid).create_time()
+        _stop(other.pid, real - 1000, grace=0)  # the pid of a run that ended; someone else's process has it now
+        time.sleep(0.2)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+# --- 2. embedded stores created once, under a lock ---------------------------------------------------------------
+
+def test_home_lock_excludes_other_processes(fresh_home):
+    from tessera.paths import home_lock
+
+    probe = [sys.executable, "-c", "from tessera.paths import home_lock\nwith home_lock('x', timeout=0.3): pass"]
+    with home_lock("x"):
+        held = subprocess.run(probe, capture_output=True, text=True, env=os.environ.copy())
+    assert held.returncode != 0 and "still locked by another process" in held.stderr
+    assert subprocess.run(probe, env=os.environ.copy()).returncode == 0
+
+
+MLFLOW_FIRST_USE = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start signal, so that all processes reach the store at the same moment
+from tessera.tracking import experiment_id, mlflow_client
+go = Path(sys.argv[1])
+Path(sys.argv[2]).touch()
+while not go.exists():
+    time.sleep(0.01)
+client = mlflow_client()
+print(experiment_id(client, "/Users/test/tessera"))
+"""
+
+
+@pytest.mark.slow
+def test_processes_creating_the_embedded_mlflow_store_at_once_all_succeed(fresh_home, tmp_path):
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", MLFLOW_FIRST_USE, str(go), str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for r in ready]
+    deadline = time.time() + 120
+    while not all(r.exists() for r in ready) and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()  # all at once on the fresh store
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1  # one experiment, the same for all
+
+
+@pytest.mark.slow
+def test_runs_started_at_the_same_moment_on_a_fresh_home_all_complete(home):
+    from tessera import foundation_model as fm
+
+    path = write_jsonl(home / "chat.jsonl", [chat("Say hi.", "Hi!"), chat("Name a colour.", "Blue."),
+                                             chat("What is two and two?", "Four.")])
+    started = [fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.concurrent",
+                         training_duration="2ba") for _ in range(3)]
+    deadline = time.time() + 540
+    while time.time() < deadline and not all(fm.get(r.name).status.finished for r in started):
+        time.sleep(2)
+    final = [fm.get(r.name) for r in started]
+    assert [r.status.value for r in final] == ["COMPLETED"] * 3, [
+        (r.name, r.status.value, r.details, (home / "runs" / r.name / "run.log").read_text()[-3000:]) for r in final
+    ]
+    assert len({r.registered_model_version for r in final}) == 3
