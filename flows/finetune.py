@@ -1,10 +1,12 @@
-"""The fine-tuning DAG: validate inputs -> prepare (records checked, tokenized, packed) -> report -> train -> register.
+"""The fine-tuning DAG: validate inputs -> prepare (records checked, tokenized, packed) -> report -> train -> register
+(-> deploy: the new version behind the `serve_to` endpoint, when set).
 Composition only; logic is in tasks/."""
 
 from __future__ import annotations
 
 from prefect import flow, runtime
 
+from tasks.deploy import deploy_endpoint
 from tasks.prepare import prepare_data
 from tasks.register import register_model
 from tasks.train.stage import train_model
@@ -36,6 +38,7 @@ def finetune(
     data_prep_cluster_id: str | None = None,
     experiment_path: str | None = None,
     training_config: TrainingSettings | None = None,
+    serve_to: str | None = None,
     run_name: str | None = None,
 ) -> str:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
@@ -45,4 +48,7 @@ def finetune(
     eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
     report = report_data(config, prepared)
     trained = train_model(config, prepared, report, eval_prepared)
-    return register_model(config, trained).uri
+    registered = register_model(config, trained)
+    if config.serve_to:
+        deploy_endpoint(config.serve_to, registered.uri, config.name)
+    return registered.uri

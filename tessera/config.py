@@ -153,6 +153,11 @@ class RunParameters(BaseModel):
     data_prep_cluster_id: str | None = Field(None, description="Spark for data prep: sc://host:port, local[*] or spark://...")
     experiment_path: str | None = Field(None, description="MLflow experiment (default /Users/<you>/tessera)")
     training_config: TrainingSettings = Field(default_factory=TrainingSettings, description="Tessera's training settings")
+    serve_to: str | None = Field(
+        None,
+        description="a named endpoint (tessera endpoints) to serve the result behind once registered: started if it does not "
+        "exist, else updated in place; it outlives the run (finetune serves the new version, retrain the @champion)",
+    )
 
     @field_validator("training_duration")
     @classmethod

@@ -119,11 +119,13 @@ def create(
     data_prep_cluster_id: str | None = None,
     experiment_path: str | None = None,
     training_config: dict | str | None = None,
+    serve_to: str | None = None,
 ) -> TrainingRun:
     """Start a fine-tuning run in the background and return at once; follow it with get()/get_events().
 
     The parameters are the managed service's (tessera.config.RunParameters describes each), plus
-    `training_config`: Tessera's training settings as a dict or the path of a YAML file (TrainingSettings).
+    `training_config`: Tessera's training settings as a dict or the path of a YAML file (TrainingSettings), and
+    `serve_to`: a named endpoint that serves the new version once registered (started, or updated in place).
     With `validate_inputs` (the default) the model, context length and data paths are checked here, so a bad
     input fails this call; without it the run checks them first, and fails instead.
     """

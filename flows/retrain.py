@@ -1,0 +1,102 @@
+"""The retraining DAG: validate -> [one at a time per model: plan (idempotent, in order) -> prepare -> report -> train
+-> register (@challenger) -> evaluate against @champion -> promote or reject] -> move the endpoints that follow
+@champion -> optionally serve @champion behind `serve_to`. Composition only; logic is in tasks/ (tasks/promote.py,
+tasks/deploy.py, and the finetune stages)."""
+
+from __future__ import annotations
+
+from prefect import flow, runtime
+
+from tasks import promote
+from tasks.deploy import deploy_endpoint, update_endpoints
+from tasks.prepare import prepare_data
+from tasks.register import register_model
+from tasks.train.stage import train_model
+from tasks.validate import check_inputs, report_data
+from tessera import runs
+from tessera.config import TaskType, TrainingSettings
+
+
+@flow(
+    name="retrain",
+    on_running=[promote.on_running],
+    on_completion=[promote.on_completion],
+    on_failure=[promote.on_failure],
+    on_crashed=[promote.on_failure],
+    on_cancellation=[promote.on_cancellation],
+)
+def retrain(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    eval_data_path: str,
+    task_type: TaskType = TaskType.CHAT_COMPLETION,
+    eval_prompts: list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str = "1ep",
+    learning_rate: float | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+    experiment_path: str | None = None,
+    training_config: TrainingSettings | None = None,
+    serve_to: str | None = None,
+    metric: promote.Metric = "eval_loss",
+    promotion_margin: float = 0.0,
+    margin_mode: promote.MarginMode = "relative",
+    source_version: int | None = None,
+    force: bool = False,
+    run_name: str | None = None,
+) -> promote.RetrainResult:
+    """Retrain `model` on the latest `train_data_path` into the three-part `register_to`, and promote the new version
+    to @champion only if it beats the current one on `eval_data_path`.
+
+    Args:
+        model: base model: a catalog name (tessera models), a Hugging Face id or a local directory
+        train_data_path: the training data (a table is read at its latest version, pinned for the run)
+        register_to: catalog.schema.model: every retrain is a new version of this one model
+        eval_data_path: held-out data, the same for every retrain: the new version and the champion are scored on it
+        task_type: what the data is and how the model learns from it
+        eval_prompts: prompts answered (greedily) at each evaluation and at the end
+        custom_weights_path: start from these weights instead of the base model's
+        training_duration: <n>ep epochs, <n>ba optimizer steps or <n>tok tokens
+        learning_rate: peak learning rate (default: the model catalog's, else 1e-5)
+        context_length: tokens per packed row
+        validate_inputs: check the inputs before starting
+        data_prep_cluster_id: Spark for data prep: sc://host:port, local[*] or spark://...
+        experiment_path: MLflow experiment (default /Users/<you>/tessera)
+        training_config: Tessera's training settings
+        serve_to: a named endpoint to serve @champion behind afterwards (started if new, else updated)
+        metric: what decides, lower is better: eval_loss (mean per trained token) or eval_perplexity
+        promotion_margin: how much better the new version must be: a fraction of the champion's value (relative) or
+            an amount of the metric (absolute); 0: strictly better
+        margin_mode: relative or absolute
+        source_version: the data's version, for ordering: a volume's observation sequence from the watcher's event
+            (a table's own Delta version is used when the data is a table); a source older than the champion's is refused
+        force: retrain even when this data and configuration are already registered, or the source is older
+        run_name: the run's name (default: derived from the model and the flow run)
+    """
+    parameters = promote.run_parameters(runtime.flow_run.parameters)
+    name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
+    config = check_inputs(runs.ensure_record(name, parameters).config)
+    promote.require_eval_data(config)
+    with promote.model_lock(config.registered_model_name):
+        plan = promote.plan_retrain(config, source_version, force)
+        if plan.skip:
+            return promote.result(plan)
+        prepared = prepare_data(config)
+        eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length)
+        report = report_data(config, prepared)
+        trained = train_model(config, prepared, report, eval_prepared)
+        registered = register_model(config, trained)
+        promote.tag_version(registered, plan)
+        decision = promote.promote_model(
+            config, registered, eval_prepared, metric=metric, margin=promotion_margin, margin_mode=margin_mode
+        )
+    champion_uri = f"models:/{registered.name}@{promote.CHAMPION}"
+    if decision.promote:
+        update_endpoints(champion_uri, config.name)
+    outcome = promote.result(plan, decision, registered)
+    if config.serve_to and outcome.champion:
+        deploy_endpoint(config.serve_to, champion_uri, config.name)
+    return outcome
