@@ -4,6 +4,7 @@ and the deploy stage at the end of finetune (`serve_to`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -190,7 +191,7 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.retrain import retrain
-    from tessera import runs
+    from tessera import endpoints, runs
     from tessera.paths import apply_engine_defaults
     from tessera.tracking import mlflow_client
 
@@ -212,8 +213,16 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
         assert v1["promotion"] == "promoted" and v1["source_version"] == "2" and v1["config_hash"]
         assert v1["train_data_content_hash"] and v1["compared_with"] == "base model tessera/tiny-chat"
 
-        # barely trained: worse than the champion on the same eval set -> rejected, told why, champion kept
-        second = retrain(**common, **worse, source_version=2, run_name="second")
+        # barely trained: worse than the champion on the same eval set -> rejected, told why, champion kept;
+        # serve_to puts @champion (still version 1) behind an endpoint that follows the alias
+        try:
+            second = retrain(**common, **worse, source_version=2, serve_to="bot", run_name="second")
+            served = endpoints.get("bot")
+            assert served.status is endpoints.EndpointStatus.READY, served.details
+            assert (served.model_uri, served.follow, served.version) == (f"models:/{NAME}@champion", True, "1")
+        finally:
+            with contextlib.suppress(Exception):
+                endpoints.stop("bot")
         assert second.outcome == "rejected" and second.version == f"models:/{NAME}/2"
         assert second.champion == f"models:/{NAME}/1"
         v2 = client.get_model_version(NAME, "2").tags
