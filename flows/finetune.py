@@ -12,7 +12,8 @@ from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import check_inputs, report_data
 from tessera import runs
-from tessera.config import TaskType, TrainingSettings
+from tessera.config import RunParameters, TaskType, TrainingSettings
+from tessera.forms import described
 
 
 @flow(
@@ -23,6 +24,7 @@ from tessera.config import TaskType, TrainingSettings
     on_crashed=[runs.on_failure],
     on_cancellation=[runs.on_cancellation],
 )
+@described(RunParameters, run_name="the run's name (default: made from the model's, unique)")
 def finetune(
     model: str,
     train_data_path: str,

@@ -39,6 +39,9 @@ def home(tmp_path, monkeypatch, tiny_model_dir) -> Path:
     monkeypatch.setenv("TESSERA_HOME", str(home))
     monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
     monkeypatch.delenv("TESSERA_VOLUMES_ROOT", raising=False)
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which reads as the user's own server:
+    # without this, every test after the first would use the first test's store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
 
 
