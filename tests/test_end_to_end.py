@@ -39,12 +39,11 @@ def wait_for(name: str, timeout: float = 420):
 
 
 def test_chat_data_in_a_volume_becomes_a_served_model(home):
-    from mlflow import MlflowClient
     from openai import OpenAI
 
     from tessera import foundation_model as fm
     from tessera.endpoint import start_endpoint
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
 
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", DATA)
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "eval.jsonl", DATA[:2])
@@ -72,7 +71,7 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     stages = {e["stage"] for e in fm.get_events(run.name)}
     assert {"run", "prepare", "train", "register"} <= stages
 
-    client = MlflowClient(mlflow_tracking_uri())
+    client = tracking_client()
     losses = [m.value for m in sorted(client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) >= 10
     assert losses[-1] < losses[0] / 10, losses
@@ -157,9 +156,8 @@ def cli_endpoint(model_uri: str, *args: str):
 
 
 def test_a_malformed_line_fails_the_run_with_path_and_line_and_registers_nothing(home):
-    from mlflow import MlflowClient
 
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
 
     path = write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", [
         DATA[0], '{"messages": [{"role": "user", "content": "unterminated"', DATA[1],
@@ -173,7 +171,7 @@ def test_a_malformed_line_fails_the_run_with_path_and_line_and_registers_nothing
     assert "/Volumes/main/default/raw/chat.jsonl:2: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
     assert path.read_text().count("\n") == 3  # the user's file is untouched
-    client = MlflowClient(mlflow_tracking_uri())
+    client = tracking_client()
     assert [m.name for m in client.search_registered_models()] == []
 
 
@@ -189,10 +187,9 @@ def test_cli_user_errors_exit_non_zero_without_traceback(home):
 
 
 def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
-    from mlflow import MlflowClient
 
     from tessera import foundation_model as fm
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
     from tessera import runs
     from tessera.sdk import _alive
 
@@ -213,6 +210,6 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
     job_file = str(runs.run_dir(run.name) / "train_job.json")
     workers = subprocess.run(["pgrep", "-f", job_file], capture_output=True, text=True).stdout.split()
     assert workers == []
-    assert MlflowClient(mlflow_tracking_uri()).search_registered_models() == []
+    assert tracking_client().search_registered_models() == []
     with pytest.raises(Exception, match="already finished"):
         fm.cancel(run.name)

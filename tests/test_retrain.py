@@ -124,6 +124,9 @@ def test_plan_orders_tables_by_their_delta_version(home, caplog):
 def test_the_model_lock_holds_one_model_and_lets_others_through(home):
     from prefect.client.orchestration import get_client
 
+    from tessera.paths import apply_engine_defaults
+
+    apply_engine_defaults()  # Prefect's home in TESSERA_HOME, and time enough for its ephemeral server to start
     held, release = threading.Event(), threading.Event()
 
     def holder():
@@ -134,7 +137,7 @@ def test_the_model_lock_holds_one_model_and_lets_others_through(home):
     thread = threading.Thread(target=holder)
     thread.start()
     try:
-        assert held.wait(60)
+        assert held.wait(180)
         with get_client(sync_client=True) as client:  # the Prefect limit itself is taken
             assert client.read_global_concurrency_limit_by_name("tessera-model-main.s.a").active_slots == 1
         started = time.monotonic()

@@ -211,11 +211,10 @@ def test_an_api_key_a_full_queue_and_the_time_limit(tight_url):
 def test_instruction_model_answers_on_completions_as_the_trainer_did(home):
     """Train/serve agreement: the endpoint's greedy answers to a run's eval prompts are the trainer's final
     eval-prompt generations (made from the saved weights)."""
-    from mlflow import MlflowClient
 
     from tessera import foundation_model as fm
     from tessera.endpoint import start_endpoint
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
 
     pairs = [("Q: two and two?\nA:", " four"), ("Q: sky colour?\nA:", " blue"), ("Q: say hi\nA:", " hi there")]
     data = write_jsonl(home / "instructions.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
@@ -225,7 +224,7 @@ def test_instruction_model_answers_on_completions_as_the_trainer_did(home):
     )
     run = _wait(run.name)
     assert run.status.value == "COMPLETED", run.details
-    mlflow = MlflowClient(mlflow_tracking_uri())
+    mlflow = tracking_client()
     final = sorted(a.path for a in mlflow.list_artifacts(run.run_id, "eval_prompts"))[-1]
     trained = json.loads(Path(mlflow.download_artifacts(run.run_id, final)).read_text())["generations"]
     assert len(trained) == len(pairs)

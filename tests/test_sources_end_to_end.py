@@ -52,11 +52,11 @@ def write_source(home, kind: str, task: str) -> str:
 
 
 def train(home, name: str, data_path: str, task: str, cluster: str | None = None):
-    from mlflow import MlflowClient
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.finetune import finetune
-    from tessera.paths import apply_engine_defaults, mlflow_tracking_uri
+    from tessera.paths import apply_engine_defaults
+    from tessera.tracking import mlflow_client as tracking_client
 
     apply_engine_defaults()
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -65,7 +65,7 @@ def train(home, name: str, data_path: str, task: str, cluster: str | None = None
             training_duration="3ba", data_prep_cluster_id=cluster, run_name=name,
         )
     assert uri == f"models:/main.e2e.{name}/1"
-    client = MlflowClient(mlflow_tracking_uri())
+    client = tracking_client()
     version = client.get_model_version(f"main.e2e.{name}", "1")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"

@@ -54,11 +54,10 @@ def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-ch
 
 
 def metric(run_id: str, key: str) -> list[float]:
-    from mlflow import MlflowClient
 
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
 
-    history = MlflowClient(mlflow_tracking_uri()).get_metric_history(run_id, key)
+    history = tracking_client().get_metric_history(run_id, key)
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
@@ -78,11 +77,10 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
     for other in (accumulated, two_procs):
         assert metric(other.mlflow_run_id, "loss") == pytest.approx(reference, rel=2e-4)
 
-    from mlflow import MlflowClient
 
-    from tessera.paths import mlflow_tracking_uri
+    from tessera.tracking import mlflow_client as tracking_client
 
-    params = MlflowClient(mlflow_tracking_uri()).get_run(two_procs.mlflow_run_id).data.params
+    params = tracking_client().get_run(two_procs.mlflow_run_id).data.params
     assert params["world_size"] == "2" and params["train.nproc_per_node"] == "2"
     assert params["train.nproc_per_node.source"] == "run"
     assert params["train.micro_batch_tokens"] == str(4 * CTX)
