@@ -1,8 +1,9 @@
 """The managed service's Python SDK, self-hosted: `from tessera import foundation_model as fm`.
 
-fm.create() checks what it can at once (names, model, context length, data path), records the run,
-and starts the Prefect flow in a detached process: the run survives the caller, and any process
-sees its status through the run records in TESSERA_HOME.
+fm.create() checks what it can at once (names, model, context length, data path), records the run, and starts the
+Prefect flow: with PREFECT_API_URL set, as a run of the `finetune` deployment that a worker picks up (QUEUED until
+then); otherwise in a detached process here. Either way the run survives the caller, and any process sees its status
+through the run records in TESSERA_HOME (and Prefect's flow-run state, for a run a worker executes).
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ def _alive(pid: int | None, create_time: float | None = None) -> bool:
 def _current(record: RunRecord) -> RunRecord:
     """A run whose process died without saying so (killed, machine restarted) is FAILED, not RUNNING forever; one a
     cancel was stopping is STOPPED. Liveness is the recorded process (pid and start time), never a bare pid; a run
-    recorded by another host is left as it is (nothing here can tell)."""
+    recorded by another host is left as it is (nothing here can tell). A run submitted to a deployment (no process
+    of ours) is what Prefect says it is."""
+    if not record.status.finished and record.pid is None and record.prefect_flow_run_id and os.environ.get("PREFECT_API_URL"):
+        return _prefect_state(record)
     if record.status.finished or not runs.process_gone(record):
         return record
     name, pid, create_time = record.config.name, record.pid, record.pid_create_time
@@ -134,6 +138,8 @@ def create(
     if validate_inputs:  # as the managed service did: refuse bad inputs before anything starts
         config = check_inputs(config)
     runs.save(RunRecord(config=config, created_at=runs.now()))
+    if os.environ.get("PREFECT_API_URL"):
+        return _submit(config)
     log = open(runs.run_dir(config.name) / "run.log", "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "tessera.sdk", config.name],
@@ -143,6 +149,56 @@ def create(
     runs.update(config.name, **runs.process_identity(process.pid))
     runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
     return get(config.name)
+
+
+DEPLOYMENT = "finetune/finetune"  # prefect.yaml's; `prefect deploy --all` makes it
+
+
+def _submit(config: RunConfig) -> TrainingRun:
+    """A run of the `finetune` deployment with this run's parameters and name; a worker of its pool executes it."""
+    from prefect.deployments import run_deployment
+
+    try:
+        flow_run = run_deployment(DEPLOYMENT, parameters=config.parameters | {"run_name": config.name}, timeout=0)
+    except Exception as exc:  # no such deployment, server unreachable: say what to do, keep nothing half-made
+        runs.update(config.name, status=RunStatus.FAILED, completed_at=runs.now(), details=f"not submitted: {exc}")
+        raise TesseraError(
+            f"could not submit {config.name} to the Prefect deployment {DEPLOYMENT} at {os.environ['PREFECT_API_URL']}: {exc} "
+            "(deploy it first: prefect deploy --all, README: Prefect)"
+        ) from None
+    runs.update(config.name, status=RunStatus.QUEUED, prefect_flow_run_id=str(flow_run.id))
+    runs.append_event(config.name, "run", f"queued: flow run {flow_run.name} of deployment {DEPLOYMENT}")
+    return get(config.name)
+
+
+def _prefect_state(record: RunRecord) -> RunRecord:
+    """A run a worker executes, as Prefect sees it: its flow run's state mapped onto the service's statuses, and a
+    run no worker has picked up QUEUED, saying which pool nobody polls. Nothing is marked FAILED from here."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(record.prefect_flow_run_id)
+        state = flow_run.state.type.value if flow_run.state else "PENDING"
+        status = PREFECT_STATUSES.get(state, RunStatus.UNKNOWN)
+        details = record.details
+        if status is RunStatus.QUEUED and flow_run.work_pool_name:
+            workers = client.read_workers_for_work_pool(flow_run.work_pool_name)
+            if not any(w.status.value == "ONLINE" for w in workers):
+                details = f"no worker is polling pool {flow_run.work_pool_name} (start one: prefect worker start --pool {flow_run.work_pool_name})"
+    if status is record.status and details == record.details:
+        return record
+    if status.finished:  # the flow's own hooks write the outcome; a crash before they ran is told here
+        return runs.update(record.config.name, status=status, completed_at=record.completed_at or runs.now(),
+                           details=record.details or f"Prefect flow run state {state}: {flow_run.state.message}")
+    return runs.update(record.config.name, status=status, details=details)
+
+
+# Prefect's flow-run state types -> the service's statuses
+PREFECT_STATUSES = {
+    "SCHEDULED": RunStatus.QUEUED, "PENDING": RunStatus.STARTING, "RUNNING": RunStatus.RUNNING, "PAUSED": RunStatus.RUNNING,
+    "CANCELLING": RunStatus.TERMINATING, "CANCELLED": RunStatus.STOPPED, "COMPLETED": RunStatus.COMPLETED,
+    "FAILED": RunStatus.FAILED, "CRASHED": RunStatus.FAILED,
+}
 
 
 def get(run_or_name: TrainingRun | str) -> TrainingRun:

@@ -68,6 +68,47 @@ def deployed(prefect_server, tiny_model_dir):
     return env
 
 
+@pytest.fixture(scope="module")
+def worker(deployed):
+    """`prefect worker start --pool tessera`, polling every second, as the README starts it."""
+    env = deployed
+    process = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "tessera"], cwd=REPO, env=env,
+                               stdout=open(Path(env["TESSERA_HOME"]) / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    yield env
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def worker_log(env) -> str:
+    return (Path(env["TESSERA_HOME"]) / "worker.log").read_text()[-3000:]
+
+
+def deployment_id(env, name: str) -> str:
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/deployments/name/{name}", timeout=30) as r:
+        return json.loads(r.read())["id"]
+
+
+def finished_runs(env, deployment: str, timeout: float = 360) -> list[dict]:
+    """The flow runs of `deployment` (flow/deployment), once there is one and all are in a final state."""
+    ident = deployment_id(env, deployment)
+    deadline = time.time() + timeout
+    while True:
+        found = api(env["PREFECT_API_URL"], "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}})
+        if found and all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in found):
+            return found
+        assert time.time() < deadline, f"{deployment}: no finished run; worker log:\n{worker_log(env)}"
+        time.sleep(2)
+
+
+def sdk(env, code: str):
+    """Run SDK code in a process of its own (Prefect's settings are read at import) and return what it printed, as JSON."""
+    done = subprocess.run([sys.executable, "-c", f"import json; from tessera import foundation_model as fm; {code}"],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_prefect_deploy_all_makes_every_deployment_with_a_described_form(deployed):
     url = deployed["PREFECT_API_URL"]
     deployments = {d["name"]: d for d in api(url, "/deployments/filter")}
@@ -94,31 +135,83 @@ def test_prefect_deploy_all_makes_every_deployment_with_a_described_form(deploye
     assert retrain[0]["trigger"]["for_each"] and retrain[0]["trigger"]["within"] > 0
 
 
-def test_a_finetune_deployment_run_with_its_defaults_completes_on_a_worker(deployed):
-    env = deployed
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "tessera"], cwd=REPO, env=env,
-                              stdout=open(Path(env["TESSERA_HOME"]) / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        run = subprocess.run([*PREFECT, "deployment", "run", "finetune/finetune", "--param", "training_duration=2ba"],
-                             env=env, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout + run.stderr
-        url = env["PREFECT_API_URL"]
-        with urllib.request.urlopen(f"{url}/deployments/name/finetune/finetune", timeout=30) as r:
-            deployment_id = json.loads(r.read())["id"]
-        deadline = time.time() + 360
-        while True:
-            flow_run = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}, "limit": 1})[0]
-            state = flow_run["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            assert time.time() < deadline, (Path(env["TESSERA_HOME"]) / "worker.log").read_text()[-3000:]
-            time.sleep(2)
-        assert state == "COMPLETED", (Path(env["TESSERA_HOME"]) / "worker.log").read_text()[-3000:]
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+def test_fm_create_with_a_server_submits_to_the_deployment_and_waits_for_a_worker(deployed):
+    queued = sdk(deployed, "r = fm.create(model='tessera/tiny-chat', train_data_path='tessera/assets/demo_chat.jsonl', "
+                           "register_to='main.sdk.bot', training_duration='2ba'); "
+                           "print(json.dumps([r.name, fm.get(r.name).status.value, fm.get(r.name).details]))")
+    name, status, details = queued
+    assert status == "QUEUED" and details == "no worker is polling pool tessera (start one: prefect worker start --pool tessera)"
+    (Path(deployed["TESSERA_HOME"]) / "sdk-run").write_text(name)  # picked up once the next test starts the worker
+
+
+def test_a_finetune_deployment_run_with_its_defaults_completes_on_a_worker(worker):
+    env = worker
+    run = subprocess.run([*PREFECT, "deployment", "run", "finetune/finetune", "--param", "training_duration=2ba"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    finished = finished_runs(env, "finetune/finetune")
+    assert [r["state"]["type"] for r in finished] == ["COMPLETED", "COMPLETED"], worker_log(env)
+
+    # the SDK's run, queued in the test before, ran on the worker and is seen as done, with its events
+    name = (Path(env["TESSERA_HOME"]) / "sdk-run").read_text()
+    status, stages = sdk(env, f"print(json.dumps([fm.get('{name}').status.value, [e['stage'] for e in fm.get_events('{name}')]]))")
+    assert status == "COMPLETED" and {"run", "prepare", "train", "register"} <= set(stages), (status, stages)
 
     # the run has a record under a model-based name, found by the SDK
     listing = subprocess.run([sys.executable, "-m", "tessera.cli", "runs", "list"], env=env, capture_output=True, text=True)
     assert "tiny-chat-" in listing.stdout and "COMPLETED" in listing.stdout, listing.stdout + listing.stderr
+
+
+def test_new_rows_in_a_delta_table_lead_to_a_new_champion_behind_an_endpoint(worker, tmp_path):
+    """The whole chain with no human action after the data lands: the watcher sees the append, emits
+    tessera.data.updated, the event starts retrain-on-new-data, the new version beats the base model, becomes
+    @champion and is served behind the deployment's serve_to endpoint."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from conftest import chat, write_jsonl
+
+    env = worker
+    url, home = env["PREFECT_API_URL"], Path(env["TESSERA_HOME"])
+    table, name = home / "warehouse" / "main" / "support" / "chats", "main.support.chats"  # a table by its catalog name
+    rows = lambda start: pa.table({"messages": [chat(f"question {i}?", f"answer {i}.")["messages"] for i in range(start, start + 4)]})
+    write_deltalake(str(table), rows(0))
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [chat(f"question {i}?", f"answer {i}.") for i in range(8)])
+
+    # the user points the event deployment at their model, eval set and endpoint (as in the UI), and watches the table
+    ident = deployment_id(env, "retrain/retrain-on-new-data")
+    request = urllib.request.Request(f"{url}/deployments/{ident}", method="PATCH", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"parameters": {
+                                         "model": "tessera/tiny-chat", "train_data_path": name, "eval_data_path": str(eval_path),
+                                         "register_to": "main.chain.bot", "training_duration": "30ba", "learning_rate": 3e-3,
+                                         "serve_to": "chain-bot"}}).encode())
+    urllib.request.urlopen(request, timeout=30)
+    watch = subprocess.run([sys.executable, "-c", f"from tasks.watch import watch; watch({name!r}, quiet_seconds=0)"],
+                           env=env, capture_output=True, text=True, cwd=REPO)
+    assert watch.returncode == 0, watch.stderr
+
+    write_deltalake(str(table), rows(4), mode="append")  # new data lands
+    checked = subprocess.run([*PREFECT, "deployment", "run", "watch-sources/watch-data"], env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    try:
+        [retrained] = finished_runs(env, "retrain/retrain-on-new-data", timeout=420)
+        assert retrained["state"]["type"] == "COMPLETED", worker_log(env)
+        assert retrained["parameters"]["train_data_path"] == name and retrained["parameters"]["source_version"] == 1
+        # the same event again (same id, as a repeated check would send it) starts no second retrain
+        event = api(url, "/events/filter", {"filter": {"event": {"name": ["tessera.data.updated"]}}, "limit": 5})["events"][0]
+        urllib.request.urlopen(urllib.request.Request(f"{url}/events", data=json.dumps([event]).encode(),
+                                                      headers={"Content-Type": "application/json"}), timeout=30)
+        time.sleep(5)
+        runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}})
+        assert len(runs) == 1, [r["state"]["type"] for r in runs]
+
+        status = subprocess.run([sys.executable, "-m", "tessera.cli", "endpoints", "get", "chain-bot", "--json"],
+                                env=env, capture_output=True, text=True)
+        served = json.loads(status.stdout)
+        assert served["status"] == "READY" and served["model_uri"] == "models:/main.chain.bot@champion" and served["version"] == "1", served
+        with urllib.request.urlopen(urllib.request.Request(
+            f"{served['url']}/v1/chat/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"messages": [{"role": "user", "content": "question 5?"}], "max_tokens": 8}).encode()), timeout=60) as r:
+            assert r.status == 200
+    finally:
+        subprocess.run([sys.executable, "-m", "tessera.cli", "endpoints", "stop", "chain-bot"], env=env, capture_output=True)
