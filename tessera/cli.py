@@ -25,16 +25,9 @@ def follow(name: str, poll: float = 1.0) -> int:
     """Print a run's events as they come; the exit code says how it ended."""
     from tessera import sdk
 
-    seen = 0
-    while True:
-        run = sdk.get(name)
-        events = sdk.get_events(name)
-        for e in events[seen:]:
-            print(f"{e['time'][11:19]} [{e['stage']}] {e['message']}", flush=True)
-        seen = len(events)
-        if run.status.finished:
-            break
-        time.sleep(poll)
+    for e in sdk.get_events(name, follow=True, poll=poll):
+        print(f"{e['time'][11:19]} [{e['stage']}] {e['message']}", flush=True)
+    run = sdk.get(name)
     if run.status.value == "COMPLETED":
         print(f"run {name} completed: {run.registered_model_version}")
         return 0

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -206,10 +207,19 @@ def get(run_or_name: TrainingRun | str) -> TrainingRun:
     return TrainingRun.from_record(_current(runs.load(name)))
 
 
-def list(statuses: list[str] | None = None, limit: int | None = None) -> list[TrainingRun]:  # noqa: A001 - the SDK's name
+def list(  # noqa: A001 - the SDK's name
+    statuses: list[str] | None = None, limit: int | None = None,
+    created_after: dt.datetime | None = None, created_before: dt.datetime | None = None,
+) -> list[TrainingRun]:
+    """Runs, as list_records orders them, of the given statuses and created in the given window (naive times are UTC)."""
     found = [TrainingRun.from_record(_current(r)) for r in runs.list_records()]
     if statuses:
         found = [r for r in found if r.status.value in {s.upper() for s in statuses}]
+    utc = lambda t: t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t  # noqa: E731
+    if created_after is not None:
+        found = [r for r in found if utc(r.created_at) >= utc(created_after)]
+    if created_before is not None:
+        found = [r for r in found if utc(r.created_at) < utc(created_before)]
     return found[:limit] if limit else found
 
 
@@ -249,10 +259,24 @@ def cancel(run_or_name: TrainingRun | str) -> None:
     runs.append_event(run.name, "run", "stopped: cancelled by the user")
 
 
-def get_events(run_or_name: TrainingRun | str) -> list[dict]:
+def get_events(run_or_name: TrainingRun | str, follow: bool = False, poll: float = 1.0) -> list[dict] | Iterator[dict]:
+    """The run's lifecycle events so far (queued, started, data validated, each evaluation, registered, promoted or
+    rejected, completed or failed with the reason). With `follow`, an iterator that yields each event as it is
+    written and ends once the run has finished."""
     name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
     runs.load(name)
-    return runs.read_events(name)
+    return _follow(name, poll) if follow else runs.read_events(name)
+
+
+def _follow(name: str, poll: float) -> Iterator[dict]:
+    seen, finished_reads = 0, 0
+    while finished_reads < 2:  # once finished, one more read: the hook writes its last event right after the status
+        finished_reads += get(name).status.finished
+        events = runs.read_events(name)
+        yield from events[seen:]
+        seen = len(events)
+        if finished_reads < 2:
+            time.sleep(poll)
 
 
 def validate_data(

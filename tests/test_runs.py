@@ -313,3 +313,32 @@ def test_runs_started_at_the_same_moment_on_a_fresh_home_all_complete(home):
         (r.name, r.status.value, r.details, (home / "runs" / r.name / "run.log").read_text()[-3000:]) for r in final
     ]
     assert len({r.registered_model_version for r in final}) == 3
+
+
+def test_get_events_follows_a_run_until_it_finishes_and_list_filters_by_time(home):
+    import datetime as dt
+    import threading
+
+    from tessera import foundation_model as fm
+    from tessera import runs
+
+    _record("followed", pid=None)
+    runs.append_event("followed", "run", "running")
+
+    def later():
+        runs.append_event("followed", "train", "step 1/1")
+        runs.append_event("followed", "register", "registered models:/a.b.c/1")
+        runs.update("followed", status=runs.RunStatus.COMPLETED)
+        runs.append_event("followed", "run", "completed")
+
+    timer = threading.Timer(0.3, later)
+    timer.start()
+    followed = [e["message"] for e in fm.get_events("followed", follow=True, poll=0.05)]
+    timer.join()
+    assert followed == ["running", "step 1/1", "registered models:/a.b.c/1", "completed"]
+    assert [e["message"] for e in fm.get_events("followed")] == followed  # without follow: what there is now
+
+    created = fm.get("followed").created_at
+    assert [r.name for r in fm.list(created_after=created - dt.timedelta(seconds=1))] == ["followed"]
+    assert fm.list(created_after=created + dt.timedelta(seconds=1)) == []
+    assert fm.list(created_before=created) == [] and [r.name for r in fm.list(created_before=created + dt.timedelta(seconds=1))] == ["followed"]
