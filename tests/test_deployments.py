@@ -151,6 +151,10 @@ def test_a_finetune_deployment_run_with_its_defaults_completes_on_a_worker(worke
     assert run.returncode == 0, run.stdout + run.stderr
     finished = finished_runs(env, "finetune/finetune")
     assert [r["state"]["type"] for r in finished] == ["COMPLETED", "COMPLETED"], worker_log(env)
+    # in the UI: the data report (markdown) and training progress, at 100% once trained
+    artifacts = api(env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [finished[0]["id"]]}}})
+    kinds = {a["type"]: a for a in artifacts}
+    assert kinds["markdown"]["key"] == "data-report" and kinds["progress"]["data"] == 100.0, artifacts
 
     # the SDK's run, queued in the test before, ran on the worker and is seen as done, with its events
     name = (Path(env["TESSERA_HOME"]) / "sdk-run").read_text()

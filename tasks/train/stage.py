@@ -68,17 +68,41 @@ def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
     return f"training failed: {cause} (the whole output is in the train stage's log)"
 
 
+class ProgressArtifact:
+    """Training progress in the Prefect UI: a progress artifact moved by the worker's progress lines ("step 5/9"),
+    when the stage runs as a Prefect task; nothing when it is called on its own (bench/train.py)."""
+
+    STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+    def __init__(self, run_name: str):
+        from prefect.context import TaskRunContext
+
+        self.id = None
+        if TaskRunContext.get() is not None:
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(0.0, key="training-progress", description=f"training progress of {run_name}")
+
+    def update(self, line: str) -> None:
+        if self.id is not None and (found := self.STEP.search(line)):
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.id, 100.0 * int(found[1]) / int(found[2]))
+
+
 def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
     """Run the job under torchrun, relaying its output to `log`; raise TesseraError with the reason if it fails."""
     job_file.write_text(job.model_dump_json(indent=2))
     cmd = torchrun_command(str(job_file), job.settings.nproc_per_node)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
+    progress = ProgressArtifact(job.run_name)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         try:
             for line in proc.stdout:
                 tail.append(line.rstrip())
                 log.info(line.rstrip())
+                progress.update(line)
         except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
             stop_torchrun(proc)
             raise
