@@ -36,7 +36,8 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_UI_ENABLED="false",
-               TESSERA_HOME=str(home / "tessera"), PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5")
+               TESSERA_HOME=str(home / "tessera"), PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # schedules turn into runs within seconds
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=open(home / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -219,3 +220,45 @@ def test_new_rows_in_a_delta_table_lead_to_a_new_champion_behind_an_endpoint(wor
             assert r.status == 200
     finally:
         subprocess.run([sys.executable, "-m", "tessera.cli", "endpoints", "stop", "chain-bot"], env=env, capture_output=True)
+
+
+def test_a_schedule_runs_its_flow(worker):
+    """watch-data on a short interval (the test's, instead of its 5 minutes): the scheduler makes runs, the worker runs them."""
+    env, url = worker, worker["PREFECT_API_URL"]
+    ident = deployment_id(env, "watch-sources/watch-data")
+    api(url, f"/deployments/{ident}/schedules", [{"schedule": {"interval": 5}, "active": True}])
+    deadline = time.time() + 120
+    while True:
+        runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+        if any(r["auto_scheduled"] for r in runs):
+            break
+        assert time.time() < deadline, worker_log(env)
+        time.sleep(2)
+
+
+def test_a_cancel_from_the_ui_ends_the_run_stopped(worker):
+    env, url = worker, worker["PREFECT_API_URL"]
+    started = subprocess.run([*PREFECT, "deployment", "run", "finetune/finetune", "--param", "training_duration=100000ba"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    ident = deployment_id(env, "finetune/finetune")
+    deadline = time.time() + 180
+    while True:  # wait until it trains
+        [latest] = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+        name = f"tiny-chat-{latest['id'].replace('-', '')[-6:]}"
+        record = Path(env["TESSERA_HOME"]) / "runs" / name / "events.jsonl"
+        if latest["state"]["type"] == "RUNNING" and record.exists() and '"stage": "train"' in record.read_text():
+            break
+        assert time.time() < deadline and latest["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), worker_log(env)
+        time.sleep(1)
+    api(url, f"/flow_runs/{latest['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    deadline = time.time() + 120
+    while (state := api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [latest["id"]]}}})[0]["state"]["type"]) != "CANCELLED":
+        assert time.time() < deadline, (state, worker_log(env))
+        time.sleep(1)
+    status = sdk(env, f"r = fm.get('{name}'); print(json.dumps([r.status.value, r.registered_model_version]))")
+    deadline = time.time() + 30
+    while status[0] != "STOPPED" and time.time() < deadline:  # the hook writes it as the flow process ends
+        time.sleep(1)
+        status = sdk(env, f"r = fm.get('{name}'); print(json.dumps([r.status.value, r.registered_model_version]))")
+    assert status == ["STOPPED", None], status
