@@ -184,31 +184,14 @@ def ephemeral_api() -> bool:
     return not get_current_settings().api.url
 
 
-@contextmanager
 def _home_flock(name: str, timeout_seconds: float | None):
-    """An exclusive fcntl lock beside the ephemeral API's database (PREFECT_HOME), which the kernel releases when
-    its holder dies, however it dies. TimeoutError after `timeout_seconds` of waiting."""
-    import fcntl
-    import time
-
+    """An exclusive lock beside the ephemeral API's database (PREFECT_HOME), which the kernel releases when its
+    holder dies, however it dies. LockTimeout (a TimeoutError) after `timeout_seconds` of waiting."""
     from prefect.settings import get_current_settings
 
-    path = get_current_settings().home / "tessera-locks" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    with open(path, "a") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{name}: still held by another run after {timeout_seconds} s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from tessera.paths import file_lock
+
+    return file_lock(get_current_settings().home / "tessera-locks" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock", timeout_seconds)
 
 
 def _reclaim_leaked_slots(name: str) -> None:

@@ -26,7 +26,6 @@ and from the paths a check is given. Nothing here needs Prefect but the default 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -46,7 +45,7 @@ from pydantic import BaseModel
 from tasks import stage_logger
 from tessera import sources
 from tessera.errors import TesseraError
-from tessera.paths import is_volume_path, resolve_data_path, tessera_home
+from tessera.paths import file_lock, is_volume_path, resolve_data_path, tessera_home
 
 EVENT = "tessera.data.updated"
 RESOURCE_PREFIX = "tessera.dataset."
@@ -473,16 +472,9 @@ def _registry_path() -> Path:
     return watch_dir() / "sources.json"
 
 
-@contextmanager
-def _locked() -> Iterator[None]:
+def _locked():
     """One check or registry change at a time (scheduled runs may overlap)."""
-    watch_dir().mkdir(parents=True, exist_ok=True)
-    with open(watch_dir() / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return file_lock(watch_dir() / ".lock")
 
 
 def _load(path: Path, empty: dict) -> dict:

@@ -24,3 +24,7 @@ class DataValidationError(TesseraError):
 
 class ConfigError(TesseraError):
     """An argument that can never work (a malformed duration, an unknown model): a usage error, exit 2."""
+
+
+class LockTimeout(TesseraError, TimeoutError):
+    """Another process held an inter-process lock (tessera.paths.file_lock) for longer than the caller would wait."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tessera.errors import TesseraError
+from tessera.errors import LockTimeout, TesseraError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -88,7 +88,7 @@ def apply_engine_defaults() -> None:
 def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     """An exclusive inter-process lock (fcntl.flock) on `path`, created if missing; released when the block ends
     or the process dies. Not reentrant: a second `file_lock` on the same path in one thread waits for the first.
-    With `timeout`, a TesseraError after that many seconds of waiting."""
+    With `timeout`, LockTimeout (a TesseraError and a TimeoutError) after that many seconds of waiting."""
     import fcntl
     import time
 
@@ -105,7 +105,7 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise TesseraError(f"{path}: still locked by another process after {timeout:.0f} s") from None
+                        raise LockTimeout(f"{path}: still locked by another process after {timeout:.0f} s") from None
                     time.sleep(0.05)
         try:
             yield
