@@ -1,18 +1,20 @@
-"""The training loss, chunked: logits are made only for the trained positions, a chunk at a time.
+"""The training loss, fused with the output layer: logits only for the trained positions, a chunk at a time,
+and their gradients computed on the spot.
 
 A model's own forward would materialize logits for every position of the micro-batch (rows x context x
-vocabulary, in fp32 for the loss: 1.6 GB for 8 rows of 1024 tokens and a 49k vocabulary, and a second
-copy for the gradient). Here the decoder runs without its head, the hidden states of trained positions
-are gathered, and when they take more than one chunk each chunk's logits are computed under checkpointing:
-only one chunk's logits exist at a time, in the forward pass and again in the backward pass. One chunk is
-kept for the backward pass instead: recomputing it would cost a forward of the head and save no memory.
+vocabulary, in fp32 for the loss: 1.6 GB for 8 rows of 1024 tokens and a 49k vocabulary, and more copies
+for autograd's log-softmax and its gradient). Here the decoder runs without its head, the hidden states of
+trained positions are gathered, and LinearCrossEntropy takes them a chunk at a time: the chunk's logits,
+its log-softmax (the loss), then at once the gradient of the logits (softmax minus one-hot) and from it the
+gradients of the hidden states and of the head's weight. Only one chunk's logits exist at a time, nothing is
+recomputed in the backward pass (which only scales the stored gradients), and the slow generic log-softmax
+backward kernel never runs: on CPU a training step of the tiny benchmark model is ~15% faster for it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tessera.training import IGNORE_INDEX
 
@@ -23,8 +25,38 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(64, LOSS_CHUNK_BYTES // (4 * vocab_size))
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would run the head's matmul in, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_i @ weight.T, target_i), its gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)  # autocast's casts, made once for every chunk
+        grad_hidden = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight)  # fp32, like the master weights
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = chunk_tokens(weight.shape[0])
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, targets.numel(), step):
+                hc, tc = h[start : start + step], targets[start : start + step]
+                log_probs = torch.log_softmax(hc @ w.T, dim=1, dtype=torch.float32)
+                total -= log_probs.gather(1, tc[:, None]).sum()
+                grad_logits = log_probs.exp_()  # softmax, in place
+                grad_logits[torch.arange(tc.numel(), device=tc.device), tc] -= 1
+                grad_logits = grad_logits.to(dtype)
+                grad_hidden[start : start + step] = grad_logits @ w
+                grad_weight += grad_logits.T @ hc
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total, None, None
 
 
 def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -38,12 +70,12 @@ def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) 
     trained = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][trained], targets[trained]
     weight = model.get_output_embeddings().weight
-    step = chunk_tokens(weight.shape[0])
-    if targets.numel() <= step:
-        return _chunk_loss(hidden, targets, weight)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), step):
-        total = total + checkpoint(
-            _chunk_loss, hidden[start : start + step], targets[start : start + step], weight, use_reentrant=False
-        )
+    dtype = autocast_dtype(hidden.device) or hidden.dtype
+    if torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+    # evaluation: the same chunks, no gradients
+    step, w = chunk_tokens(weight.shape[0]), weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, targets.numel(), step):
+        total += F.cross_entropy((hidden[s : s + step].to(dtype) @ w.T).float(), targets[s : s + step], reduction="sum")
     return total
