@@ -245,7 +245,7 @@ def side_ours(spec: dict) -> dict:
         "detail": f"{job.plan.rows_per_step} rows/step in micro-batches of {min(job.micro_rows, job.plan.rows_per_step)} "
                   f"(plan: up to {job.micro_rows}), {s.precision} autocast"
                   f"{' over fp32 weights' if s.precision == 'bf16' else ''}, activation checkpointing "
-                  f"{'on' if s.activation_checkpointing else 'off'}, fused AdamW, chunked loss on trained tokens only",
+                  f"{'on' if s.activation_checkpointing else 'off'}, fused AdamW, loss fused with the head on trained tokens only",
     }
 
 

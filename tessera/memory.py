@@ -29,8 +29,10 @@ MAX_MICRO_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 # tasks/train/loss.py's LOSS_CHUNK_BYTES (that module imports torch; tests/test_memory.py checks they agree).
 LOSS_CHUNK_BYTES = 256 * 1024**2
-# Measured: the backward pass of one loss chunk (recomputed under checkpointing) peaks at 3.4-3.6 times
-# the chunk's fp32 logits: the logits, their log-softmax, its gradient and the logits' gradient.
+# A loss chunk at its peak, in copies of the chunk's fp32 logits: the fused loss holds the matmul's logits (bf16
+# under autocast), their fp32 log-softmax (made in place into the softmax gradient) and its bf16 cast, beside an
+# fp32 gradient of the head's weight. 3.5 was measured (3.4-3.6) for the autograd loss it replaced, which also
+# kept the log-softmax's gradient; kept as the bound (tests/test_memory.py: within 25% of the measured peak).
 LOSS_CHUNK_COPIES = 3.5
 # Fitted on SmolLM2-135M: torch, transformers, datasets and the MLflow client imported, the tokenizer and
 # the model's modules loaded. On CUDA an assumption, not measured: the CUDA context, cuBLAS and NCCL

@@ -30,12 +30,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_chat(tmp_path_factory.mktemp("models") / "tiny-chat")
 
 
+@pytest.fixture(scope="session")
+def prefect_database(tmp_path_factory) -> Path:
+    """A Prefect database migrated once for the session. Each test's PREFECT_HOME starts with a copy of it: the
+    temporary server every run process starts then finds its tables in place, instead of creating them all."""
+    import subprocess
+    import sys
+
+    template = tmp_path_factory.mktemp("prefect-template")
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
+                   env={**os.environ, "PREFECT_HOME": str(template)}, capture_output=True)
+    return template / "prefect.db"
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch, tiny_model_dir) -> Path:
-    """A fresh TESSERA_HOME with the session's tiny model already in it."""
+def home(tmp_path, monkeypatch, tiny_model_dir, prefect_database) -> Path:
+    """A fresh TESSERA_HOME with the session's tiny model already in it, and a fresh PREFECT_HOME in it."""
+    import shutil
+
     home = tmp_path / "tessera-home"
     (home / "models").mkdir(parents=True)
     (home / "models" / "tiny-chat").symlink_to(tiny_model_dir)
+    (home / "prefect").mkdir()
+    shutil.copy(prefect_database, home / "prefect" / "prefect.db")
     monkeypatch.setenv("TESSERA_HOME", str(home))
     monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
     monkeypatch.delenv("TESSERA_VOLUMES_ROOT", raising=False)

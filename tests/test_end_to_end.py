@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -114,45 +112,9 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
             assert reply.choices[0].finish_reason == "stop"  # it learned to end its turn
         with urllib.request.urlopen(f"{endpoint.url}/readyz") as health:
             assert health.status == 200
-
-    # the CLI serves a version by alias, behind an API key
-    client.set_registered_model_alias("main.finetuning.support_bot", "champion", "1")
-    with cli_endpoint("models:/main.finetuning.support_bot@champion", "--api-key", "s3cret") as url:
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{url}/v1/models")
-        assert refused.value.code == 401
-        openai = OpenAI(base_url=f"{url}/v1", api_key="s3cret")
-        assert [m.id for m in openai.models.list().data] == ["models:/main.finetuning.support_bot@champion"]
-        reply = openai.chat.completions.create(model="x", messages=DATA[1]["messages"][:-1], temperature=0, max_tokens=40)
-        assert reply.choices[0].message.content == DATA[1]["messages"][-1]["content"]
     with pytest.raises(OSError):  # stopped: nothing of it still answers
-        urllib.request.urlopen(f"{url}/readyz", timeout=2)
-
-
-@contextmanager
-def cli_endpoint(model_uri: str, *args: str):
-    """`tessera serve` on a free port of 127.0.0.1; yields its URL once ready, and stops it."""
-    from tessera.endpoint import free_port
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tessera.cli", "serve", model_uri, "--port", str(port), *args],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None and time.time() < deadline, "tessera serve did not become ready"
-            try:
-                urllib.request.urlopen(f"{url}/readyz", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+        urllib.request.urlopen(f"{endpoint.url}/readyz", timeout=2)
+    # `tessera serve` of an alias behind an API key: tests/test_endpoints.py
 
 
 def test_a_malformed_line_fails_the_run_with_path_and_line_and_registers_nothing(home):

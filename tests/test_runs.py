@@ -304,15 +304,15 @@ def test_runs_started_at_the_same_moment_on_a_fresh_home_all_complete(home):
     path = write_jsonl(home / "chat.jsonl", [chat("Say hi.", "Hi!"), chat("Name a colour.", "Blue."),
                                              chat("What is two and two?", "Four.")])
     started = [fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.concurrent",
-                         training_duration="2ba") for _ in range(3)]
+                         training_duration="2ba") for _ in range(2)]
     deadline = time.time() + 540
     while time.time() < deadline and not all(fm.get(r.name).status.finished for r in started):
         time.sleep(2)
     final = [fm.get(r.name) for r in started]
-    assert [r.status.value for r in final] == ["COMPLETED"] * 3, [
+    assert [r.status.value for r in final] == ["COMPLETED"] * 2, [
         (r.name, r.status.value, r.details, (home / "runs" / r.name / "run.log").read_text()[-3000:]) for r in final
     ]
-    assert len({r.registered_model_version for r in final}) == 3
+    assert len({r.registered_model_version for r in final}) == 2
 
 
 def test_get_events_follows_a_run_until_it_finishes_and_list_filters_by_time(home):
