@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,10 +22,20 @@ PREFECT = [sys.executable, "-m", "prefect"]
 DEPLOYMENTS = {"finetune", "scheduled-retrain", "retrain-on-new-data", "deploy-endpoint", "watch-data"}
 
 
-def api(url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
+def api(url: str, path: str, body=None, method: str = "POST"):
+    """A call to the Prefect server's REST API; its JSON answer (None for an empty one). Retried on 429 and 503 as
+    Prefect's own client retries them: the server answers 503 while its SQLite database is busy with other writes."""
+    data = None if method == "GET" else json.dumps({} if body is None else body).encode()
+    for attempt in range(6):
+        request = urllib.request.Request(f"{url}{path}", data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                answer = r.read()
+            return json.loads(answer) if answer else None
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 503) or attempt == 5:
+                raise
+            time.sleep(2**attempt)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +97,7 @@ def worker_log(env) -> str:
 
 
 def deployment_id(env, name: str) -> str:
-    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/deployments/name/{name}", timeout=30) as r:
-        return json.loads(r.read())["id"]
+    return api(env["PREFECT_API_URL"], f"/deployments/name/{name}", method="GET")["id"]
 
 
 def finished_runs(env, deployment: str, timeout: float = 360) -> list[dict]:
@@ -185,12 +195,10 @@ def test_new_rows_in_a_delta_table_lead_to_a_new_champion_behind_an_endpoint(wor
 
     # the user points the event deployment at their model, eval set and endpoint (as in the UI), and watches the table
     ident = deployment_id(env, "retrain/retrain-on-new-data")
-    request = urllib.request.Request(f"{url}/deployments/{ident}", method="PATCH", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"parameters": {
-                                         "model": "tessera/tiny-chat", "train_data_path": name, "eval_data_path": str(eval_path),
-                                         "register_to": "main.chain.bot", "training_duration": "30ba", "learning_rate": 3e-3,
-                                         "serve_to": "chain-bot"}}).encode())
-    urllib.request.urlopen(request, timeout=30)
+    api(url, f"/deployments/{ident}", {"parameters": {
+        "model": "tessera/tiny-chat", "train_data_path": name, "eval_data_path": str(eval_path),
+        "register_to": "main.chain.bot", "training_duration": "30ba", "learning_rate": 3e-3, "serve_to": "chain-bot"}},
+        method="PATCH")
     watch = subprocess.run([sys.executable, "-c", f"from tasks.watch import watch; watch({name!r}, quiet_seconds=0)"],
                            env=env, capture_output=True, text=True, cwd=REPO)
     assert watch.returncode == 0, watch.stderr
@@ -204,8 +212,7 @@ def test_new_rows_in_a_delta_table_lead_to_a_new_champion_behind_an_endpoint(wor
         assert retrained["parameters"]["train_data_path"] == name and retrained["parameters"]["source_version"] == 1
         # the same event again (same id, as a repeated check would send it) starts no second retrain
         event = api(url, "/events/filter", {"filter": {"event": {"name": ["tessera.data.updated"]}}, "limit": 5})["events"][0]
-        urllib.request.urlopen(urllib.request.Request(f"{url}/events", data=json.dumps([event]).encode(),
-                                                      headers={"Content-Type": "application/json"}), timeout=30)
+        api(url, "/events", [event])
         time.sleep(5)
         runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}})
         assert len(runs) == 1, [r["state"]["type"] for r in runs]

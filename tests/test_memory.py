@@ -196,7 +196,7 @@ def measure_peak_rss(model_dir: str, context_length: int, rows: int, precision: 
         AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -52,7 +52,7 @@ def load_model(job: TrainJob, device: torch.device):
         raise WorkerError(f"could not load the model weights from {weights}: {type(exc).__name__}: {exc}") from exc
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     if job.settings.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if job.settings.compile:
         model.base_model.compile()  # in place: parameter names (and the saved checkpoint) stay the same
@@ -113,7 +113,7 @@ def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_token
 def save(model, tokenizer, out: Path, dtype: torch.dtype) -> None:
     """The fine-tuned model in the base model's dtype, ready to generate: KV cache on, stopping on every
     token that ends an assistant turn. Written beside `out`, then renamed: never half a model."""
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.config.use_cache = True
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
     if model.generation_config.pad_token_id is None:
