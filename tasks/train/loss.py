@@ -14,7 +14,6 @@ backward kernel never runs: on CPU a training step of the tiny benchmark model i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tessera.training import IGNORE_INDEX
 
@@ -30,33 +29,41 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grads: bool):
+    """Summed cross-entropy of h @ w.T (both in the compute dtype), a chunk of positions at a time; with `grads`,
+    also the gradients of h and of w (fp32), from each chunk's softmax while its logits exist."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if grads else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
+    step = chunk_tokens(w.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, targets.numel(), step):
+            hc, tc = h[start : start + step], targets[start : start + step]
+            log_probs = torch.log_softmax(hc @ w.T, dim=1, dtype=torch.float32)
+            total -= log_probs.gather(1, tc[:, None]).sum()
+            if grads:
+                grad_logits = log_probs.exp_()  # softmax, in place
+                grad_logits[torch.arange(tc.numel(), device=tc.device), tc] -= 1
+                grad_logits = grad_logits.to(h.dtype)
+                grad_h[start : start + step] = grad_logits @ w
+                grad_w += grad_logits.T @ hc
+    return total, grad_h, grad_w
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden_i @ weight.T, target_i), its gradients computed in the forward pass."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
-        h, w = hidden.to(dtype), weight.to(dtype)  # autocast's casts, made once for every chunk
-        grad_hidden = torch.empty_like(h)
-        grad_weight = torch.zeros_like(weight)  # fp32, like the master weights
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_tokens(weight.shape[0])
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, targets.numel(), step):
-                hc, tc = h[start : start + step], targets[start : start + step]
-                log_probs = torch.log_softmax(hc @ w.T, dim=1, dtype=torch.float32)
-                total -= log_probs.gather(1, tc[:, None]).sum()
-                grad_logits = log_probs.exp_()  # softmax, in place
-                grad_logits[torch.arange(tc.numel(), device=tc.device), tc] -= 1
-                grad_logits = grad_logits.to(dtype)
-                grad_hidden[start : start + step] = grad_logits @ w
-                grad_weight += grad_logits.T @ hc
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight)
+        # autocast's casts, made once for every chunk
+        total, grad_hidden, grad_weight = chunked_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, grads=True)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None
 
 
 def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -73,9 +80,4 @@ def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) 
     dtype = autocast_dtype(hidden.device) or hidden.dtype
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(hidden, weight, targets, dtype)
-    # evaluation: the same chunks, no gradients
-    step, w = chunk_tokens(weight.shape[0]), weight.to(dtype)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for s in range(0, targets.numel(), step):
-        total += F.cross_entropy((hidden[s : s + step].to(dtype) @ w.T).float(), targets[s : s + step], reduction="sum")
-    return total
+    return chunked_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, grads=False)[0]  # evaluation
