@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-fast real-model bench lock clean
+.PHONY: demo test test-fast real-model bench gpu-wheels lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ real-model: $(STAMP)  # the one network step of tessera/smollm2-135m-instruct: i
 
 bench: $(STAMP)
 	$(BIN)/python bench/prep.py
+
+gpu-wheels: $(STAMP)  # what bench/gpu_check.py needs beyond torch and transformers on the GPU machine (Python 3.12, no network)
+	rm -rf .gpu-wheels && $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 -d .gpu-wheels \
+	  $$(grep -i -E '^(pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions)==' constraints.txt)
 
 lock:  # re-resolve from pyproject.toml into a fresh venv and record the exact versions
 	rm -rf /tmp/tessera-lock && $(PYTHON) -m venv /tmp/tessera-lock

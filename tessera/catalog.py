@@ -15,6 +15,7 @@ from tessera.config import CONFIGS_DIR
 from tessera.errors import ConfigError
 from tessera.memory import Architecture
 from tessera.paths import home_lock, models_dir
+from tessera.training import unsupported_head_feature, unsupported_model_message
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel
             )
     else:
         config = _read_config(name)
+        if feature := unsupported_head_feature({**config.get("text_config", {}), **config}):
+            raise ConfigError(unsupported_model_message(name, feature))
         path, max_len, architecture = name, _context_length(name, config), _architecture(config)
         warnings.append(f"{name} is not in the model catalog; context length {max_len} read from its config")
     if context_length is not None and context_length > max_len:

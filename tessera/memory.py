@@ -3,7 +3,9 @@
 A training process (tasks/train/worker.py) holds fp32 master weights, fp32 gradients and AdamW's two fp32
 moments (16 bytes a parameter), the activations autograd keeps for the backward pass (per token and
 layer, counted from the Llama code; with activation checkpointing only each layer's input, and one
-layer recomputed at a time), one chunk of the loss's logits, and a runtime overhead. The constants that
+layer recomputed at a time), one chunk of the loss's logits beside the fp32 gradient of the output layer's
+weight that the fused loss accumulates, and a runtime overhead. Every process keeps a full copy of all of
+it: Tessera's trainer does not shard training states yet. The constants that
 are not counted were measured on SmolLM2-135M (tests/test_memory.py: estimate within 12% of the peak RSS
 of real steps, with and without checkpointing, 512 to 4096 tokens, bf16 and fp32 compute).
 """
@@ -43,7 +45,6 @@ RUNTIME_BYTES = {"cpu": 500 * 10**6, "cuda": 3 * GB}
 # layer stay resident on CPU (1.0-1.4 GB at 4096 tokens a micro-batch). MALLOC_MMAP_THRESHOLD_=1048576
 # in the trainer's environment hands them back (measured: 5.4 -> 3.6 GB), and makes this an overestimate.
 CPU_CHECKPOINT_SLACK = 10
-MAX_FSDP_GPUS = 1024
 
 
 class Architecture(BaseModel):
@@ -119,9 +120,11 @@ class Hardware(BaseModel):
     def detect(cls) -> Hardware:
         import torch
 
+        # is_available() and device_count() ask the driver without creating a CUDA context. Reading a GPU's
+        # memory through torch would create one in this process (the train stage's), where it holds memory on
+        # the GPU while torchrun's workers train (../shared/PITFALLS.md 18): a short subprocess reads it instead.
         if torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-            return cls(device="cuda", count=torch.cuda.device_count(), memory_bytes=total)
+            return cls(device="cuda", count=torch.cuda.device_count(), memory_bytes=gpu_memory_bytes())
         import psutil
 
         return cls(device="cpu", count=1, memory_bytes=int(psutil.virtual_memory().available * CPU_RAM_SHARE))
@@ -132,12 +135,26 @@ class Hardware(BaseModel):
         return f"{_count(self.count, 'GPU')} of {_gb(self.memory_bytes)}"
 
 
+GPU_MEMORY_PROBE = "import torch; print(torch.cuda.mem_get_info(0)[1])"
+
+
+def gpu_memory_bytes() -> int:
+    """The first GPU's total memory, read in a process of its own that exits with its CUDA context."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", GPU_MEMORY_PROBE], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        raise RuntimeError(f"could not read the GPU's memory: {probe.stderr.strip()[-500:]}")
+    return int(probe.stdout.split()[-1])
+
+
 class MemoryPlan(BaseModel):
     """The micro-batch and checkpointing a run uses, and the per-process estimate behind them.
 
     total_bytes is the peak: weights, gradients, optimizer states and the runtime always, plus the larger
-    of the backward pass (activations and the loss chunk) and the optimizer step's gradient-sized
-    temporaries (AdamW's foreach on CPU, the flat all-reduce buffer with more than one process).
+    of the backward pass (activations and the loss) and, with more than one process, the flat all-reduce
+    buffer of the gradients (the trainer's AdamW is the fused kernel, which makes no gradient-sized copy).
     """
 
     micro_batch_tokens: int
@@ -181,12 +198,8 @@ class Estimate(BaseModel):
 
 
 def estimate(arch: Architecture, device: str, context_length: int, rows: int, *, precision: str,
-             activation_checkpointing: bool, nproc: int = 1, fsdp: int = 1) -> Estimate:
-    """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens.
-
-    With FSDP over `fsdp` GPUs the states are sharded, and the largest unit (a layer, or the embeddings)
-    is gathered whole: its fp32 parameters and, in the backward pass, its gradients.
-    """
+             activation_checkpointing: bool, nproc: int = 1) -> Estimate:
+    """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens."""
     c = 2 if precision == "bf16" else 4
     p, h, layers = arch.parameters, arch.hidden_size, arch.num_hidden_layers
     tokens = rows * context_length
@@ -200,19 +213,19 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
         activations = tokens * layers * layer + layers * cast_weights
     activations += rows * context_length**2 + tokens * 8 * h  # the boolean mask; the final norm's input and output
     chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * arch.vocab_size)), tokens)
-    loss = int(LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4) + tokens * 4 * h  # the chunk; gathered hidden states
-    gathered = 2 * 4 * max(arch.layer_matrix_parameters, arch.vocab_size * h) if fsdp > 1 else 0
+    # the chunk; the gathered hidden states; the fp32 gradient of the head's weight, accumulated over the chunks
+    # before autograd adds it to the weight's own gradient (2.1 GB for a 128k vocabulary at hidden size 4096)
+    loss = int(LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4) + tokens * 4 * h + 4 * arch.vocab_size * h
     parts = {
-        "weights": 4 * p // fsdp + gathered // 2,
-        "gradients": 4 * p // fsdp + gathered // 2,
-        "optimizer": 8 * p // fsdp,
+        "weights": 4 * p,
+        "gradients": 4 * p,
+        "optimizer": 8 * p,
         "activations": activations,
         "loss": loss,
         "runtime": RUNTIME_BYTES[device],
     }
-    # AdamW's foreach implementation (CPU) makes one gradient-sized temporary; with DDP the flat
-    # all-reduce buffer is another copy of the gradients. Fused AdamW and FSDP's reduce-scatter make none.
-    step_copy = parts["gradients"] if device == "cpu" or (nproc > 1 and fsdp == 1) else 0
+    # With more than one process the gradients are summed in one flat buffer: a second copy of them.
+    step_copy = parts["gradients"] if nproc > 1 else 0
     always = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["runtime"]
     return Estimate(parts=parts, total=always + max(activations + loss, step_copy))
 
@@ -226,7 +239,7 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
     largest whole number of rows, at most MAX_MICRO_ROWS rows and MAX_MICRO_TOKENS[device] tokens (at least one
     row), that fits. A set micro_batch_tokens is rounded down to whole rows (at least one). If nothing
     fits, ConfigError names what would: fewer micro-batch tokens, activation checkpointing, a shorter
-    context, fewer processes on CPU, FSDP over N GPUs.
+    context, fewer processes on CPU, a GPU with more memory.
     """
     if context_length <= 0:
         raise ConfigError(f"context_length {context_length}: must be a positive number of tokens")
@@ -252,7 +265,7 @@ def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
 
 
 def _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-            nproc, fsdp=1):
+            nproc):
     """(rows, checkpointing, sizes, why) of the policy's choice, or None when nothing allowed fits."""
     if micro_batch_tokens is not None:
         candidates = [_set_rows(micro_batch_tokens, context_length)]
@@ -263,7 +276,7 @@ def _choose(arch, hardware, context_length, budget, precision, micro_batch_token
     for ckpt in modes:
         for rows in candidates:
             sizes = estimate(arch, hardware.device, context_length, rows, precision=precision,
-                             activation_checkpointing=ckpt, nproc=nproc, fsdp=fsdp)
+                             activation_checkpointing=ckpt, nproc=nproc)
             if sizes.total <= budget:
                 return rows, ckpt, sizes, _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing)
     return None
@@ -296,7 +309,7 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
         f"alone take {_gb(states)} (16 B x {parameters_text(arch.parameters)})"
     )
     if hardware.device == "cuda":
-        head += ", and plain DDP keeps all of them on every GPU"
+        head += ", and every GPU keeps all of them (Tessera's trainer does not shard them yet)"
     fixes = []
     fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc)
     if micro_batch_tokens is not None and rows > 1:
@@ -321,16 +334,7 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
         needed = math.ceil(least.total * nproc / CPU_RAM_SHARE)
         fixes.append(f"a machine with {_gb(needed)} of available RAM")
     else:
-        fsdp = _fsdp(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing)
-        if fsdp:
-            gpus, (rows, ckpt, sizes, _) = fsdp
-            fixes.append(
-                f"FSDP over >= {gpus} GPUs of {_gb(hardware.memory_bytes)} (fully sharded weights, gradients and "
-                f"AdamW states; {_count(rows, 'row')} per micro-batch {'with' if ckpt else 'without'} activation "
-                f"checkpointing: {_gb(sizes.total)} per GPU)"
-            )
-        else:
-            fixes.append(f"nothing up to FSDP over {MAX_FSDP_GPUS} GPUs of {_gb(hardware.memory_bytes)}")
+        fixes.append(f"a GPU with at least {_gb(least.total)} of memory")
     return head + ". What would fit: " + "; ".join(fixes)
 
 
@@ -339,16 +343,6 @@ def _longest_context(arch, context_length, fixed) -> int | None:
     fits = [t for t in range(256, context_length, 256)
             if _choose(arch, context_length=t, micro_batch_tokens=t, activation_checkpointing=True, **fixed)]
     return fits[-1] if fits else None
-
-
-def _fsdp(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing):
-    """(GPUs, choice) for the fewest GPUs over which sharded states plus activations fit, or None."""
-    for n in range(2, MAX_FSDP_GPUS + 1):
-        found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-                        nproc=n, fsdp=n)
-        if found:
-            return n, found
-    return None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$", re.IGNORECASE)

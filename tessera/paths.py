@@ -117,3 +117,22 @@ def home_lock(name: str, timeout: float | None = None):
     """`file_lock` on TESSERA_HOME/.locks/<name>.lock: what processes sharing one home create once (an embedded
     store's schema, a built model, a prepared-data cache entry) is created under it."""
     return file_lock(tessera_home() / ".locks" / f"{name}.lock", timeout)
+
+
+@contextmanager
+def replacing_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` to write into; when the block ends without an error, it takes `out`'s place,
+    a previous output included (a run re-executed under its name). Renames only, so `out` is never half-written:
+    it is the old output or the new one. A staging folder left by a killed writer is never reused."""
+    import shutil
+
+    out = Path(out)
+    staging, previous = out.with_name(out.name + ".partial"), out.with_name(out.name + ".previous")
+    for stale in (staging, previous):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)

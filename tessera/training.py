@@ -16,6 +16,26 @@ from tessera.config import Duration, TaskType, TrainingSettings
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
 
+# Output-layer features the fused loss (tasks/train/loss.py) does not compute: it takes the logits as
+# hidden @ head_weight.T, so a model with one of these would train on another function than the one it serves.
+UNSUPPORTED_HEAD_FEATURES = {
+    "final_logit_softcapping": "final logit soft-capping (final_logit_softcapping, as in Gemma 2)",
+    "logit_scale": "a logit scale (logit_scale, as in Cohere)",
+}
+
+
+def unsupported_head_feature(config: dict, head_bias: bool = False) -> str | None:
+    """What in a model's config (or its head) the trainer cannot train faithfully; None when nothing."""
+    for key, feature in UNSUPPORTED_HEAD_FEATURES.items():
+        if config.get(key) not in (None, 1, 1.0):  # a scale of 1 changes nothing
+            return feature
+    return "a bias on the output layer (lm_head)" if head_bias else None
+
+
+def unsupported_model_message(model: str, feature: str) -> str:
+    return (f"model {model}: {feature} is not supported by Tessera's trainer yet (its fused loss computes the "
+            "logits as hidden states x output weights); choose a model without it")
+
 
 def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
     """The row order of one epoch: the same on every rank and in every process."""

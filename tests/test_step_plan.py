@@ -1,5 +1,10 @@
 """The step plan and the learning-rate schedule: exact epochs, steps and tokens."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -50,10 +55,26 @@ def test_tok_stops_at_the_first_step_that_reaches_the_tokens():
     assert exact.total_steps == 5 and exact.tokens == 1000
 
 
+PLAN_IN_A_PROCESS = """
+import json, numpy as np
+from tessera.config import parse_duration
+from tessera.training import plan_steps
+plan = plan_steps(parse_duration("2ep"), np.ones(50, int), rows_per_step=7, seed=11)
+print(json.dumps([plan.step_rows(s).tolist() for s in range(plan.total_steps)]))
+"""
+
+
 def test_plan_is_the_same_in_every_process():
-    a = plan_steps(parse_duration("2ep"), np.ones(50, int), rows_per_step=7, seed=11)
-    b = plan_steps(parse_duration("2ep"), np.ones(50, int), rows_per_step=7, seed=11)
-    assert all(np.array_equal(a.step_rows(s), b.step_rows(s)) for s in range(a.total_steps))
+    """Every rank computes the plan on its own: two processes (with different hash seeds, as two ranks may have)
+    must cut the same rows into the same steps."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PLAN_IN_A_PROCESS], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        for seed in (1, 2)
+    ]
+    first, second = (json.loads(p.communicate(timeout=60)[0]) for p in procs)
+    assert first == second
+    assert len(first) == 16 and sorted(sum(first[:8], [])) == list(range(50))  # 2 epochs of 8 steps, every row once each
 
 
 @pytest.mark.parametrize(("rows", "ctx", "expected"), [(49, 1024, 6), (8, 512, 1), (3, 512, 1), (100_000, 2048, 64)])

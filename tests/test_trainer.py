@@ -170,3 +170,74 @@ def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_ther
     new, finish = generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}]), 40)
     assert (tokenizer.decode(new, skip_special_tokens=True), finish) == ("it is four", "stop")
     assert len(new) < 10  # stopped at the turn's end, well before max_tokens
+
+
+def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_replaces_its_output(
+    trainer_home, tmp_path, monkeypatch
+):
+    """The worker's main() in this process (1 rank): every tensor any collective gets is on the loop's device
+    (NCCL reduces nothing else); the eval prompts are answered without loading a second model beside the
+    training one and its optimizer; a re-executed run replaces its output and never reuses a stale staging folder."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from tasks.prepare import prepare, row_tokens
+    from tasks.train import distributed, worker
+    from tasks.train.stage import train_job
+    from tessera import runs
+    from tessera.catalog import resolve_model
+    from tessera.config import build_run_config
+    from tessera.run_plan import plan_run
+
+    _, data = trainer_home
+    config = build_run_config(
+        model="tessera/tiny-chat", train_data_path=str(data), register_to="main.test.inprocess", context_length=CTX,
+        training_duration="3ba", eval_data_path=str(data), eval_prompts=["question 1"],
+        training_config={"precision": "fp32", "log_every": 1, "eval_every": 2, "global_batch_tokens": 4 * CTX},
+    )
+    runs.save(runs.RunRecord(config=config, created_at=runs.now()))
+    prepared = prepare(config)
+    model = resolve_model(config.model, config.context_length)
+    plan = plan_run(config, model, row_tokens(prepared.path), prepared.stats.context_length)
+    out = tmp_path / "final_model"
+    for stale in (out, tmp_path / "final_model.partial"):  # an earlier execution's output, and a killed one's staging
+        stale.mkdir()
+        (stale / "stale.txt").write_text("from an earlier execution")
+    job = train_job(config, model, plan, prepared, prepared, out)
+
+    seen: list[torch.device] = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device), real_all_reduce(t, *a, **k))[1])
+    loads: list = []
+    real_load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: (loads.append(a), real_load(*a, **k))[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    worker.main(job)
+
+    device = distributed.training_device()
+    assert len(seen) >= 3 + 2 and set(seen) == {device}  # a logging window per step, an eval at step 2 and the end
+    assert len(loads) == 1  # the training model only
+    assert (out / "config.json").exists() and not (out / "stale.txt").exists()
+    assert not (tmp_path / "final_model.partial").exists()
+
+
+def test_scalars_summed_over_ranks_are_built_on_the_given_device(monkeypatch):
+    """What the logging window and the evaluation reduce: host numbers and device tensors alike go to the collective
+    on the device given, here `meta` (a CPU-only machine has no other), where a tensor built without one lands on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.train.distributed import sum_over_ranks
+
+    seen: list[torch.device] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: seen.append(t.device))
+    meta = torch.device("meta")
+    sum_over_ranks([torch.zeros((), device=meta), 1024], meta)
+    assert seen == [meta]

@@ -8,6 +8,7 @@ import collections
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from prefect import task
 from pydantic import BaseModel
@@ -17,7 +18,7 @@ from tasks.prepare import PreparedData, row_tokens
 from tasks.train.report import ERROR_MARKER
 from tasks.validate import DataReport, histogram_png
 from tessera import runs
-from tessera.catalog import resolve_model
+from tessera.catalog import ResolvedModel, resolve_model
 from tessera.config import RunConfig
 from tessera.errors import TesseraError
 from tessera.paths import mlflow_tracking_uri
@@ -110,6 +111,19 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
         raise TesseraError(failure_reason(list(tail), proc.returncode, plan))
 
 
+def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: PreparedData,
+              eval_prepared: PreparedData | None, out_dir: Path, mlflow_run_id: str | None = None) -> TrainJob:
+    """What the worker processes carry out (without an MLflow run id they log nothing)."""
+    return TrainJob(
+        run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
+        task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
+        eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
+        context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
+        learning_rate=plan.learning_rate, settings=plan.settings,
+        mlflow_tracking_uri=mlflow_tracking_uri() if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
+    )
+
+
 def train(
     config: RunConfig, prepared: PreparedData, report: DataReport | None = None, eval_prepared: PreparedData | None = None
 ) -> TrainedModel:
@@ -140,14 +154,7 @@ def train(
     log.info(plan.memory.decided)
     runs.append_event(config.name, "train", f"memory plan: {plan.memory.decided}")
     out_dir = runs.run_dir(config.name) / "final_model"
-    job = TrainJob(
-        run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
-        task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
-        eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
-        context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
-        learning_rate=plan.learning_rate, settings=plan.settings,
-        mlflow_tracking_uri=mlflow_tracking_uri(), mlflow_run_id=run_id,
-    )
+    job = train_job(config, model, plan, prepared, eval_prepared, out_dir, mlflow_run_id=run_id)
     try:
         launch(job, runs.run_dir(config.name) / "train_job.json", log, plan)
     except TesseraError:

@@ -12,7 +12,6 @@ gradients are summed over ranks once per step, so 2 processes compute what 1 pro
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
@@ -22,13 +21,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tasks.train import distributed
 from tasks.train.data import PackedRows, rank_micro_batches, steps
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import Reporter, fail, progress_line
 from tessera.config import TaskType
 from tessera.generation import generate, prompt_ids, stop_token_ids
-from tessera.training import TrainJob, lr_at
+from tessera.paths import replacing_dir
+from tessera.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
 
 
 class WorkerError(Exception):
@@ -51,6 +52,9 @@ def load_model(job: TrainJob, device: torch.device):
     except Exception as exc:  # a missing, truncated or foreign weights file: one message, not a traceback
         raise WorkerError(f"could not load the model weights from {weights}: {type(exc).__name__}: {exc}") from exc
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    head = model.get_output_embeddings()
+    if feature := unsupported_head_feature(model.config.to_dict(), head_bias=getattr(head, "bias", None) is not None):
+        raise WorkerError(unsupported_model_message(weights, feature))
     if job.settings.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -66,18 +70,6 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peak
 
 
-# --- the step ---------------------------------------------------------------------------------------
-
-
-def sum_gradients(params: list[torch.Tensor]) -> None:
-    """Sum every rank's gradients, in one flat buffer. A rank with no rows this step adds zeros."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
-        p.grad = g
-
-
 # --- evaluation -------------------------------------------------------------------------------------
 
 
@@ -90,8 +82,7 @@ def evaluate(model, rows: PackedRows, job: TrainJob, pad_id: int, dtype, device,
             ids, labels, pos = (t.to(device) for t in rows.batch(part, pad_id))
             total += loss_sum(model, ids, labels, pos).double()
     model.train()
-    dist.all_reduce(total)
-    return float(total) / max(1, int(rows.trained.sum()))
+    return float(distributed.sum_over_ranks([total], device)[0]) / max(1, int(rows.trained.sum()))
 
 
 def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_tokens: int = 64) -> list[dict]:
@@ -112,28 +103,24 @@ def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_token
 
 def save(model, tokenizer, out: Path, dtype: torch.dtype) -> None:
     """The fine-tuned model in the base model's dtype, ready to generate: KV cache on, stopping on every
-    token that ends an assistant turn. Written beside `out`, then renamed: never half a model."""
+    token that ends an assistant turn. Cast in place (the training copy is not needed any more), written
+    beside `out`, then put in its place: never half a model, and a re-executed run replaces its output."""
     model.activation_checkpointing_disable()
     model.config.use_cache = True
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".partial")
-    model.to(dtype).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    with replacing_dir(out) as staging:
+        model.to(dtype).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def main(job: TrainJob) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # --- setup: processes, device, model, optimizer, data ---
-    cuda = torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = distributed.training_device()
+    rank, world = distributed.init(device)
     torch.manual_seed(job.settings.seed)
     s, plan, report = job.settings, job.plan, Reporter(job, rank)
     dtype = compute_dtype(s.precision, device)
@@ -169,7 +156,7 @@ def main(job: TrainJob) -> None:
             (loss / step.trained_tokens).backward()
             window_loss += loss.detach()
         if world > 1:
-            sum_gradients(params)
+            distributed.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -179,9 +166,8 @@ def main(job: TrainJob) -> None:
         last = done == plan.total_steps
 
         if done % s.log_every == 0 or last:  # the token-weighted mean loss of the window, over all ranks
-            counts = torch.tensor([window_loss.item(), float(window_tokens)], dtype=torch.float64)
-            dist.all_reduce(counts)
-            mean_loss, tok_s = counts[0].item() / max(1, window_trained), counts[1].item() / (time.time() - window_start)
+            loss_sum_all, tokens_all = distributed.sum_over_ranks([window_loss, window_tokens], device).tolist()
+            mean_loss, tok_s = loss_sum_all / max(1, window_trained), tokens_all / (time.time() - window_start)
             report.metrics(done, loss=mean_loss, learning_rate=lr, tokens_per_sec=tok_s, grad_norm=float(grad_norm), **peak_memory(device))
             report.say("train", progress_line(done, plan.total_steps, mean_loss, lr, tok_s, time.time() - start))
             window_loss.zero_()
@@ -199,14 +185,19 @@ def main(job: TrainJob) -> None:
                 report.say("eval", f"eval at step {done}: loss {eval_loss:.4f} perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
             window_start = time.time()  # tokens/s counts training time, not evaluation
 
-    # --- save, then answer the eval prompts from the saved weights, as the endpoint will ---
+    # --- save, then answer the eval prompts with the saved weights, as the endpoint will ---
     report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **peak_memory(device))
+    # The AdamW states (8 bytes a parameter) go first. The eval prompts are answered by the training model
+    # itself, which save() has cast in place to the weights it wrote: loading a second copy beside it and the
+    # optimizer is what runs a GPU out of memory after a successful training (../shared/PITFALLS.md 18).
+    del optimizer, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     out = Path(job.output_dir)
     if rank == 0:
         save(model, tokenizer, out, stored_dtype)
         if job.eval_prompts:
-            saved = AutoModelForCausalLM.from_pretrained(out).to(device)
-            generations = eval_generations(saved, AutoTokenizer.from_pretrained(out), job.eval_prompts, chat)
+            generations = eval_generations(model, AutoTokenizer.from_pretrained(out), job.eval_prompts, chat)
             report.artifact({"step": plan.total_steps, "generations": generations}, f"eval_prompts/step_{plan.total_steps:06d}.json")
             report.say("eval", "eval prompts (saved model): " + " | ".join(g["response"] for g in generations))
     dist.barrier()
