@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.train import distributed
-from tasks.train.data import PackedRows, rank_micro_batches, steps
+from tasks.train.data import PackedRows, Step, rank_micro_batches, steps
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import Reporter, fail, progress_line
@@ -68,6 +68,30 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+# --- the step ---------------------------------------------------------------------------------------
+
+
+def train_step(model, params: list[torch.Tensor], optimizer, step: Step, lr: float, dtype: torch.dtype, world: int,
+               max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: (the summed loss of its trained tokens, the gradient norm),
+    both on the device, so the loop never waits for it. Each micro-batch's loss is divided by the trained tokens of
+    the whole step (all ranks), so the summed gradients are those of the step's mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=params[0].device)  # a rank may have no rows in an epoch's last step
+    for ids, labels, pos in step.micro_batches:
+        with autocast(dtype, ids.device):
+            loss = loss_sum(model, ids, labels, pos)
+        (loss / step.trained_tokens).backward()
+        step_loss += loss.detach()
+    if world > 1:
+        distributed.sum_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -148,18 +172,8 @@ def main(job: TrainJob) -> None:
     window_trained = window_tokens = 0
     for step in steps(data, plan, 0, rank, world, job.micro_rows, pad_id, device):
         lr = lr_at(step.index, plan.total_steps, job.learning_rate, s.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for ids, labels, pos in step.micro_batches:
-            with autocast(dtype, device):
-                loss = loss_sum(model, ids, labels, pos)
-            (loss / step.trained_tokens).backward()
-            window_loss += loss.detach()
-        if world > 1:
-            distributed.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, grad_norm = train_step(model, params, optimizer, step, lr, dtype, world, s.max_grad_norm)
+        window_loss += step_loss
         window_trained += step.trained_tokens
         window_tokens += step.input_tokens
         done = step.index + 1
