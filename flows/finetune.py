@@ -5,6 +5,7 @@ Composition only; logic is in tasks/."""
 from __future__ import annotations
 
 from prefect import flow, runtime
+from prefect.states import Cancelled, State
 
 from tasks.deploy import deploy_endpoint
 from tasks.prepare import prepare_data
@@ -42,10 +43,14 @@ def finetune(
     training_config: TrainingSettings | None = None,
     serve_to: str | None = None,
     run_name: str | None = None,
-) -> str:
+) -> str | State:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
     The parameters are tessera.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
-    config = check_inputs(runs.ensure_record(run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id), runtime.flow_run.parameters).config)
+    name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
+    record = runs.ensure_record(name, runtime.flow_run.parameters)
+    if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing
+        return Cancelled(message=f"run {name} was cancelled before it started")
+    config = check_inputs(record.config)
     prepared = prepare_data(config)
     eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
     report = report_data(config, prepared)

@@ -17,7 +17,8 @@ lock, so overlapping checks do not lose each other's updates):
 
 A changed source gets one `tessera.data.updated` event once it has been quiet (unchanged) for `quiet_seconds`:
 its id is derived from the source and its content version, so a repeated check, or a check re-run after a
-crash, sends the same id again, which Prefect's triggers take once. The first sight of a source is only
+crash, sends the same id again, which Prefect's triggers take once. A change whose event could not be sent (no
+events API) stays pending: the next check sends it. The first sight of a source is only
 recorded (`watch()` records it when the source is registered), never announced.
 
 Sources to check come from the registry in `$TESSERA_HOME/watch/sources.json` (watch / unwatch / watched)
@@ -222,7 +223,8 @@ Emitter = Callable[..., Any]
 
 
 def prefect_emitter(**event: Any) -> Any:
-    """The default emitter: prefect.events.emit_event (returns the Event, or None without an events API)."""
+    """The default emitter: prefect.events.emit_event. It returns the Event, or None when there is no events API to
+    send it to; any emitter returns None for an event it did not send."""
     from prefect.events import emit_event
 
     return emit_event(**event)
@@ -240,7 +242,8 @@ def check_sources(
     emit one `tessera.data.updated` event for each source whose content changed and has then been quiet for
     its quiet period (a registered source's own, else `quiet_seconds`). Returns the changes announced.
 
-    `emit(event=, resource=, payload=, id=, occurred=)` sends an event (default: Prefect's emit_event);
+    `emit(event=, resource=, payload=, id=, occurred=)` sends an event (default: Prefect's emit_event) and returns
+    None when it could not (no events API): that change stays pending, and a later check sends it.
     `now()` is the clock, in seconds. A source that cannot be read (gone, not a table any more) is skipped
     and reported: the others are still checked, and then a TesseraError names every failure."""
     if quiet_seconds < 0:
@@ -266,13 +269,18 @@ def check_sources(
         try:
             for target, quiet in targets.values():
                 try:
-                    change = _check_one(target, state["sources"], quiet, now, emit)
+                    change = _check_one(target, state["sources"], quiet, now)
                 except TesseraError as exc:
                     failures.append(str(exc))
                     continue
-                if change is not None:
-                    log.info("%s changed: version %s (event %s)", target.path, change.version, change.event_id)
-                    changes.append(change)
+                if change is None:
+                    continue
+                if not _announce(change, state["sources"][target.id], emit):
+                    log.warning("%s changed (version %s) but its event was not sent (no Prefect events API: set "
+                                "PREFECT_API_URL); the next check sends it", target.path, change.version)
+                    continue
+                log.info("%s changed: version %s (event %s)", target.path, change.version, change.event_id)
+                changes.append(change)
         finally:
             _save(_state_path(), state)  # what was emitted is recorded even if a later emit fails
     if failures:
@@ -280,7 +288,8 @@ def check_sources(
     return changes
 
 
-def _check_one(target: Target, states: dict, quiet: float, now: Callable[[], float], emit: Emitter) -> DataChange | None:
+def _check_one(target: Target, states: dict, quiet: float, now: Callable[[], float]) -> DataChange | None:
+    """Observe a source and update what was seen of it; the change due to be announced, if any (not yet sent)."""
     t = now()
     st = states.get(target.id)
     if st is None or st.get("kind") != target.kind:  # first sight (or a folder became a table): record only
@@ -304,16 +313,25 @@ def _check_one(target: Target, states: dict, quiet: float, now: Callable[[], flo
     if t - st["changed_at"] < quiet:
         return None  # still changing, or not quiet for long enough yet
     version, digest = observed["version"], observed.get("hash")
-    change = DataChange(
+    return DataChange(
         source=target.path, kind=target.kind, resource_id=target.resource_id, location=target.location,
         version=version, previous_version=announced["version"], content_hash=digest,
         data_path=target.data_path(version), event_id=event_id(target, version, digest),
         first_seen_at=_utc(st["pending_since"]), emitted_at=_utc(t),
     )
-    emit(event=EVENT, resource=change.resource(), payload=change.payload(), id=change.event_id, occurred=_utc(t))
-    st["announced"] = {"version": version, "hash": digest, "event_id": str(change.event_id), "at": t}
+
+
+def _announce(change: DataChange, st: dict, emit: Emitter) -> bool:
+    """Send the change's event and record it announced; False when the emitter sent nothing (it returned None), so
+    the change stays pending and the next check sends it rather than it being lost."""
+    sent = emit(event=EVENT, resource=change.resource(), payload=change.payload(), id=change.event_id,
+                occurred=change.emitted_at)
+    if sent is None:
+        return False
+    st["announced"] = {"version": change.version, "hash": change.content_hash, "event_id": str(change.event_id),
+                       "at": st["checked_at"]}
     st["pending_since"] = None
-    return change
+    return True
 
 
 def event_id(target: Target, version: int, content_hash: str | None = None) -> uuid.UUID:

@@ -265,26 +265,35 @@ def _own_record(flow_run) -> RunRecord | None:
     return record if _owns(record, flow_run) else None
 
 
+def cancelled(record: RunRecord) -> bool:
+    """Whether a cancel stopped the run or is stopping it: its flow run must not (re)start it, only a resume may."""
+    return record.status in (RunStatus.TERMINATING, RunStatus.STOPPED)
+
+
 def on_running(flow, flow_run, state) -> None:
     name = _run_name(flow_run)
     try:
         ensure_record(name, flow_run.parameters)
     except TesseraError:  # not adopted: the flow fails with the reason, and the other run's record stays as it is
         return
-    update(name, status=RunStatus.RUNNING, started_at=now(), prefect_flow_run_id=str(flow_run.id),
-           **process_identity(os.getpid()))
-    append_event(name, "run", f"running (Prefect flow run {flow_run.name}, {flow_run.id})")
+    record = update(name, only_if=lambda r: not cancelled(r), status=RunStatus.RUNNING, started_at=now(),
+                    prefect_flow_run_id=str(flow_run.id), **process_identity(os.getpid()))
+    if record.status is RunStatus.RUNNING:  # else cancelled before it started: the flow ends Cancelled at once
+        append_event(name, "run", f"running (Prefect flow run {flow_run.name}, {flow_run.id})")
 
 
 def on_completion(flow, flow_run, state) -> None:
     record = _own_record(flow_run)
     if record is None:
         return
-    update(record.config.name, status=RunStatus.COMPLETED, completed_at=now())
-    append_event(record.config.name, "run", "completed")
+    # a cancel still stopping the run (TERMINATING) may find it completed: that is what happened
+    record = update(record.config.name, only_if=lambda r: r.status is not RunStatus.STOPPED,
+                    status=RunStatus.COMPLETED, completed_at=now())
+    if record.status is RunStatus.COMPLETED:
+        append_event(record.config.name, "run", "completed")
 
 
-def _stop(name: str, details: str) -> None:
+def stop(name: str, details: str) -> None:
     """End a run STOPPED (a cancel), unless it completed meanwhile; the event once."""
     before = load(name).status
     record = update(name, only_if=lambda r: r.status is not RunStatus.COMPLETED and r.status is not RunStatus.STOPPED,
@@ -306,13 +315,28 @@ def _cancelling_in_prefect(flow_run) -> bool:
         return False
 
 
+def _show_cancelled(flow_run) -> None:
+    """Prefect reports the kill of a cancel it did not ask for (fm.cancel's SIGTERM to a run's own process) as a
+    crash: set the flow run Cancelled, so that its UI says what happened. Prefect's own cancels are left to it."""
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    if _cancelling_in_prefect(flow_run):
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelled(message="cancelled by the user"), force=True)
+
+
 def on_failure(flow, flow_run, state) -> None:
     record = _own_record(flow_run)
-    if record is None or record.status in (RunStatus.TERMINATING, RunStatus.STOPPED):  # not ours, or a cancel
+    if record is None:
+        return
+    if cancelled(record):  # the kill of a cancel, not a failure
+        _show_cancelled(flow_run)
         return
     name = record.config.name
     if _cancelling_in_prefect(flow_run):
-        _stop(name, "cancelled from Prefect")
+        stop(name, "cancelled from Prefect")
         return
     try:
         exc = state.result(raise_on_failure=False)
@@ -324,8 +348,7 @@ def on_failure(flow, flow_run, state) -> None:
         reason = f"{type(exc).__name__}: {exc}"
     else:
         reason = state.message or "failed"
-    record = update(name, only_if=lambda r: r.status not in (RunStatus.TERMINATING, RunStatus.STOPPED),
-                    status=RunStatus.FAILED, completed_at=now(), details=reason)
+    record = update(name, only_if=lambda r: not cancelled(r), status=RunStatus.FAILED, completed_at=now(), details=reason)
     if record.status is RunStatus.FAILED:
         append_event(name, "run", f"failed: {reason}")
 
@@ -337,4 +360,4 @@ def on_cancellation(flow, flow_run, state) -> None:
     if record is None:
         return
     message = getattr(state, "message", None)
-    _stop(record.config.name, "cancelled from Prefect" + (f" ({message})" if message else ""))
+    stop(record.config.name, "cancelled from Prefect" + (f" ({message})" if message else ""))

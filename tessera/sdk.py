@@ -241,22 +241,55 @@ def _stop(pid: int, create_time: float | None = None, grace: float = 60) -> None
         pass
 
 
+def _flow_run_on_server(record: RunRecord):
+    """The run's flow run on the Prefect server at PREFECT_API_URL (a run of a deployment, queued or on a worker),
+    or None: a run fm.create started here without a server has its flow run on its own process's API."""
+    if not (record.prefect_flow_run_id and os.environ.get("PREFECT_API_URL")):
+        return None
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_flow_run(record.prefect_flow_run_id)
+        except ObjectNotFound:
+            return None
+
+
+def _cancel_flow_run(flow_run_id, grace: float = 60) -> None:
+    """Cancel a flow run as the Prefect UI does: Cancelling, which Prefect's server turns into Cancelled at once for
+    a run no worker has picked up, and which the worker of a started one acts on by stopping its process. Waits up to
+    `grace` for it to end, as _stop waits for a process."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the user"))
+        deadline = time.monotonic() + grace
+        while not client.read_flow_run(flow_run_id).state.is_final() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 def cancel(run_or_name: TrainingRun | str) -> None:
-    """Stop a run and everything it started (the flow, torchrun and its workers); nothing is registered."""
+    """Stop a run and everything it started (the flow, torchrun and its workers); nothing is registered. A run of
+    the `finetune` deployment is cancelled in Prefect, queued or running; a run started here, by its process."""
     run = get(run_or_name)
     if run.status.finished:
         raise TesseraError(f"run {run.name} already finished ({run.status.value})")
     record = runs.load(run.name)
-    if runs.on_other_host(record):
+    flow_run = _flow_run_on_server(record)
+    if flow_run is None and runs.on_other_host(record):
         raise TesseraError(
             f"run {run.name} runs on host {record.host}, not this one ({runs.this_host()}): cancel it there, "
             "or from the Prefect UI"
         )
+    # TERMINATING first: a flow run starting meanwhile sees the cancel and ends at once (runs.cancelled)
     record = runs.update(run.name, status=RunStatus.TERMINATING)
-    if record.pid:
+    if flow_run is not None:
+        _cancel_flow_run(flow_run.id)
+    elif record.pid:
         _stop(record.pid, record.pid_create_time)
-    runs.update(run.name, status=RunStatus.STOPPED, completed_at=runs.now(), details="cancelled by the user")
-    runs.append_event(run.name, "run", "stopped: cancelled by the user")
+    runs.stop(run.name, "cancelled by the user")
 
 
 def get_events(run_or_name: TrainingRun | str, follow: bool = False, poll: float = 1.0) -> list[dict] | Iterator[dict]:

@@ -155,12 +155,40 @@ def test_fm_create_with_a_server_submits_to_the_deployment_and_waits_for_a_worke
     (Path(deployed["TESSERA_HOME"]) / "sdk-run").write_text(name)  # picked up once the next test starts the worker
 
 
+CANCELLED_QUEUED = "main.sdk.cancelled"  # the register_to of the run the next test cancels while it is queued
+
+
+def test_fm_cancel_of_a_queued_run_cancels_its_flow_run_so_no_worker_runs_it(deployed, request):
+    env, url = deployed, deployed["PREFECT_API_URL"]
+    name, flow_run_id = sdk(env, "r = fm.create(model='tessera/tiny-chat', train_data_path='tessera/assets/demo_chat.jsonl', "
+                                 f"register_to='{CANCELLED_QUEUED}', training_duration='2ba'); fm.cancel(r); "
+                                 "from tessera import runs; print(json.dumps([r.name, runs.load(r.name).prefect_flow_run_id]))")
+
+    def state() -> dict:
+        return api(url, f"/flow_runs/{flow_run_id}", method="GET")["state"]
+
+    assert state()["type"] == "CANCELLED", state()  # in the UI: Cancelled, not queued, not Crashed
+
+    env = request.getfixturevalue("worker")  # now a worker polls the pool
+    deadline = time.time() + 60
+    while not any(w["status"] == "ONLINE" for w in api(url, "/work_pools/tessera/workers/filter")):
+        assert time.time() < deadline, worker_log(env)
+        time.sleep(0.5)
+    time.sleep(5)  # five of its polls (every second)
+    run_dir = Path(env["TESSERA_HOME"]) / "runs" / name
+    record = json.loads((run_dir / "run.json").read_text())
+    events = [json.loads(line)["message"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert state()["type"] == "CANCELLED" and record["status"] == "STOPPED", (state(), record, worker_log(env))
+    assert record["registered_version"] is None and events[-1] == "stopped: cancelled by the user", events
+    assert not any(e.startswith("running") for e in events), events
+
+
 def test_a_finetune_deployment_run_with_its_defaults_completes_on_a_worker(worker):
     env = worker
     run = subprocess.run([*PREFECT, "deployment", "run", "finetune/finetune", "--param", "training_duration=2ba"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    finished = finished_runs(env, "finetune/finetune")
+    finished = [r for r in finished_runs(env, "finetune/finetune") if r["parameters"]["register_to"] != CANCELLED_QUEUED]
     assert [r["state"]["type"] for r in finished] == ["COMPLETED", "COMPLETED"], worker_log(env)
     # in the UI: the data report (markdown) and training progress, at 100% once trained
     artifacts = api(env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [finished[0]["id"]]}}})

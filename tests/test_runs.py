@@ -175,6 +175,59 @@ def test_the_finetune_flow_registers_the_cancellation_hook():
     ast.parse(source)
 
 
+@pytest.mark.parametrize("status", ["STOPPED", "TERMINATING"])
+def test_hooks_of_a_cancelled_flow_run_never_reopen_its_record(fresh_home, status):
+    """fm.cancel stopped (or is stopping) the run before a worker picked its flow run up: the flow run's hooks
+    leave the record as the cancel wrote it."""
+    from tessera import runs
+
+    flow_run = _flow_run({}, flow_run_id=uuid.uuid4())
+    saved = _record(status=status, prefect_flow_run_id=str(flow_run.id), details="cancelled by the user")
+    flow_run.parameters = _prefect_parameters(saved.config)
+    before = runs._record_file("run-1").read_bytes()
+    runs.on_running(None, flow_run, None)
+    if status == "STOPPED":  # a cancel still under way may yet find the run completed
+        runs.on_completion(None, flow_run, None)
+    assert runs._record_file("run-1").read_bytes() == before
+    assert runs.read_events("run-1") == []
+
+
+def test_a_finetune_flow_run_of_a_cancelled_run_ends_cancelled_and_trains_nothing(fresh_home, monkeypatch):
+    import prefect.runtime.flow_run
+
+    from flows.finetune import finetune
+    from tessera import runs
+
+    saved = _record(status="STOPPED", details="cancelled by the user")
+    parameters = _prefect_parameters(saved.config)
+    monkeypatch.setattr(prefect.runtime.flow_run, "parameters", parameters, raising=False)  # as Prefect's docs mock it
+    state = finetune.fn(**parameters)  # the flow's body, as a worker that picked the flow run up runs it
+    assert state.is_cancelled(), state
+    assert runs.load("run-1") == saved and runs.read_events("run-1") == []
+
+
+@pytest.mark.slow
+def test_fm_cancel_of_a_local_run_shows_its_flow_run_cancelled_in_prefect(home):
+    """fm.create without a Prefect server runs the flow in a process of its own, on its own Prefect API: the kill
+    fm.cancel sends is not reported as a crash, in the UI of that API (its database in PREFECT_HOME)."""
+    import sqlite3
+
+    from tessera import foundation_model as fm
+
+    path = write_jsonl(home / "chat.jsonl", [chat("Say hi.", "Hi!"), chat("Name a colour.", "Blue.")])
+    run = fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.ft.never",
+                    training_duration="1_000_000ba")
+    deadline = time.time() + 120
+    while fm.get(run.name).status.value != "RUNNING":  # the flow run is Running in Prefect
+        assert time.time() < deadline and not fm.get(run.name).status.finished, (home / "runs" / run.name / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
+    fm.cancel(run.name)
+    assert fm.get(run.name).status.value == "STOPPED"
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        states = db.execute("SELECT state_type FROM flow_run").fetchall()
+    assert states == [("CANCELLED",)], (home / "runs" / run.name / "run.log").read_text()[-3000:]
+
+
 # --- 4. liveness: pid, start time, host --------------------------------------------------------------------------
 
 @pytest.fixture

@@ -186,6 +186,25 @@ def test_the_same_source_version_gets_the_same_event_id_on_a_repeated_check(home
     assert later.event_id != change.event_id
 
 
+def test_a_change_with_no_events_api_to_send_it_to_stays_pending_for_the_next_check(home):
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
+
+    name, location = table(home)
+    w.watch(name)
+    write_deltalake(location, rows("c"), mode="append")
+    clock = Clock()
+    with temporary_settings({PREFECT_API_URL: None, PREFECT_API_KEY: "a-key"}):  # no server, no ephemeral API
+        assert w.prefect_emitter(event="probe", resource={"prefect.resource.id": "probe"}) is None
+        assert w.check_sources(quiet_seconds=0, emit=w.prefect_emitter, now=clock) == []  # nothing was sent
+
+    clock.t += 30
+    emitted = Emitted()
+    [change] = check(emitted, clock)  # the next check sends it
+    assert (change.version, change.previous_version) == (1, 0) and [e["id"] for e in emitted] == [change.event_id]
+    assert change.first_seen_at.timestamp() == clock.t - 30  # pending since the check that could not send it
+    assert check(emitted, clock) == [] and len(emitted) == 1
+
+
 def test_quiet_period_holds_the_event_until_the_source_stopped_changing(home):
     docs = home / "volumes" / "main" / "default" / "docs"
     docs.mkdir(parents=True)
