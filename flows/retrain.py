@@ -1,11 +1,12 @@
-"""The retraining DAG: validate -> [one at a time per model: plan (idempotent, in order) -> prepare -> report -> train
--> register (@challenger) -> evaluate against @champion -> promote or reject] -> move the endpoints that follow
-@champion -> optionally serve @champion behind `serve_to`. Composition only; logic is in tasks/ (tasks/promote.py,
-tasks/deploy.py, and the finetune stages)."""
+"""The retraining DAG: validate (eval data held out) -> [one at a time per model: plan (idempotent, in order) ->
+prepare -> report -> train -> register (@challenger) -> evaluate against @champion -> promote or reject] -> move the
+endpoints that follow @champion -> optionally serve @champion behind `serve_to`. Composition only; logic is in tasks/
+(tasks/promote.py, tasks/deploy.py, and the finetune stages)."""
 
 from __future__ import annotations
 
 from prefect import flow, runtime
+from prefect.states import Cancelled, State
 
 from tasks import promote
 from tasks.deploy import deploy_endpoint, update_endpoints
@@ -47,7 +48,7 @@ def retrain(
     source_version: int | None = None,
     force: bool = False,
     run_name: str | None = None,
-) -> promote.RetrainResult:
+) -> promote.RetrainResult | State:
     """Retrain `model` on the latest `train_data_path` into the three-part `register_to`, and promote the new version
     to @champion only if it beats the current one on `eval_data_path`.
 
@@ -56,6 +57,7 @@ def retrain(
         train_data_path: the training data (a table is read at its latest version, pinned for the run)
         register_to: catalog.schema.model: every retrain is a new version of this one model
         eval_data_path: held-out data, the same for every retrain: the new version and the champion are scored on it
+            (refused when it is the training data: the same path, content or table version)
         task_type: what the data is and how the model learns from it
         eval_prompts: prompts answered (greedily) at each evaluation and at the end
         custom_weights_path: start from these weights instead of the base model's
@@ -78,7 +80,10 @@ def retrain(
     """
     parameters = promote.run_parameters(runtime.flow_run.parameters)
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
-    config = check_inputs(runs.ensure_record(name, parameters).config)
+    record = runs.ensure_record(name, parameters)
+    if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing
+        return Cancelled(message=f"run {name} was cancelled before it started")
+    config = check_inputs(record.config)
     promote.require_eval_data(config)
     with promote.model_lock(config.registered_model_name):
         plan = promote.plan_retrain(config, source_version, force)
@@ -89,9 +94,8 @@ def retrain(
         report = report_data(config, prepared)
         trained = train_model(config, prepared, report, eval_prepared)
         registered = register_model(config, trained)
-        promote.tag_version(registered, plan)
         decision = promote.promote_model(
-            config, registered, eval_prepared, metric=metric, margin=promotion_margin, margin_mode=margin_mode
+            config, registered, eval_prepared, plan, metric=metric, margin=promotion_margin, margin_mode=margin_mode
         )
     champion_uri = f"models:/{registered.name}@{promote.CHAMPION}"
     if decision.promote:

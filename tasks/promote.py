@@ -3,10 +3,14 @@
 - Plan: what version of the source a retrain would read (the Delta version, a file's or folder's content hash, as
   the register stage tags it) and a hash of its configuration; a version registered from both already ends the
   retrain early (idempotent), and a source older than the champion's is refused (in order). `force` overrides both.
+- Held out: the eval data must not be the training data (the same path, content or table version): refused up front.
 - Evaluate: the new version and the incumbent (the `@champion`, else the weights training started from) are
-  scored on the same pinned eval set, tokenized and packed by the prepare stage, with the trainer's loss code.
+  scored on the same pinned eval set, tokenized and packed by the prepare stage, with the trainer's loss code; per
+  trained token when both read it as the same tokens, else per byte of the trained text (tokenizers differ).
 - Decide: promote when the new version's metric (lower is better) is below the incumbent's by the margin;
-  otherwise the champion stays and the new version is tagged with why it lost and both values.
+  otherwise the champion stays and the new version is tagged with why it lost and both values. The tags come
+  first, then @champion moves, then `promotion`, last: it marks the version decided, so a retrain that dies on
+  the way leaves a version that is neither promoted nor done (the next retrain of that data decides).
 - One at a time per model: `model_lock` holds a Prefect global concurrency limit named after the registered model.
 """
 
@@ -16,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 from contextlib import contextmanager
 from typing import Literal
@@ -26,13 +31,16 @@ from pydantic import BaseModel
 from tasks import stage_logger
 from tasks.prepare import PreparedData, lineage
 from tasks.register import RegisteredVersion
+from tasks.validate import eval_is_training_data
 from tessera import runs
-from tessera.config import RunConfig, RunParameters
+from tessera.config import RunConfig, RunParameters, TaskType
 from tessera.errors import ConfigError, TesseraError
 from tessera.tracking import mlflow_client
 
 CHAMPION = "champion"
 Metric = Literal["eval_loss", "eval_perplexity"]  # both lower-is-better, per trained token of the eval set
+BITS_PER_BYTE = "eval_bits_per_byte"  # what decides instead when the two models' tokenizers differ
+DECIDED = ("promoted", "rejected")  # the `promotion` tag: a version carries it only once its retrain decided
 MarginMode = Literal["relative", "absolute"]
 LOCK_PREFIX = "tessera-model-"
 LOCK_LEASE_SECONDS = 60  # Prefect's minimum; renewed every 45 s while held (see model_lock)
@@ -108,9 +116,11 @@ def source_tags(params: dict[str, str]) -> dict[str, str]:
 
 
 def already_registered(versions: list[tuple[str, dict]], identity: dict[str, str], hashed: str) -> str | None:
-    """The first (version, tags) registered from this source identity and configuration hash."""
+    """The first (version, tags) registered from this source identity and configuration hash, and decided: a version
+    whose retrain died before its decision (killed while loading the champion, say) is not done."""
     for version, tags in versions:
-        if identity and tags.get("config_hash") == hashed and all(tags.get(k) == v for k, v in identity.items()):
+        same = tags.get("config_hash") == hashed and all(tags.get(k) == v for k, v in identity.items())
+        if identity and same and tags.get("promotion") in DECIDED:
             return version
     return None
 
@@ -313,20 +323,30 @@ def plan(config: RunConfig, source_version: int | None = None, force: bool = Fal
 plan_retrain = task(plan, name="plan-retrain")
 
 
-@task(name="tag-version")
-def tag_version(registered: RegisteredVersion, retrain: RetrainPlan) -> None:
-    """The tags the retrain checks next time: the configuration hash, and the source version when known."""
-    client = mlflow_client()
-    client.set_model_version_tag(registered.name, registered.version, "config_hash", retrain.config_hash)
-    if retrain.source_version is not None:
-        client.set_model_version_tag(registered.name, registered.version, "source_version", str(retrain.source_version))
+def fault_point(point: str) -> None:
+    """Test-only fault injection: TESSERA_FAULT=<point> ends the process here, as a kill (out of memory) would."""
+    if os.environ.get("TESSERA_FAULT") == point:
+        raise SystemExit(f"TESSERA_FAULT={point}")
 
 
 # --- evaluate -----------------------------------------------------------------------------------------------------
 
 
-def loss_on(model, prepared_path: str, pad_id: int = 0, micro_rows: int = EVAL_MICRO_ROWS) -> float:
-    """Mean loss per trained token over the whole prepared set (the trainer's loss code, in fp32, no dropout)."""
+class Score(BaseModel):
+    """A model's loss on an eval set as its own tokenizer reads it: summed over the trained tokens (nats), and how
+    many they are."""
+
+    loss_sum: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        """Mean per trained token."""
+        return self.loss_sum / max(1, self.tokens)
+
+
+def score_on(model, prepared_path: str, pad_id: int = 0, micro_rows: int = EVAL_MICRO_ROWS) -> Score:
+    """The loss over the whole prepared set (the trainer's loss code, in fp32, no dropout)."""
     import numpy as np
     import torch
 
@@ -341,73 +361,102 @@ def loss_on(model, prepared_path: str, pad_id: int = 0, micro_rows: int = EVAL_M
         for start in range(0, len(rows), micro_rows):
             ids, labels, pos = (t.to(device) for t in rows.batch(np.arange(start, min(start + micro_rows, len(rows))), pad_id))
             total += float(loss_sum(model, ids, labels, pos))
-    return total / max(1, int(rows.trained.sum()))
+    return Score(loss_sum=total, tokens=int(rows.trained.sum()))
 
 
-def registered_loss(model_uri: str, prepared: PreparedData) -> float:
+def registered_score(model_uri: str, prepared: PreparedData) -> Score:
     from tasks.serve.loading import load_registered
 
     loaded = load_registered(model_uri)
-    return loss_on(loaded.model, prepared.path, loaded.tokenizer.pad_token_id or 0)
+    return score_on(loaded.model, prepared.path, loaded.tokenizer.pad_token_id or 0)
 
 
-def base_loss(weights: str, prepared: PreparedData) -> float:
+def base_score(weights: str, prepared: PreparedData) -> Score:
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     if torch.cuda.is_available():
         model.to("cuda")
-    return loss_on(model, prepared.path, model.config.pad_token_id or 0)
+    return score_on(model, prepared.path, model.config.pad_token_id or 0)
 
 
 def metric_value(metric: str, loss: float) -> float:
     return loss if metric == "eval_loss" else math.exp(min(loss, 50.0))
 
 
+def trained_texts(task_type: TaskType, data: dict) -> list[str]:
+    """What the loss is taken on, as the user wrote it: a chat's assistant turns, a response, a document."""
+    if task_type is TaskType.CHAT_COMPLETION:
+        return [m["content"] for m in data["messages"] if m["role"] == "assistant"]
+    if task_type is TaskType.INSTRUCTION_FINETUNE:
+        return [data["response"] if "response" in data else data["completion"]]
+    return [data["text"]]
+
+
+def trained_text_bytes(config: RunConfig, data_path: str) -> int:
+    """UTF-8 bytes of the trained text of `data_path`, without template markup: the same for every tokenizer."""
+    from tessera.records import valid_records
+
+    records = valid_records(data_path, config.task_type)
+    return sum(len(text.encode()) for r in records for text in trained_texts(config.task_type, r.data))
+
+
+def eval_set_for(config: RunConfig, base: str, eval_prepared: PreparedData) -> PreparedData:
+    """The eval set as a model trained from `base` reads it: its own tokenizer and template, the same context length
+    (the challenger's rows when `base` is the challenger's base model)."""
+    from tasks.prepare import prepare
+
+    if base == config.model:
+        return eval_prepared
+    return prepare(config.model_copy(update={"model": base}), config.eval_data_path, eval_prepared.stats.context_length)
+
+
+def compared(metric: str, challenger: Score, incumbent: Score, text_bytes: int | None) -> tuple[str, float, float]:
+    """What decides, and both values. `metric` per trained token when both models read the eval set as the same
+    tokens (text_bytes None). When their tokenizers differ, per-token means are over different tokens (a finer
+    tokenizer has more, each easier to predict), so bits per byte decide: the summed loss over the trained tokens,
+    in bits, divided by the UTF-8 bytes of the trained text, which both models were scored on."""
+    if text_bytes is None:
+        return metric, metric_value(metric, challenger.loss), metric_value(metric, incumbent.loss)
+    per_byte = math.log(2) * max(1, text_bytes)
+    return BITS_PER_BYTE, challenger.loss_sum / per_byte, incumbent.loss_sum / per_byte
+
+
 def evaluate_and_promote(
-    config: RunConfig, registered: RegisteredVersion, eval_prepared: PreparedData, *,
+    config: RunConfig, registered: RegisteredVersion, eval_prepared: PreparedData, retrain: RetrainPlan, *,
     metric: str = "eval_loss", margin: float = 0.0, margin_mode: str = "relative",
 ) -> Decision:
-    """Score the new version and the incumbent on the same pinned eval set, decide, then move @champion or tag the new
-    version with why it lost. Records the decision as a table artifact and an event."""
-    from tasks.prepare import prepare
+    """Score the new version and the incumbent on the same pinned eval set, decide, then record the decision on the
+    new version and move @champion (record_on_version). Records it as a table artifact and an event too."""
     from tessera.catalog import resolve_model
 
     log = stage_logger()
     client = mlflow_client()
     name = registered.name
     champion = _champion(client, name)
-    challenger_loss = registered_loss(registered.uri, eval_prepared)
+    challenger = registered_score(registered.uri, eval_prepared)
+    fault_point("before-incumbent")
     if champion is not None and str(champion.version) != registered.version:
         incumbent = f"models:/{name}/{champion.version}"
-        base = champion.tags.get("base_model") or config.model
-        same = eval_prepared if base == config.model else prepare(  # tokenized with the champion's own tokenizer
-            config.model_copy(update={"model": base}), config.eval_data_path, eval_prepared.stats.context_length)
-        incumbent_loss = registered_loss(incumbent, same)
+        theirs = eval_set_for(config, champion.tags.get("base_model") or config.model, eval_prepared)
+        incumbent_score = registered_score(incumbent, theirs)
         incumbent_label = f"{incumbent} (@{CHAMPION})"
     else:
         weights = config.custom_weights_path or resolve_model(config.model, config.context_length).path
-        incumbent_loss = base_loss(weights, eval_prepared)
+        theirs, incumbent_score = eval_prepared, base_score(weights, eval_prepared)
         incumbent = incumbent_label = f"base model {config.custom_weights_path or config.model}"
+    # the same rows (cache key) mean the same tokens: per token; else per byte of the text both were scored on
+    same_tokens = theirs.cache_key == eval_prepared.cache_key
+    text_bytes = None if same_tokens else trained_text_bytes(config, config.eval_data_path)
+    measure, challenger_value, incumbent_value = compared(metric, challenger, incumbent_score, text_bytes)
     decision = decide(
-        registered.uri, metric_value(metric, challenger_loss), incumbent_label, metric_value(metric, incumbent_loss),
-        metric=metric, margin=margin, margin_mode=margin_mode,
+        registered.uri, challenger_value, incumbent_label, incumbent_value,
+        metric=measure, margin=margin, margin_mode=margin_mode,
     )
     decision = decision.model_copy(update={"incumbent": incumbent})
-    tags = {
-        "promotion": "promoted" if decision.promote else "rejected",
-        "promotion_reason": decision.reason,
-        "promotion_metric": metric,
-        f"challenger_{metric}": f"{decision.challenger_value:.6g}",
-        f"incumbent_{metric}": f"{decision.incumbent_value:.6g}",
-        "compared_with": incumbent,
-        "promotion_eval_data": config.eval_data_path or "",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, registered.version, key, value)
+    record_on_version(client, registered, retrain, decision, config.eval_data_path, per_byte=text_bytes is not None)
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, registered.version)
         message = f"promoted {registered.uri} to @{CHAMPION}: {decision.reason}"
     else:
         message = f"kept {incumbent} ({'@' + CHAMPION if champion else 'no champion'}); {registered.uri} rejected: {decision.reason}"
@@ -416,6 +465,33 @@ def evaluate_and_promote(
     runs.update(config.name, details=message)
     record_decision(decision, name, registered.version)
     return decision
+
+
+def record_on_version(
+    client, registered: RegisteredVersion, retrain: RetrainPlan, decision: Decision, eval_data_path: str, per_byte: bool,
+) -> None:
+    """The decision's tags and what the next retrain checks (config_hash, source_version), then @champion, then
+    `promotion`: written last, it is what makes the version done (already_registered), and it never says promoted
+    before @champion points at the version."""
+    name, version = registered.name, registered.version
+    tags = {
+        "config_hash": retrain.config_hash,
+        "promotion_reason": decision.reason,
+        "promotion_metric": decision.metric,
+        "promotion_measure": "per byte" if per_byte else "per token",
+        f"challenger_{decision.metric}": f"{decision.challenger_value:.6g}",
+        f"incumbent_{decision.metric}": f"{decision.incumbent_value:.6g}",
+        "compared_with": decision.incumbent,
+        "promotion_eval_data": eval_data_path,
+    }
+    if retrain.source_version is not None:
+        tags["source_version"] = str(retrain.source_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    fault_point("before-champion-alias")
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion", "promoted" if decision.promote else "rejected")
 
 
 def record_decision(decision: Decision, name: str, version: str) -> None:
@@ -464,5 +540,11 @@ def result(retrain: RetrainPlan, decision: Decision | None = None, registered: R
 
 
 def require_eval_data(config: RunConfig) -> None:
+    """Held-out eval data, checked before anything is prepared: a gate scored on training data rewards memorizing."""
     if not config.eval_data_path:
         raise TesseraError("retrain needs eval_data_path: the new version and the champion are compared on it")
+    if how := eval_is_training_data(config):
+        raise ConfigError(
+            f"eval_data_path {config.eval_data_path} is the training data ({how}): a version would win the promotion "
+            "by memorizing it; give held-out records that are not in train_data_path"
+        )

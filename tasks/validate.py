@@ -8,6 +8,9 @@ prepared data itself, so the estimate is what training will really see.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import task
@@ -18,6 +21,7 @@ from tessera import runs, sources
 from tessera.catalog import resolve_model
 from tessera.config import RunConfig, TaskType
 from tessera.errors import DataValidationError
+from tessera.records import valid_records
 from tessera.run_plan import plan_run
 
 MIN_PRETRAIN_TOKENS = 1_500_000
@@ -95,6 +99,59 @@ def invalid_report(config: RunConfig, data_path: str, error: DataValidationError
     )
 
 
+def eval_is_training_data(config: RunConfig) -> str | None:
+    """How eval_data_path is the training data itself (the same path, the same content under another path, the same
+    table at the same version), or None when it is other data. A file's or folder's content hash and a table's
+    version are the source fingerprints that key the prepared data."""
+    held, train = config.eval_data_path, config.train_data_path
+    if not held:
+        return None
+    if held == train:
+        return "the same path"
+    ours, theirs = (sources.resolve_source(path, config.task_type) for path in (train, held))
+    if ours.fingerprint() != theirs.fingerprint():
+        return None
+    return f"the same table at version {ours.version}" if ours.kind == "delta" else "the same content"
+
+
+def record_key(task_type: TaskType, data: dict) -> bytes:
+    """A record as training reads it (a chat's roles and contents, a prompt and its answer, a document's text), so
+    that one conversation matches itself in a file and in a table."""
+    if task_type is TaskType.CHAT_COMPLETION:
+        fields = [[m["role"], m["content"]] for m in data["messages"]]
+    elif task_type is TaskType.INSTRUCTION_FINETUNE:
+        fields = [data["prompt"], data["response"] if "response" in data else data["completion"]]
+    else:
+        fields = data["text"]
+    return hashlib.sha256(json.dumps(fields).encode()).digest()
+
+
+def _record_keys(config: RunConfig, data_path: str) -> Iterator[bytes]:
+    return (record_key(config.task_type, r.data) for r in valid_records(data_path, config.task_type))
+
+
+def eval_overlap(config: RunConfig) -> tuple[int, int]:
+    """(distinct eval records that are also training records, distinct eval records). The eval set is held in
+    memory as hashes; the training data streams past."""
+    held = set(_record_keys(config, config.eval_data_path))
+    shared = {key for key in _record_keys(config, config.train_data_path) if key in held}
+    return len(shared), len(held)
+
+
+def eval_warnings(config: RunConfig) -> list[str]:
+    """An eval loss on training records measures memorizing: finetune may do it (the demo does), but is told."""
+    if not config.eval_data_path:
+        return []
+    if how := eval_is_training_data(config):
+        return [f"eval_data_path {config.eval_data_path} is the training data ({how}): its eval loss measures "
+                "memorizing, not how the model does on new data"]
+    shared, total = eval_overlap(config)
+    if not shared:
+        return []
+    return [f"{shared} of the {total} records of eval_data_path {config.eval_data_path} are also in the training data: "
+            "on those the eval loss measures memorizing"]
+
+
 def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None = None) -> DataReport:
     """Token statistics, the billed-token estimate and warnings for valid, prepared data."""
     s = prepared.stats
@@ -111,6 +168,8 @@ def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None
         warnings.append(f"{s.truncated} example(s) longer than the context length were truncated")
     if s.skipped_files:
         warnings.append(f"{sum(s.skipped_files.values())} file(s) in the folder are not documents and will not be trained on")
+    if data_path in (None, config.train_data_path):
+        warnings += eval_warnings(config)
     billed = plan.steps.tokens
     return DataReport(
         data_path=data_path or config.train_data_path, task_type=config.task_type.value,

@@ -14,7 +14,7 @@ import pytest
 from conftest import chat, write_jsonl
 from tasks import promote
 from tasks.promote import already_registered, config_hash, decide, older_than_champion, source_tags
-from tessera.config import build_run_config
+from tessera.config import TaskType, build_run_config
 from tessera.errors import ConfigError
 
 TRAIN = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(8)]
@@ -68,14 +68,59 @@ def test_config_hash_covers_what_shapes_the_weights_only():
 def test_source_identity_matches_by_tags_and_order_by_source_version():
     assert source_tags({"source.kind": "delta", "source.version": "3", "source.fingerprint": "f"}) == {"train_data_version": "3"}
     assert source_tags({"source.kind": "jsonl", "source.fingerprint": "ab"}) == {"train_data_content_hash": "ab"}
-    versions = [("3", {"train_data_version": "4", "config_hash": "h"}), ("2", {"train_data_version": "3", "config_hash": "h"}),
-                ("1", {"train_data_version": "3", "config_hash": "g"})]
+    decided = {"promotion": "rejected"}
+    versions = [("3", {"train_data_version": "4", "config_hash": "h", **decided}),
+                ("2", {"train_data_version": "3", "config_hash": "h", **decided}),
+                ("1", {"train_data_version": "3", "config_hash": "g", **decided})]
     assert already_registered(versions, {"train_data_version": "3"}, "h") == "2"
     assert already_registered(versions, {"train_data_version": "3"}, "x") is None
     assert already_registered(versions, {}, "h") is None
     assert older_than_champion(2, {"source_version": "3"}) == 3
     assert older_than_champion(3, {"source_version": "3"}) is None  # the same data again is not older
     assert older_than_champion(None, {"source_version": "3"}) is None and older_than_champion(1, {}) is None
+
+
+def test_a_version_without_a_decision_is_not_done():
+    """A retrain killed between registering and deciding (an out-of-memory kill while loading the champion, say)
+    leaves a version with the configuration's tags but no decision: the next retrain must make one."""
+    undecided = [("2", {"train_data_version": "3", "config_hash": "h"})]
+    assert already_registered(undecided, {"train_data_version": "3"}, "h") is None
+    decided = [("3", {"train_data_version": "3", "config_hash": "h", "promotion": "rejected"}), *undecided]
+    assert already_registered(decided, {"train_data_version": "3"}, "h") == "3"
+
+
+def test_other_tokenizers_are_compared_per_byte_of_the_trained_text():
+    """A finer tokenizer spreads the same text over more tokens, each easier to predict: per token it wins
+    (0.9 < 2.0) while it predicts the text worse (90 nats in all against 80). Per byte, it loses."""
+    fine, coarse = promote.Score(loss_sum=90.0, tokens=100), promote.Score(loss_sum=80.0, tokens=40)
+    assert promote.compared("eval_loss", fine, coarse, None) == ("eval_loss", 0.9, 2.0)
+    assert promote.compared("eval_perplexity", fine, coarse, None) == ("eval_perplexity", math.exp(0.9), math.exp(2.0))
+    metric, mine, theirs = promote.compared("eval_loss", fine, coarse, text_bytes=300)
+    assert (metric, mine, theirs) == ("eval_bits_per_byte", 90 / math.log(2) / 300, 80 / math.log(2) / 300)
+    assert not decide("c", mine, "i", theirs, metric=metric).promote
+
+
+def test_the_trained_text_is_what_the_user_wrote_without_markup(home, eot_model_dir):
+    """The bytes of a per-byte comparison: assistant turns (or responses) as written, however each tokenizer and
+    template splits and wraps them; the scores are the trainer's summed loss over each model's own trained tokens."""
+    from tasks.prepare import prepare
+
+    turns = [("what is café?", "a café is a small restaurant"), ("and two plus two?", "four, twice two"), ("hi", "hello")]
+    path = write_jsonl(home / "eval.jsonl", [chat(*turns[0], *turns[1]), chat(*turns[2], system="be brief")])
+    config = build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to=NAME, eval_data_path=str(path))
+    assert promote.trained_text_bytes(config, str(path)) == sum(len(a.encode()) for _, a in turns)
+    pairs = write_jsonl(home / "pairs.jsonl", [{"prompt": "q", "response": "été"}, {"prompt": "q", "completion": "ok"}])
+    instructions = config.model_copy(update={"task_type": TaskType.INSTRUCTION_FINETUNE})
+    assert promote.trained_text_bytes(instructions, str(pairs)) == len("été".encode()) + 2
+
+    ours = prepare(config, str(path), 64)
+    assert promote.eval_set_for(config, "tessera/tiny-chat", ours) is ours  # the same tokenizer: the same rows
+    theirs = promote.eval_set_for(config, str(eot_model_dir), ours)
+    assert theirs.cache_key != ours.cache_key and theirs.stats.context_length == 64
+    mine = promote.base_score(str(home / "models" / "tiny-chat"), ours)
+    other = promote.base_score(str(eot_model_dir), theirs)
+    assert (mine.tokens, other.tokens) == (ours.stats.trainable_tokens, theirs.stats.trainable_tokens)
+    assert mine.loss_sum > 0 and other.loss_sum > 0 and mine.loss == mine.loss_sum / mine.tokens
 
 
 def test_plan_orders_tables_by_their_delta_version(home, caplog):
@@ -108,13 +153,36 @@ def test_plan_orders_tables_by_their_delta_version(home, caplog):
     assert promote.plan(config, force=True).skip is None
 
     client.set_model_version_tag(NAME, champion.version, "source_version", "1")
-    for key, value in {"train_data_version": "1", "config_hash": config_hash(config)}.items():
+    for key, value in {"train_data_version": "1", "config_hash": config_hash(config), "promotion": "promoted"}.items():
         client.set_model_version_tag(NAME, champion.version, key, value)
     again = promote.plan(config)
     assert again.skip == "idempotent" and again.existing == f"models:/{NAME}/1"
     assert "already registered as models:/main.retrain.bot/1; force=True retrains anyway" in again.message
     assert promote.plan(config, force=True).skip is None
     assert promote.plan(config.model_copy(update={"learning_rate": 1e-4})).skip is None
+
+
+def test_eval_data_that_is_the_training_data_is_refused_naming_eval_data_path(home):
+    """The same path, the same content under another path, or the same Delta table at the same version: the gate
+    would reward memorizing. Another version of the table is other data (the data report counts what they share)."""
+    import shutil
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    train = write_jsonl(home / "volumes" / "main" / "default" / "raw" / "train.jsonl", TRAIN)
+    shutil.copy(train, home / "copy.jsonl")
+    location = str(home / "warehouse" / "main" / "sales" / "chats")
+    write_deltalake(location, pa.Table.from_pylist(TRAIN[:4]))
+    write_deltalake(location, pa.Table.from_pylist(TRAIN[4:]), mode="append")  # version 1, the latest
+    run = dict(model="tessera/tiny-chat", register_to=NAME)
+    for data, held in (("/Volumes/main/default/raw/train.jsonl", "/Volumes/main/default/raw/train.jsonl"),
+                       ("/Volumes/main/default/raw/train.jsonl", str(home / "copy.jsonl")),
+                       ("main.sales.chats", "main.sales.chats@v1")):
+        with pytest.raises(ConfigError, match=f"^eval_data_path {held} is the training data"):
+            promote.require_eval_data(build_run_config(**run, train_data_path=data, eval_data_path=held))
+    promote.require_eval_data(build_run_config(**run, train_data_path="main.sales.chats", eval_data_path="main.sales.chats@v0"))
+    assert not (home / "prepared").exists()
 
 
 # --- one retrain per model at a time ---------------------------------------------------------------------------
@@ -190,7 +258,7 @@ def test_a_holder_killed_with_sigkill_does_not_keep_the_model_locked(home):
 
 
 @pytest.mark.slow
-def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(home):
+def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(home, monkeypatch):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.retrain import retrain
@@ -206,48 +274,68 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
     worse = dict(training_duration="1ba", learning_rate=1e-9)
     client = mlflow_client()
 
+    def killed_at(point: str, **run):
+        """The run ended by the test-only fault hook at `point` (SystemExit, as a kill ends the process there)."""
+        with monkeypatch.context() as patch, pytest.raises(SystemExit):
+            patch.setenv("TESSERA_FAULT", point)
+            retrain(**common, **run)
+
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        # no champion yet: the first version must beat the base model
+        # evaluating on the training data: refused before anything is prepared, naming the parameter
+        with pytest.raises(ConfigError, match="^eval_data_path /Volumes/main/default/raw/train.jsonl is the training data"):
+            retrain(**{**common, "eval_data_path": common["train_data_path"]}, run_name="memorize")
+        assert not (home / "prepared").exists()
+
+        # killed after deciding to promote, just before @champion moves: no version says promoted, none is done
+        killed_at("before-champion-alias", training_duration="20ba", source_version=2, run_name="killed")
+        assert client.get_model_version(NAME, "1").tags.get("promotion") is None
+        assert promote._champion(client, NAME) is None
+
+        # no champion yet: the first version must beat the base model; the killed one's data is retrained
         first = retrain(**common, training_duration="20ba", source_version=2, run_name="first")
-        assert first.outcome == "promoted" and first.version == f"models:/{NAME}/1" and first.champion == first.version
+        assert first.outcome == "promoted" and first.version == f"models:/{NAME}/2" and first.champion == first.version
         assert first.decision.incumbent == "base model tessera/tiny-chat"
         assert first.decision.challenger_value < first.decision.incumbent_value
-        v1 = client.get_model_version(NAME, "1").tags
-        assert v1["promotion"] == "promoted" and v1["source_version"] == "2" and v1["config_hash"]
-        assert v1["train_data_content_hash"] and v1["compared_with"] == "base model tessera/tiny-chat"
+        won = client.get_model_version(NAME, "2").tags
+        assert won["promotion"] == "promoted" and won["source_version"] == "2" and won["config_hash"]
+        assert won["train_data_content_hash"] and won["compared_with"] == "base model tessera/tiny-chat"
+        assert (won["promotion_metric"], won["promotion_measure"]) == ("eval_loss", "per token")  # one tokenizer
+
+        # killed while scoring the champion (an out-of-memory kill, say): the next retrain of that data decides
+        killed_at("before-incumbent", **worse, source_version=2, run_name="killed-scoring")
 
         # barely trained: worse than the champion on the same eval set -> rejected, told why, champion kept;
-        # serve_to puts @champion (still version 1) behind an endpoint that follows the alias
+        # serve_to puts @champion (still version 2) behind an endpoint that follows the alias
         try:
             second = retrain(**common, **worse, source_version=2, serve_to="bot", run_name="second")
             served = endpoints.get("bot")
             assert served.status is endpoints.EndpointStatus.READY, served.details
-            assert (served.model_uri, served.follow, served.version) == (f"models:/{NAME}@champion", True, "1")
+            assert (served.model_uri, served.follow, served.version) == (f"models:/{NAME}@champion", True, "2")
         finally:
             with contextlib.suppress(Exception):
                 endpoints.stop("bot")
-        assert second.outcome == "rejected" and second.version == f"models:/{NAME}/2"
-        assert second.champion == f"models:/{NAME}/1"
-        v2 = client.get_model_version(NAME, "2").tags
-        assert v2["promotion"] == "rejected" and v2["compared_with"] == f"models:/{NAME}/1"
-        assert float(v2["challenger_eval_loss"]) > float(v2["incumbent_eval_loss"])
-        assert v2["promotion_reason"].startswith(f"eval_loss {v2['challenger_eval_loss']} is not below ")
-        assert float(v2["incumbent_eval_loss"]) == pytest.approx(first.decision.challenger_value, rel=1e-4)
-        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-        assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+        assert second.outcome == "rejected" and second.version == f"models:/{NAME}/4"
+        assert second.champion == f"models:/{NAME}/2"
+        lost = client.get_model_version(NAME, "4").tags
+        assert lost["promotion"] == "rejected" and lost["compared_with"] == f"models:/{NAME}/2"
+        assert float(lost["challenger_eval_loss"]) > float(lost["incumbent_eval_loss"])
+        assert lost["promotion_reason"].startswith(f"eval_loss {lost['challenger_eval_loss']} is not below ")
+        assert float(lost["incumbent_eval_loss"]) == pytest.approx(first.decision.challenger_value, rel=1e-4)
+        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+        assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "4"
         assert "rejected" in runs.load("second").details
 
         # the same data and configuration again: ends early, nothing registered
         started = time.monotonic()
         again = retrain(**common, **worse, source_version=2, run_name="again")
-        assert again.outcome == "skipped" and again.version == f"models:/{NAME}/2", again
-        assert "already registered as models:/main.retrain.bot/2" in again.message
+        assert again.outcome == "skipped" and again.version == f"models:/{NAME}/4", again
+        assert "already registered as models:/main.retrain.bot/4" in again.message
         assert time.monotonic() - started < 30
 
         # data older than the champion's: refused before training
         older = retrain(**common, training_duration="2ba", source_version=1, run_name="older")
         assert older.outcome == "refused" and "older than the champion's (2" in older.message
-    assert {str(v.version) for v in client.search_model_versions(f"name='{NAME}'")} == {"1", "2"}  # force: test_plan_...
+    assert {str(v.version) for v in client.search_model_versions(f"name='{NAME}'")} == {"1", "2", "3", "4"}  # force: test_plan_...
     assert runs.load("first").status.value == "COMPLETED" and runs.load("again").status.value == "COMPLETED"
 
 

@@ -208,3 +208,20 @@ def test_a_template_that_refuses_system_messages_still_means_no_system_role(home
     path = write_jsonl(home / "chat.jsonl", [chat("q", "a"), chat("q", "a", system="be brief")])
     report = fm.validate_data(str(path), model=str(model))
     assert not report.valid and report.errors == [f"{path}:2: messages[0].role: this model's chat template has no system role"]
+
+
+def test_the_report_warns_when_eval_records_are_training_records(home):
+    """finetune may evaluate on its training data (the demo does), but the report says so; a held-out set that
+    shares some records with the training data is counted."""
+    from tasks.validate import report_for
+    from tessera.config import build_run_config
+    from tessera.sources import check_inputs
+
+    train = write_jsonl(home / "train.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(6)])
+    held = write_jsonl(home / "eval.jsonl", [chat(f"question {i}", f"answer {i}") for i in (1, 4, 7, 8)])
+    run = dict(model="tessera/tiny-chat", train_data_path=str(train), register_to="main.s")
+    report = report_for(check_inputs(build_run_config(**run, eval_data_path=str(held))))
+    assert f"2 of the 4 records of eval_data_path {held} are also in the training data" in "\n".join(report.warnings)
+    same = report_for(check_inputs(build_run_config(**run, eval_data_path=str(train))))
+    assert any(w.startswith(f"eval_data_path {train} is the training data (the same path)") for w in same.warnings)
+    assert not any("eval_data_path" in w for w in report_for(check_inputs(build_run_config(**run))).warnings)
