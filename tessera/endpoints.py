@@ -18,7 +18,9 @@ Status is checked when read: the processes must be alive and be the ones we star
 and /readyz must answer through the router.
 
 Alias URIs (`models:/name@champion`) are followed by default: `update NAME` without `--model` serves
-whatever version the alias points at then. A version URI (`models:/name/3`) stays on that version.
+whatever version the alias points at then. A version URI (`models:/name/3`) stays on that version. Either way
+a model server is given the version itself (`models:/name/3`), never the alias: when BentoML restarts one of
+its workers, the worker loads the version the record names, not wherever the alias has moved since.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tessera.endpoint import REPO_ROOT, free_port, serve_command, serve_env
-from tessera.errors import ConfigError, TesseraError
-from tessera.paths import apply_engine_defaults, mlflow_tracking_uri, tessera_home
+from tessera.errors import ConfigError, LockTimeout, TesseraError
+from tessera.paths import apply_engine_defaults, file_lock, mlflow_tracking_uri, tessera_home
+from tessera.serving import ServeSettings
 
 DEFAULT_PORT = 3000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -64,13 +67,16 @@ class EndpointStatus(str, Enum):
 class Backend(BaseModel):
     """One `bentoml serve` process serving one model version."""
 
-    model_uri: str  # what the server was given (an alias URI when the endpoint follows the alias)
+    model_uri: str  # what the server was given: always the version (models:/name/N), never an alias
     version: str  # the registered version it serves
     url: str
     pid: int
     create_time: float
     log: str
     started_at: dt.datetime
+    # its limits, from the environment it was started with: the router applies its body limit, and an update
+    # lets its requests run to their time limit (a record written before they were kept: the defaults)
+    settings: ServeSettings = ServeSettings()
 
 
 class EndpointRecord(BaseModel):
@@ -197,35 +203,30 @@ def load(name: str) -> EndpointRecord:
 _held: set[str] = set()  # endpoints this process is changing
 
 
+def _lock_file(name: str) -> Path:
+    return endpoints_dir() / f"{name}.lock"
+
+
 @contextlib.contextmanager
 def _changing(name: str, wait: bool = False):
     """Held while a command changes an endpoint: one serve/update/stop at a time. Released if its holder dies.
-    Without `wait`, a lock held for more than a moment (another command at work) is an error."""
-    path = endpoints_dir() / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + 2  # status probes (_being_changed) hold it for an instant
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TesseraError(
-                        f"endpoint {name}: another command is changing it (serve, update or stop); try again when it ends"
-                    ) from None
-                time.sleep(0.1)
-        _held.add(name)
+    With `wait`, a command waits its turn (an update behind another: back-to-back retrains that both promote);
+    without, a lock held for more than a moment (another command at work) is an error."""
+    with contextlib.ExitStack() as held:
         try:
-            yield
-        finally:
-            _held.discard(name)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            held.enter_context(file_lock(_lock_file(name), timeout=None if wait else 2))  # probes hold it an instant
+        except LockTimeout:
+            raise TesseraError(
+                f"endpoint {name}: another command is changing it (serve, update or stop); try again when it ends"
+            ) from None
+        _held.add(name)
+        held.callback(_held.discard, name)
+        yield
 
 
 def _being_changed(name: str) -> bool:
     """Whether another process is serving, updating or stopping the endpoint now."""
-    path = endpoints_dir() / f"{name}.lock"
+    path = _lock_file(name)
     if name in _held or not path.exists():
         return False
     with open(path, "a+") as f:
@@ -323,12 +324,14 @@ def _startup_error(log: Path) -> str | None:
 # --- backends ---------------------------------------------------------------------------------------------
 
 def _start_backend(name: str, model_uri: str, version: str, api_key: str | None) -> Backend:
+    """A model server for `model_uri`, a version URI (models:/name/N)."""
     apply_engine_defaults()
     port = free_port()
     log = logs_dir(name) / f"backend-v{version}-{port}.log"
-    process = _spawn(serve_command("127.0.0.1", port), serve_env(model_uri, api_key), log)
+    env = serve_env(model_uri, api_key)
+    process = _spawn(serve_command("127.0.0.1", port), env, log)
     return Backend(model_uri=model_uri, version=version, url=f"http://127.0.0.1:{port}", pid=process.pid,
-                   create_time=_create_time(process.pid), log=str(log), started_at=now())
+                   create_time=_create_time(process.pid), log=str(log), started_at=now(), settings=ServeSettings.from_env(env))
 
 
 def _wait_ready(backend: Backend, api_key: str | None, timeout: float) -> None:
@@ -365,24 +368,32 @@ def check_generation(url: str, api_key: str | None = None, timeout: float = 120)
 
 
 def _bring_up(record: EndpointRecord, model_uri: str, version: str, timeout: float) -> Backend:
-    """Start a backend for `version` as the record's candidate, wait until it is ready and generates."""
+    """Start a backend for `model_uri` (version `version`) as the record's candidate, wait until it is ready and
+    generates."""
     candidate = _start_backend(record.name, model_uri, version, record.api_key)
     record.candidate, record.updated_at = candidate, now()
     save(record)
     try:
         _wait_ready(candidate, record.api_key, timeout)
         check_generation(candidate.url, record.api_key)
-        if model_uri != f"models:/{record.registered_model}/{version}" and resolve_version(model_uri) != version:
-            raise BackendFailed(f"{model_uri} moved while the new server was starting; run the update again")
     except BaseException:
         _terminate(candidate.pid, candidate.create_time, grace=10)
         raise
     return candidate
 
 
-def _wait_drained(record: EndpointRecord, old: Backend, timeout: float) -> None:
+# past a request's generation time limit: reading its body before, writing its answer after
+DRAIN_MARGIN_S = 30.0
+
+
+def drain_seconds(backend: Backend) -> float:
+    """How long an update lets the old backend's requests finish: as long as one may run there."""
+    return backend.settings.request_timeout_s + DRAIN_MARGIN_S
+
+
+def _wait_drained(record: EndpointRecord, old: Backend) -> None:
     """Until the router uses the new backend and has no request left on the old one."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + drain_seconds(old)
     while time.monotonic() < deadline:
         status, body = _http(record.local_url + STATUS_PATH, record.api_key)
         if status != 200:
@@ -454,7 +465,8 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
             port = DEFAULT_PORT if _port_free(host, DEFAULT_PORT) else free_port(host)
         elif not _port_free(host, port):
             raise TesseraError(f"port {port} on {host} is in use; pick another --port")
-        served_uri = model_uri if follow else f"models:/{registered}/{version}"
+        pinned = f"models:/{registered}/{version}"
+        served_uri = model_uri if follow else pinned
         record = save(EndpointRecord(
             name=name, model_uri=served_uri, follow=follow, registered_model=registered, host=host, port=port,
             url=f"http://{host}:{port}", api_key=api_key, created_at=now(), updated_at=now(),
@@ -462,7 +474,7 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
         os.chmod(record_file(name), 0o600)
         try:
             _start_router(record)
-            record.backend, record.candidate = _bring_up(record, served_uri, version, timeout), None
+            record.backend, record.candidate = _bring_up(record, pinned, version, timeout), None
         except BaseException as exc:
             _stop_processes(record, grace=10)
             reason = str(exc) if isinstance(exc, (BackendFailed, TesseraError)) else f"interrupted ({type(exc).__name__})"
@@ -478,12 +490,12 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
         return save(record)
 
 
-def update(name: str, model_uri: str | None = None, follow: bool | None = None, timeout: float = 300,
-           drain_timeout: float = 120) -> EndpointRecord:
+def update(name: str, model_uri: str | None = None, follow: bool | None = None, timeout: float = 300) -> EndpointRecord:
     """Serve another version (or the alias's current one) at the same URL, with no failed request: start it
-    beside the old one, check it generates, switch the router, let the old one finish its requests, stop it.
-    If the new version fails, it is stopped and the old one keeps serving; TesseraError says why."""
-    with _changing(name):
+    beside the old one, check it generates, switch the router, let the old one finish its requests (for as long
+    as one may run there), stop it. If the new version fails, it is stopped and the old one keeps serving;
+    TesseraError says why. An update of an endpoint that another command is changing waits for it to end."""
+    with _changing(name, wait=True):
         record = get(name)
         if not is_ours(record.router_pid, record.router_create_time) or record.status is EndpointStatus.STOPPED:
             raise TesseraError(f"endpoint {name} is {record.status.value}, not serving: start it with tessera serve")
@@ -494,10 +506,11 @@ def update(name: str, model_uri: str | None = None, follow: bool | None = None, 
         if follow and alias is None:
             raise ConfigError(f"{target}: only an alias (models:/<name>@<alias>) can be followed")
         version = resolve_version(target)
-        served_uri = target if follow else f"models:/{registered}/{version}"
+        pinned = f"models:/{registered}/{version}"
+        served_uri = target if follow else pinned
         old = record.backend
         live = old is not None and is_ours(old.pid, old.create_time)
-        if live and old.model_uri == served_uri and old.version == version:
+        if live and old.model_uri == pinned:
             record.details = f"already serving version {version} ({served_uri}); nothing to do"
             record.model_uri, record.follow = served_uri, follow
             return save(record.model_copy(update={"status": EndpointStatus.READY}))
@@ -507,7 +520,7 @@ def update(name: str, model_uri: str | None = None, follow: bool | None = None, 
             record.candidate = None
         record.status = EndpointStatus.UPDATING
         try:
-            candidate = _bring_up(record, served_uri, version, timeout)
+            candidate = _bring_up(record, pinned, version, timeout)
         except BaseException as exc:
             record = load(name)
             record.candidate, record.updated_at = None, now()
@@ -530,7 +543,7 @@ def update(name: str, model_uri: str | None = None, follow: bool | None = None, 
         save(record)  # the router switches on its next request
         if old is not None:
             try:
-                _wait_drained(record, old, drain_timeout)
+                _wait_drained(record, old)
             finally:  # interrupted or not, nothing refers to the old server any more
                 _terminate(old.pid, old.create_time)
         return record

@@ -8,7 +8,7 @@ so an update switches traffic by writing the record; requests already under way 
 they started on. `GET /_tessera/router` says which backend the router uses and how many requests each one
 has in flight: an update waits for the old backend's count to reach zero before stopping it.
 
-Imports only Starlette, uvicorn and httpx: it starts in about a second.
+Imports only Starlette, uvicorn, httpx and tessera.serving: it starts in about a second.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tessera.serving import ServeSettings, authorized, read_body
 
 STATUS_PATH = "/_tessera/router"
 VERSION_HEADER = "x-tessera-model-version"
@@ -71,7 +72,8 @@ class BackendTable:
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "tessera_router"}}, status_code=status)
+    """OpenAI's error shape, as the model server answers."""
+    return JSONResponse({"error": {"message": message, "type": "tessera_router", "param": None, "code": None}}, status_code=status)
 
 
 def build_app(record: Path) -> Starlette:
@@ -88,7 +90,7 @@ def build_app(record: Path) -> Starlette:
 
     async def status(request: Request) -> Response:
         backend = table.current()
-        if table.api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {table.api_key}"):
+        if not authorized(request.headers.get("authorization"), table.api_key):
             return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
         return JSONResponse({
             "pid": os.getpid(), "backend": backend and backend.get("url"),
@@ -96,7 +98,10 @@ def build_app(record: Path) -> Starlette:
         })
 
     async def proxy(request: Request) -> Response:
-        body = await request.body()
+        limit = ServeSettings.model_validate((table.current() or {}).get("settings", {})).max_body_bytes
+        body = await read_body(request.stream(), limit)  # the model server's limit, before it takes our memory
+        if body is None:
+            return _error(413, f"the request body is over the limit of {limit} bytes")
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
         client_host = request.client.host if request.client else ""
         headers += [(b"x-forwarded-for", client_host.encode()), (b"x-forwarded-proto", request.url.scheme.encode())]

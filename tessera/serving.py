@@ -1,4 +1,5 @@
-"""How an endpoint serves: its limits and its KV cache, one definition for the service, the CLI and bench/serve.py.
+"""How an endpoint serves: its limits and its KV cache, one definition for the service, the CLI and bench/serve.py;
+and the checks of a request that both the model server and an endpoint's router make (its API key, its body's size).
 
 Every field can be set for a server process as TESSERA_SERVE_<FIELD> (e.g. TESSERA_SERVE_MAX_PENDING=8).
 """
@@ -6,6 +7,8 @@ Every field can be set for a server process as TESSERA_SERVE_<FIELD> (e.g. TESSE
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import AsyncIterable
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -35,3 +38,23 @@ class ServeSettings(BaseModel):
 
     def as_env(self) -> dict[str, str]:
         return {ENV_PREFIX + name.upper(): str(value) for name, value in self.model_dump().items()}
+
+
+async def read_body(chunks: AsyncIterable[bytes], limit: int) -> bytes | None:
+    """A request's body, or None when it is over `limit` bytes. An oversized body is still read to its end (and
+    dropped), so that the client, which is still sending it, hears the 413 instead of a broken connection."""
+    body, over = bytearray(), False
+    async for chunk in chunks:
+        over = over or len(body) + len(chunk) > limit
+        if not over:
+            body += chunk
+    return None if over else bytes(body)
+
+
+def authorized(authorization: str | None, api_key: str | None) -> bool:
+    """Whether an Authorization header carries the API key (any header does when no key is set). Compared as bytes:
+    compare_digest raises on a str with a character outside ASCII, and a header may hold any byte (servers decode
+    headers as latin-1, so encoding back gives the bytes that were sent)."""
+    if not api_key:
+        return True
+    return secrets.compare_digest((authorization or "").encode("latin-1"), f"Bearer {api_key}".encode())

@@ -135,16 +135,22 @@ def test_an_endpoint_keeps_its_url_through_updates_and_rolls_back_a_broken_versi
     first = endpoints.get("bot")
     assert (first.status.value, first.version, first.url) == ("READY", "1", url)
     assert oct(record_mode := os.stat(endpoints.record_file("bot")).st_mode & 0o777) == "0o600", record_mode
+    # the model server is handed the version, never the alias: a restarted worker loads what the record says
+    assert bentoml_serving(f"models:/{MODEL}/1") and bentoml_serving(f"models:/{MODEL}@champion") == []
 
     # the router passes status, headers and Authorization through
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{url}/v1/models")
     assert refused.value.code == 401
+    import httpx
+
+    # a key with characters outside ASCII is refused like any wrong key, and nobody else notices
+    for path in ("/v1/models", endpoints.STATUS_PATH):
+        assert httpx.get(url + path, headers={"Authorization": "Bearer s3crét".encode()}).status_code == 401, path
     models = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(models) as r:
         assert r.headers["content-type"] == "application/json"
-        assert [m["id"] for m in json.load(r)["data"]] == [f"models:/{MODEL}@champion"]
-    import httpx
+        assert [m["id"] for m in json.load(r)["data"]] == [f"models:/{MODEL}/1"]
 
     chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as s:
@@ -184,10 +190,14 @@ def test_an_endpoint_keeps_its_url_through_updates_and_rolls_back_a_broken_versi
     assert kept.backend.pid == second.backend.pid
     assert bentoml_serving(f"models:/{MODEL}/3") == []  # the failed server is gone
 
-    # the alias moves back: the next update follows it
+    # the alias moves back, and two updates run at once (back-to-back retrains): the second waits its turn
     client.set_registered_model_alias(MODEL, "champion", "1")
-    followed = cli("endpoints", "update", "bot")
-    assert followed.returncode == 0, followed.stderr
+    updates = [subprocess.Popen([sys.executable, "-m", "tessera.cli", "endpoints", "update", "bot"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(2)]
+    outcomes = sorted((u.wait(timeout=400), *u.communicate()) for u in updates)
+    assert [code for code, _, _ in outcomes] == [0, 0], outcomes
+    said = sorted(out for _, out, _ in outcomes)
+    assert "nothing to do" in said[0] and "updated from version 2 to 1" in said[1], said
     assert endpoints.get("bot").version == "1"
     with urllib.request.urlopen(urllib.request.Request(
         f"{url}/v1/chat/completions", data=json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode(),
@@ -338,11 +348,12 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
 
     from tessera import endpoints
     from tessera.endpoint import free_port
+    from tessera.serving import ServeSettings
 
     port = free_port()
     record = endpoints.save(endpoints.EndpointRecord(
         name="r", model_uri=f"models:/{MODEL}/1", follow=False, registered_model=MODEL, host="127.0.0.1", port=port,
-        url=f"http://127.0.0.1:{port}", created_at=endpoints.now(), updated_at=endpoints.now(),
+        url=f"http://127.0.0.1:{port}", api_key=KEY, created_at=endpoints.now(), updated_at=endpoints.now(),
     ))
     url = record.url
     with fake_backend("1") as one, fake_backend("2") as two:
@@ -350,9 +361,15 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
         try:
             assert httpx.get(f"{url}/readyz").status_code == 503  # no backend yet
             at = endpoints.now()
+            limits = ServeSettings(max_body_bytes=2048)  # the model server's: the router applies them
             record.backend = endpoints.Backend(model_uri=record.model_uri, version="1", url=one, pid=1, create_time=0,
-                                               log="x", started_at=at)
+                                               log="x", started_at=at, settings=limits)
             endpoints.save(record)
+
+            big = httpx.post(f"{url}/teapot", content=b"t" * 2049, headers={"content-type": "text/plain"})
+            assert big.status_code == 413 and "2048 bytes" in big.json()["error"]["message"], big.text
+            assert httpx.post(f"{url}/teapot", content=b"t" * 2048).status_code == 418  # at the limit: passed on
+            assert httpx.get(f"{url}/_tessera/router", headers={"Authorization": "Bearer s3crét".encode()}).status_code == 401
 
             reply = httpx.post(f"{url}/teapot", content=b"tea", headers={"content-type": "text/plain"})
             assert (reply.status_code, reply.headers["content-type"], reply.headers["x-backend"], reply.content) == (
@@ -374,7 +391,20 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
             record.backend = record.backend.model_copy(update={"url": two, "version": "2"})
             endpoints.save(record)
             assert httpx.get(f"{url}/whoami").json()["version"] == "2"  # the next request goes to the new backend
-            state = httpx.get(f"{url}/_tessera/router").json()
+            state = httpx.get(f"{url}/_tessera/router", headers={"Authorization": f"Bearer {KEY}"}).json()
             assert state["backend"] == two and state["inflight"] == {}
         finally:
             endpoints._terminate(record.router_pid, record.router_create_time, grace=10)
+
+
+def test_a_rollout_drains_the_old_server_for_as_long_as_its_requests_may_run():
+    from tessera import endpoints
+    from tessera.serving import ServeSettings
+
+    def backend(**fields):
+        return endpoints.Backend(model_uri=f"models:/{MODEL}/1", version="1", url="http://127.0.0.1:9", pid=1, create_time=0,
+                                 log="x", started_at=endpoints.now(), **fields)
+
+    assert endpoints.drain_seconds(backend(settings=ServeSettings(request_timeout_s=900))) > 900
+    written_before_settings_were_kept = backend().model_dump(mode="json", exclude={"settings"})
+    assert endpoints.drain_seconds(endpoints.Backend.model_validate(written_before_settings_were_kept)) > 300

@@ -3,7 +3,7 @@
 transformers' continuous-batching manager runs the batch in a background thread with a paged KV cache; results
 come back on the server's asyncio loop. This module turns one request into a stream of text deltas that stop where
 the model's turn ends (any of its end-of-turn tokens) or at a `stop` string, and cancels the work of a request
-whose client went away or whose time ran out.
+that ended before the engine finished it: a stop string found, its client gone, its time run out.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ class GenerationTimeout(Exception):
 
 class EngineError(Exception):
     pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+# how often a request looks whether its client is still there: a sequence nobody reads is cancelled within it
+CLIENT_CHECK_S = 0.25
 
 
 @dataclass
@@ -67,6 +75,10 @@ class _Admission:
 
     def release(self, *_) -> None:
         self.pending -= 1
+
+    def in_progress(self) -> int:
+        """Sequences being generated or waiting to be."""
+        return self.pending
 
     def text(self, tokens: list[int], finished: bool, stops: list[str]) -> tuple[str, str | None, int]:
         """(text, finish_reason or None, tokens generated) of a sequence so far: cut at its end-of-turn token or at
@@ -106,55 +118,84 @@ class Engine(_Admission):
     def close(self) -> None:
         self.manager.stop(block=True)
 
+    def in_progress(self) -> int:
+        """Sequences the manager still holds, queued or running: the work it does, whoever still reads it."""
+        scheduler = getattr(getattr(self.manager, "batch_processor", None), "scheduler", None)
+        held = len(scheduler.active_requests) + len(scheduler.waiting_requests) if scheduler is not None else 0
+        return self.manager.input_queue.qsize() + held
+
     async def generate(self, ids: list[int], sampling: Sampling, deadline: float,
                        disconnected: Callable[[], object] | None = None, incremental: bool = True) -> AsyncIterator[Delta]:
         """Deltas of one sequence; the last has its finish_reason. Raises GenerationTimeout past `deadline` (loop
-        time) and EngineError when the engine failed the request; the request is cancelled whenever the caller stops
-        early (a client that disconnected, a timeout, a stop string found). Without `incremental` (nobody streams it,
-        no stop string to look for) the engine reports only the finished sequence: less work per token."""
-        loop = asyncio.get_running_loop()
+        time), ClientDisconnected when `disconnected()` says so, and EngineError when the engine failed the request.
+        Whenever the engine has not finished the sequence itself, it is cancelled: a client gone, a timeout, a stop
+        string found. Without `incremental` (nobody streams it, no stop string to look for) the engine reports only
+        the finished sequence: less work per token."""
         rid = uuid.uuid4().hex
         results: asyncio.Queue = asyncio.Queue()
+        watch = _Watch(deadline, self.settings.request_timeout_s, disconnected)
         self.manager.register_result_handler(rid, results.put_nowait)
         self.manager.add_request(
             ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=incremental or bool(sampling.stop),
             eos_token_id=-1 if self.settings.ignore_eos else self.stop_ids,
             temperature=max(sampling.temperature, GREEDY_TEMPERATURE), top_p=sampling.top_p,
         )
-        sent, done = "", False
+        sent, finished = "", False  # finished: by the engine, so there is nothing left to cancel
         try:
-            while not done:
-                out = await self._next(results, loop, deadline, disconnected)
+            while True:
+                out = await _newest(results, watch)
+                finished = out.is_finished()
                 if out.error:
                     raise EngineError(out.error)
-                text, reason, generated = self.text(list(out.generated_tokens), out.is_finished(), sampling.stop)
-                done = reason is not None
-                if not done:
+                text, reason, generated = self.text(list(out.generated_tokens), finished, sampling.stop)
+                if reason is None:
                     text = _settled(text, sampling.stop)
-                if done or (len(text) > len(sent) and text.startswith(sent)):
+                if reason is not None or (len(text) > len(sent) and text.startswith(sent)):
                     yield Delta(text[len(sent):], reason, generated)
                     sent = text
+                if reason is not None:
+                    return
         finally:
-            if not done:
+            if not finished:
                 self.manager.cancel_request(rid)
             with self.manager.output_router._lock:  # a cancelled request never finishes, so its handler stays
                 self.manager.output_router.result_handlers.pop(rid, None)
 
-    async def _next(self, results: asyncio.Queue, loop, deadline: float, disconnected):
-        """The newest result, checking every second whether the client is still there. Results are cumulative, so
-        when several are waiting only the last counts (the loop catches up instead of decoding each)."""
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise GenerationTimeout(f"generation took longer than the limit of {self.settings.request_timeout_s:g} s")
-            try:
-                out = await asyncio.wait_for(results.get(), timeout=min(left, 1.0))
-                while not results.empty() and not out.is_finished():
-                    out = results.get_nowait()
-                return out
-            except TimeoutError:
-                if disconnected is not None and await disconnected():
-                    raise asyncio.CancelledError("the client disconnected") from None
+
+class _Watch:
+    """What ends a request's wait for the engine early: its deadline (loop time), and its client gone. The client is
+    looked at every CLIENT_CHECK_S whether results arrive or not: a sequence that yields a token every step (a
+    stop string to look for) would otherwise never look."""
+
+    def __init__(self, deadline: float, limit_s: float, disconnected: Callable[[], object] | None):
+        self.loop = asyncio.get_running_loop()
+        self.deadline, self.limit_s, self.disconnected = deadline, limit_s, disconnected
+        self.next_look = self.loop.time() + CLIENT_CHECK_S
+
+    async def check(self) -> float:
+        """Raises GenerationTimeout or ClientDisconnected; else how long to wait before the next check."""
+        now = self.loop.time()
+        if now >= self.deadline:
+            raise GenerationTimeout(f"generation took longer than the limit of {self.limit_s:g} s")
+        if now >= self.next_look:
+            self.next_look = now + CLIENT_CHECK_S
+            if self.disconnected is not None and await self.disconnected():
+                raise ClientDisconnected("the client disconnected")
+        return min(self.deadline, self.next_look) - now
+
+
+async def _newest(results: asyncio.Queue, watch: _Watch):
+    """The newest result of a sequence. Results are cumulative, so when several are waiting only the last counts
+    (the loop catches up instead of decoding each)."""
+    while True:
+        wait = await watch.check()
+        try:
+            out = await asyncio.wait_for(results.get(), timeout=wait)
+        except TimeoutError:
+            continue
+        while not results.empty() and not out.is_finished():
+            out = results.get_nowait()
+        return out
 
 
 class SequentialEngine(_Admission):

@@ -3,13 +3,14 @@
 Chat models answer on /v1/chat/completions through the chat template saved with them; every model answers on
 /v1/completions with the prompt encoded as plain text, as instruction and pretraining data were trained. Every
 request goes through one continuous-batching engine (engine.py); every error is answered in OpenAI's shape.
+GET /_tessera/engine says what the server is working on (requests being answered, sequences being generated).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import secrets
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -17,34 +18,41 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tasks.serve.api import ApiError, ChatRequest, CompletionRequest, Reply, parse_body, sse, usage
-from tasks.serve.engine import EngineError, GenerationTimeout, QueueFull, Sampling, engine_for
+from tasks.serve.engine import ClientDisconnected, GenerationTimeout, QueueFull, Sampling, engine_for
 from tasks.serve.loading import load_registered
 from tessera.generation import prompt_ids
-from tessera.serving import ServeSettings
+from tessera.serving import ServeSettings, authorized, read_body
 
 MODEL_URI_ENV = "TESSERA_MODEL_URI"
 API_KEY_ENV = "TESSERA_API_KEY"
 
-api = FastAPI(title="Tessera model endpoint")
 
-
-@api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unknown routes, wrong methods
     return await _api_error(request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
 
 
-@api.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
 
+def _answering_in_openais_shape(app: FastAPI) -> FastAPI:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
+    return app
+
+
+api = _answering_in_openais_shape(FastAPI(title="Tessera model endpoint"))  # OpenAI's API, under /v1
+stats = _answering_in_openais_shape(FastAPI(title="Tessera model endpoint: its state"))  # under /_tessera
+
+
 @bentoml.service(name="tessera-chat", traffic={"timeout": 3600})
 @bentoml.asgi_app(api, path="/v1")
+@bentoml.asgi_app(stats, path="/_tessera")
 class ChatService:
     def __init__(self) -> None:
         self.model_uri = os.environ[MODEL_URI_ENV]
@@ -53,6 +61,13 @@ class ChatService:
         loaded = load_registered(self.model_uri)
         self.tokenizer, self.task = loaded.tokenizer, loaded.task
         self.engine = engine_for(loaded.model, loaded.tokenizer, self.settings)
+        self.answering = 0  # requests whose answer is being made (a stream: while it is being sent)
+
+    @stats.get("/engine")
+    async def engine_state(self, request: Request) -> dict:
+        """What the server is working on: requests being answered, sequences the engine is generating."""
+        self._authorize(request)
+        return {"requests": self.answering, "sequences": self.engine.in_progress()}
 
     @api.get("/models")
     async def models(self, request: Request) -> dict:
@@ -78,20 +93,16 @@ class ChatService:
     # ---- the request: who, how big, what it asks ----
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {self.api_key}"):
+        if not authorized(request.headers.get("authorization"), self.api_key):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
     async def _read(self, request: Request, model):
-        """The parsed body. An oversized body is read to its end before the 413, so the client hears the answer."""
+        """The parsed body."""
         self._authorize(request)
-        limit, raw, over = self.settings.max_body_bytes, bytearray(), False
-        async for part in request.stream():
-            over = over or len(raw) + len(part) > limit
-            if not over:
-                raw += part
-        if over:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes")
-        body = parse_body(bytes(raw), request.headers.get("content-type"), model)
+        raw = await read_body(request.stream(), self.settings.max_body_bytes)
+        if raw is None:
+            raise ApiError(413, f"the request body is over the limit of {self.settings.max_body_bytes} bytes")
+        body = parse_body(raw, request.headers.get("content-type"), model)
         body.check_supported(self.settings.max_n)
         return body
 
@@ -128,16 +139,30 @@ class ChatService:
         prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:
             return StreamingResponse(self._events(reply, workers, deltas, prompt_tokens, body.include_usage), media_type="text/event-stream")
+        return await self._whole(reply, workers, deltas, prompt_tokens)
+
+    @contextlib.contextmanager
+    def _answer(self):
+        """Counted in `answering` while it lasts."""
+        self.answering += 1
+        try:
+            yield
+        finally:
+            self.answering -= 1
+
+    async def _whole(self, reply: Reply, workers, deltas: asyncio.Queue, prompt_tokens: int) -> dict:
+        """The answer in one body, once every choice is finished."""
         texts, finishes, generated = [""] * len(workers), [None] * len(workers), [0] * len(workers)
         try:
-            for _ in workers:
-                while True:
-                    index, delta = await _take(deltas)
-                    texts[index] += delta.text
-                    generated[index] = delta.completion_tokens
-                    if delta.finish_reason:
-                        finishes[index] = delta.finish_reason
-                        break
+            with self._answer():
+                for _ in workers:
+                    while True:
+                        index, delta = await _take(deltas)
+                        texts[index] += delta.text
+                        generated[index] = delta.completion_tokens
+                        if delta.finish_reason:
+                            finishes[index] = delta.finish_reason
+                            break
         finally:
             for worker in workers:
                 worker.cancel()
@@ -145,10 +170,12 @@ class ChatService:
 
     async def _pump(self, index: int, ids: list[int], sampling: Sampling, deadline: float, request: Request,
                     deltas: asyncio.Queue, stream: bool):
+        """One sequence's deltas into `deltas`, then how it ended if not finished: the response waits on `deltas`
+        alone, so every end (a timeout, a client gone, a failure) must be put there, or it would wait forever."""
         try:
             async for delta in self.engine.generate(ids, sampling, deadline, request.is_disconnected, incremental=stream):
                 deltas.put_nowait((index, delta))
-        except (GenerationTimeout, EngineError) as exc:
+        except Exception as exc:  # noqa: BLE001 - answered by _take
             deltas.put_nowait((index, exc))
 
     async def _events(self, reply: Reply, workers, deltas: asyncio.Queue, prompt_tokens: int, include_usage: bool):
@@ -156,20 +183,21 @@ class ChatService:
         chunk when asked for, then [DONE]. A timeout or engine failure ends the stream with an error chunk."""
         generated = [0] * len(workers)
         try:
-            if reply.chat:
-                for index in range(len(workers)):
-                    yield reply.chunk(index, "", role=True)
-            for _ in workers:
-                while True:
-                    index, delta = await _take(deltas)
-                    generated[index] = delta.completion_tokens
-                    if delta.text:
-                        yield reply.chunk(index, delta.text)
-                    if delta.finish_reason:
-                        yield reply.chunk(index, "", delta.finish_reason)
-                        break
-            if include_usage:
-                yield reply.usage_chunk(usage(prompt_tokens, sum(generated)))
+            with self._answer():
+                if reply.chat:
+                    for index in range(len(workers)):
+                        yield reply.chunk(index, "", role=True)
+                for _ in workers:
+                    while True:
+                        index, delta = await _take(deltas)
+                        generated[index] = delta.completion_tokens
+                        if delta.text:
+                            yield reply.chunk(index, delta.text)
+                        if delta.finish_reason:
+                            yield reply.chunk(index, "", delta.finish_reason)
+                            break
+                if include_usage:
+                    yield reply.usage_chunk(usage(prompt_tokens, sum(generated)))
         except ApiError as exc:
             yield sse(exc.body())
         finally:
@@ -179,10 +207,12 @@ class ChatService:
 
 
 async def _take(deltas: asyncio.Queue):
-    """The next (choice index, Delta); an engine failure becomes the ApiError it is answered with."""
+    """The next (choice index, Delta); how a sequence ended early becomes the ApiError it is answered with."""
     index, delta = await deltas.get()
     if isinstance(delta, GenerationTimeout):
         raise ApiError(504, str(delta), code="timeout")
-    if isinstance(delta, EngineError):
-        raise ApiError(500, f"generation failed: {delta}")
+    if isinstance(delta, ClientDisconnected):  # nobody reads this answer: it only ends the response
+        raise ApiError(499, str(delta), code="client_disconnected")
+    if isinstance(delta, Exception):
+        raise ApiError(500, f"generation failed: {type(delta).__name__}: {delta}")
     return index, delta
