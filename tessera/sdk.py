@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -172,12 +173,26 @@ def _submit(config: RunConfig) -> TrainingRun:
     return get(config.name)
 
 
+@contextmanager
+def _prefect_api(action: str):
+    """A client of the Prefect server at PREFECT_API_URL; a server that cannot be reached is one message, naming it."""
+    import httpx
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            yield client
+    except httpx.TransportError as exc:
+        raise TesseraError(
+            f"could not reach the Prefect server at {os.environ.get('PREFECT_API_URL')} to {action}: {exc} "
+            "(start it, or unset PREFECT_API_URL for runs started here)"
+        ) from None
+
+
 def _prefect_state(record: RunRecord) -> RunRecord:
     """A run a worker executes, as Prefect sees it: its flow run's state mapped onto the service's statuses, and a
     run no worker has picked up QUEUED, saying which pool nobody polls. Nothing is marked FAILED from here."""
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:
+    with _prefect_api(f"read the state of run {record.config.name}") as client:
         flow_run = client.read_flow_run(record.prefect_flow_run_id)
         state = flow_run.state.type.value if flow_run.state else "PENDING"
         status = PREFECT_STATUSES.get(state, RunStatus.UNKNOWN)
@@ -246,10 +261,9 @@ def _flow_run_on_server(record: RunRecord):
     or None: a run fm.create started here without a server has its flow run on its own process's API."""
     if not (record.prefect_flow_run_id and os.environ.get("PREFECT_API_URL")):
         return None
-    from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    with _prefect_api(f"cancel run {record.config.name}") as client:
         try:
             return client.read_flow_run(record.prefect_flow_run_id)
         except ObjectNotFound:
@@ -260,10 +274,9 @@ def _cancel_flow_run(flow_run_id, grace: float = 60) -> None:
     """Cancel a flow run as the Prefect UI does: Cancelling, which Prefect's server turns into Cancelled at once for
     a run no worker has picked up, and which the worker of a started one acts on by stopping its process. Waits up to
     `grace` for it to end, as _stop waits for a process."""
-    from prefect import get_client
     from prefect.states import Cancelling
 
-    with get_client(sync_client=True) as client:
+    with _prefect_api(f"cancel flow run {flow_run_id}") as client:
         client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the user"))
         deadline = time.monotonic() + grace
         while not client.read_flow_run(flow_run_id).state.is_final() and time.monotonic() < deadline:

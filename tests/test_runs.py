@@ -395,3 +395,27 @@ def test_get_events_follows_a_run_until_it_finishes_and_list_filters_by_time(hom
     assert [r.name for r in fm.list(created_after=created - dt.timedelta(seconds=1))] == ["followed"]
     assert fm.list(created_after=created + dt.timedelta(seconds=1)) == []
     assert fm.list(created_before=created) == [] and [r.name for r in fm.list(created_before=created + dt.timedelta(seconds=1))] == ["followed"]
+
+
+def test_a_prefect_server_that_cannot_be_reached_is_one_message_naming_it(fresh_home, monkeypatch):
+    """A run submitted to a deployment is read and cancelled through PREFECT_API_URL: with that server down, get and
+    cancel say so in one line (no httpx traceback), and the cancel changes nothing in the record."""
+    import socket
+
+    from tessera import foundation_model as fm
+    from tessera import runs
+    from tessera.errors import TesseraError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    _record(status="QUEUED", prefect_flow_run_id=str(uuid.uuid4()))
+    before = runs._record_file("run-1").read_bytes()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):  # Prefect read its settings when this process imported it
+        for call in (fm.get, fm.cancel):
+            with pytest.raises(TesseraError, match=f"^could not reach the Prefect server at {url} to read the state of run run-1: "):
+                call("run-1")
+    assert runs._record_file("run-1").read_bytes() == before
