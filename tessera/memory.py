@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from tessera.errors import ConfigError
+from tessera.training import loss_chunk_tokens
 
 GB = 10**9  # what every message and `--gpu-memory 80GB` mean by a GB
 CPU_RAM_SHARE = 0.8  # of psutil's available RAM: the rest stays for the OS, page cache and other processes
@@ -29,8 +30,6 @@ CPU_RAM_SHARE = 0.8  # of psutil's available RAM: the rest stays for the OS, pag
 MAX_MICRO_ROWS = 8
 MAX_MICRO_TOKENS = {"cpu": 2048, "cuda": 16384}
 
-# tasks/train/loss.py's LOSS_CHUNK_BYTES (that module imports torch; tests/test_memory.py checks they agree).
-LOSS_CHUNK_BYTES = 256 * 1024**2
 # A loss chunk at its peak, in copies of the chunk's fp32 logits: the fused loss holds the matmul's logits (bf16
 # under autocast), their fp32 log-softmax (made in place into the softmax gradient) and its bf16 cast, beside an
 # fp32 gradient of the head's weight. 3.5 was measured (3.4-3.6) for the autograd loss it replaced, which also
@@ -212,7 +211,7 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
     else:
         activations = tokens * layers * layer + layers * cast_weights
     activations += rows * context_length**2 + tokens * 8 * h  # the boolean mask; the final norm's input and output
-    chunk = min(max(64, LOSS_CHUNK_BYTES // (4 * arch.vocab_size)), tokens)
+    chunk = min(loss_chunk_tokens(arch.vocab_size), tokens)
     # the chunk; the gathered hidden states; the fp32 gradient of the head's weight, accumulated over the chunks
     # before autograd adds it to the weight's own gradient (2.1 GB for a 128k vocabulary at hidden size 4096)
     loss = int(LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4) + tokens * 4 * h + 4 * arch.vocab_size * h

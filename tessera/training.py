@@ -16,6 +16,15 @@ from tessera.config import Duration, TaskType, TrainingSettings
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
 
+# The fused loss (tasks/train/loss.py) makes the logits of this many bytes of fp32 at a time; the memory plan
+# (tessera/memory.py, which must not import torch) counts the same chunk.
+LOSS_CHUNK_BYTES = 256 * 1024**2
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Trained positions in one chunk of the fused loss (at least 64)."""
+    return max(64, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
 # Output-layer features the fused loss (tasks/train/loss.py) does not compute: it takes the logits as
 # hidden @ head_weight.T, so a model with one of these would train on another function than the one it serves.
 UNSUPPORTED_HEAD_FEATURES = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tasks.train import loss as fused
+from tessera import training
 
 V, D, N = 300, 32, 150  # vocabulary, hidden size, trained positions
 
@@ -16,7 +17,7 @@ def test_gradients_of_hidden_states_and_head_weight_match_autograd(monkeypatch, 
     """fp32, several chunks: the gradients the forward pass computes are autograd's, to 1e-5. With tied embeddings
     the head weight is also the input embedding, so its gradient adds both uses; `scale` is the loss normalizer
     (loss / trained tokens) that the backward pass applies."""
-    monkeypatch.setattr(fused, "LOSS_CHUNK_BYTES", 64 * 4 * V)  # 64 positions a chunk: 3 chunks
+    monkeypatch.setattr(training, "LOSS_CHUNK_BYTES", 64 * 4 * V)  # 64 positions a chunk: 3 chunks
     torch.manual_seed(0)
     weight = torch.randn(V, D, dtype=torch.float64).float().requires_grad_()
     targets = torch.randint(0, V, (N,))

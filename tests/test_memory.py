@@ -50,13 +50,6 @@ def test_from_config_reads_gqa_defaults():
     assert Architecture.from_config(config).num_key_value_heads == 4
 
 
-def test_loss_chunk_matches_the_trainers():
-    from tasks.train import loss
-    from tessera import memory
-
-    assert memory.LOSS_CHUNK_BYTES == loss.LOSS_CHUNK_BYTES
-
-
 def test_checkpointing_and_context_scale_activations():
     def act(t, rows, ckpt):
         return estimate(SMOLLM2_135M, "cpu", t, rows, precision="bf16", activation_checkpointing=ckpt).parts["activations"]

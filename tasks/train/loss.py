@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.training import IGNORE_INDEX
-
-LOSS_CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk
-
-
-def chunk_tokens(vocab_size: int) -> int:
-    return max(64, LOSS_CHUNK_BYTES // (4 * vocab_size))
+from tessera.training import IGNORE_INDEX, loss_chunk_tokens
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -35,7 +29,7 @@ def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tenso
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
-    step = chunk_tokens(w.shape[0])
+    step = loss_chunk_tokens(w.shape[0])
     with torch.autocast(h.device.type, enabled=False):
         for start in range(0, targets.numel(), step):
             hc, tc = h[start : start + step], targets[start : start + step]

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from tasks.train import distributed
-from tasks.train.data import PackedRows, Step, rank_micro_batches, steps
+from tasks.train.data import PackedRows, Step, steps
+from tasks.train.evaluation import summed_loss
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import Reporter, fail, progress_line
@@ -99,13 +99,7 @@ def train_step(model, params: list[torch.Tensor], optimizer, step: Step, lr: flo
 
 def evaluate(model, rows: PackedRows, job: TrainJob, pad_id: int, dtype, device, rank: int, world: int) -> float:
     """Mean loss per trained token over the whole eval set, each rank taking every world-th row."""
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    model.eval()
-    with torch.no_grad(), autocast(dtype, device):
-        for part in rank_micro_batches(np.arange(len(rows)), rank, world, job.micro_rows):
-            ids, labels, pos = (t.to(device) for t in rows.batch(part, pad_id))
-            total += loss_sum(model, ids, labels, pos).double()
-    model.train()
+    total = summed_loss(model, rows, pad_id, job.micro_rows, dtype, device, rank, world)
     return float(distributed.sum_over_ranks([total], device)[0]) / max(1, int(rows.trained.sum()))
 
 
