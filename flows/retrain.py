@@ -15,7 +15,8 @@ from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import check_inputs, report_data
 from tessera import runs
-from tessera.config import TaskType, TrainingSettings
+from tessera.config import RunParameters, TaskType, TrainingSettings
+from tessera.forms import described
 
 
 @flow(
@@ -25,6 +26,22 @@ from tessera.config import TaskType, TrainingSettings
     on_failure=[promote.on_failure],
     on_crashed=[promote.on_failure],
     on_cancellation=[promote.on_cancellation],
+)
+@described(
+    RunParameters,
+    register_to="catalog.schema.model: every retrain is a new version of this one model",
+    eval_data_path="held-out data, the same for every retrain: the new version and the champion are scored on it "
+    "(refused when it is the training data: the same path, content or table version)",
+    serve_to="a named endpoint to serve @champion behind afterwards (started if new, else updated)",
+    metric="what decides, lower is better: eval_loss (mean per trained token) or eval_perplexity; bits per byte "
+    "instead when the two models' tokenizers differ",
+    promotion_margin="how much better the new version must be: a fraction of the champion's value (relative) or an "
+    "amount of the metric (absolute); 0: strictly better",
+    margin_mode="relative or absolute",
+    source_version="the data's version, for ordering: a volume's observation sequence from the watcher's event (a "
+    "table's own Delta version is used when the data is a table); a source older than the champion's is refused",
+    force="retrain even when this data and configuration are already registered, or the source is older",
+    run_name="the run's name (default: derived from the model and the flow run)",
 )
 def retrain(
     model: str,
@@ -50,34 +67,8 @@ def retrain(
     run_name: str | None = None,
 ) -> promote.RetrainResult | State:
     """Retrain `model` on the latest `train_data_path` into the three-part `register_to`, and promote the new version
-    to @champion only if it beats the current one on `eval_data_path`.
-
-    Args:
-        model: base model: a catalog name (tessera models), a Hugging Face id or a local directory
-        train_data_path: the training data (a table is read at its latest version, pinned for the run)
-        register_to: catalog.schema.model: every retrain is a new version of this one model
-        eval_data_path: held-out data, the same for every retrain: the new version and the champion are scored on it
-            (refused when it is the training data: the same path, content or table version)
-        task_type: what the data is and how the model learns from it
-        eval_prompts: prompts answered (greedily) at each evaluation and at the end
-        custom_weights_path: start from these weights instead of the base model's
-        training_duration: <n>ep epochs, <n>ba optimizer steps or <n>tok tokens
-        learning_rate: peak learning rate (default: the model catalog's, else 1e-5)
-        context_length: tokens per packed row
-        validate_inputs: check the inputs before starting
-        data_prep_cluster_id: Spark for data prep: sc://host:port, local[*] or spark://...
-        experiment_path: MLflow experiment (default /Users/<you>/tessera)
-        training_config: Tessera's training settings
-        serve_to: a named endpoint to serve @champion behind afterwards (started if new, else updated)
-        metric: what decides, lower is better: eval_loss (mean per trained token) or eval_perplexity
-        promotion_margin: how much better the new version must be: a fraction of the champion's value (relative) or
-            an amount of the metric (absolute); 0: strictly better
-        margin_mode: relative or absolute
-        source_version: the data's version, for ordering: a volume's observation sequence from the watcher's event
-            (a table's own Delta version is used when the data is a table); a source older than the champion's is refused
-        force: retrain even when this data and configuration are already registered, or the source is older
-        run_name: the run's name (default: derived from the model and the flow run)
-    """
+    to @champion only if it beats the current one on `eval_data_path`. The run's parameters are RunParameters'
+    (tests/test_run_parameters.py keeps them equal); the form's descriptions come from it, and from the gate's own below."""
     parameters = promote.run_parameters(runtime.flow_run.parameters)
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
     record = runs.ensure_record(name, parameters)

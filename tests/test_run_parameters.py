@@ -10,17 +10,29 @@ from tessera.config import RunParameters, TrainingSettings, build_run_config
 from tessera.errors import ConfigError
 
 
-def test_sdk_and_flow_take_exactly_the_run_parameters_with_their_defaults():
+def test_sdk_and_every_flow_of_a_run_take_exactly_the_run_parameters_with_their_defaults():
+    """The SDK and each flow that runs a training take RunParameters' fields with its defaults, plus their own extras
+    (retrain requires eval_data_path: its gate scores on it), and the Prefect form describes each as RunParameters
+    does unless the flow says what it means there."""
+    from prefect.utilities.callables import parameter_schema
+
     from flows.finetune import finetune
+    from flows.retrain import retrain
     from tessera import sdk
 
-    for fn, extra in ((sdk.create, set()), (finetune.fn, {"run_name"})):
+    retrain_extras = {"metric", "promotion_margin", "margin_mode", "source_version", "force", "run_name"}
+    for fn, extra, required in ((sdk.create, set(), set()), (finetune.fn, {"run_name"}, set()),
+                                (retrain.fn, retrain_extras, {"eval_data_path"})):
         sig = inspect.signature(fn).parameters
         assert set(sig) - extra == set(RunParameters.model_fields), fn
         for name, field in RunParameters.model_fields.items():
             if name == "training_config" or field.is_required():
                 continue
-            assert sig[name].default == field.default, (fn, name)
+            expected = inspect.Parameter.empty if name in required else field.default
+            assert sig[name].default == expected, (fn, name)
+    form = parameter_schema(retrain).properties
+    for name in ("model", "train_data_path", "training_duration", "context_length", "learning_rate"):
+        assert form[name]["description"] == " ".join(RunParameters.model_fields[name].description.split()), name
 
 
 def test_cli_create_has_an_option_for_every_run_parameter():
