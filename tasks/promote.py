@@ -30,9 +30,9 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare import PreparedData, lineage
-from tasks.register import RegisteredVersion
+from tasks.register import RegisteredVersion, source_tags
 from tasks.validate import eval_is_training_data
-from tessera import runs
+from tessera import registry, runs
 from tessera.config import RunConfig, RunParameters, TaskType
 from tessera.errors import ConfigError, TesseraError
 from tessera.tracking import mlflow_client
@@ -104,15 +104,6 @@ def config_hash(config: RunConfig) -> str:
         if values.get(field):
             values[field] = _PINNED.sub("", values[field])
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def source_tags(params: dict[str, str]) -> dict[str, str]:
-    """The source's identity as the register stage tags it, from the lineage params the train stage logs."""
-    if params.get("source.version"):
-        return {"train_data_version": params["source.version"]}
-    if params.get("source.fingerprint") and params.get("source.kind") in ("jsonl", "text_folder"):
-        return {"train_data_content_hash": params["source.fingerprint"]}
-    return {}
 
 
 def already_registered(versions: list[tuple[str, dict]], identity: dict[str, str], hashed: str) -> str | None:
@@ -264,22 +255,11 @@ class RetrainPlan(BaseModel):
 
 
 def _champion(client, name: str):
-    from mlflow.exceptions import MlflowException
-
+    """The @champion ModelVersion, None while there is none (the model may not be registered yet)."""
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no such model yet, or no champion
+        return registry.resolve(f"models:/{name}@{CHAMPION}", client)
+    except registry.NotRegistered:
         return None
-
-
-def _versions(client, name: str) -> list[tuple[str, dict]]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return []
-    return [(str(v.version), dict(v.tags)) for v in sorted(found, key=lambda v: int(v.version), reverse=True)]
 
 
 def plan(config: RunConfig, source_version: int | None = None, force: bool = False) -> RetrainPlan:
@@ -300,7 +280,8 @@ def plan(config: RunConfig, source_version: int | None = None, force: bool = Fal
         registered_model=name, config_hash=config_hash(config), source_tags=identity, source_version=source_version,
         champion=f"models:/{name}/{champion.version}" if champion else None,
     )
-    existing = already_registered(_versions(client, name), identity, result.config_hash)
+    registered = [(str(v.version), dict(v.tags)) for v in registry.versions(client, name)]
+    existing = already_registered(registered, identity, result.config_hash)
     older = older_than_champion(source_version, dict(champion.tags) if champion else None)
     data = f"{source.display} ({', '.join(f'{k} {v[:12]}' for k, v in identity.items()) or 'no version'})"
     if existing and not force:
@@ -346,22 +327,16 @@ class Score(BaseModel):
 
 
 def score_on(model, prepared_path: str, pad_id: int = 0, micro_rows: int = EVAL_MICRO_ROWS) -> Score:
-    """The loss over the whole prepared set (the trainer's loss code, in fp32, no dropout)."""
-    import numpy as np
+    """The loss over the whole prepared set, in fp32 (the trainer's evaluation loop)."""
     import torch
 
     from tasks.train.data import PackedRows
-    from tasks.train.loss import loss_sum
+    from tasks.train.evaluation import summed_loss
 
     rows = PackedRows(prepared_path)
-    model = model.float().eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(rows), micro_rows):
-            ids, labels, pos = (t.to(device) for t in rows.batch(np.arange(start, min(start + micro_rows, len(rows))), pad_id))
-            total += float(loss_sum(model, ids, labels, pos))
-    return Score(loss_sum=total, tokens=int(rows.trained.sum()))
+    model = model.float()
+    total = summed_loss(model, rows, pad_id, micro_rows, torch.float32, next(model.parameters()).device)
+    return Score(loss_sum=float(total), tokens=int(rows.trained.sum()))
 
 
 def registered_score(model_uri: str, prepared: PreparedData) -> Score:

@@ -64,6 +64,17 @@ def _metric(value: float) -> str:
     return f"{value:.6g}"
 
 
+def source_tags(params: dict[str, str]) -> dict[str, str]:
+    """The exact version of the training data, from the lineage params the train stage logs: a Delta table's version,
+    else a file's or folder's content hash. The retrain gate reads these tags to know a version's data (one
+    definition, so that what it looks for is what was written)."""
+    if params.get("source.version"):
+        return {"train_data_version": params["source.version"]}
+    if params.get("source.fingerprint") and params.get("source.kind") in ("jsonl", "text_folder"):
+        return {"train_data_content_hash": params["source.fingerprint"]}
+    return {}
+
+
 def version_tags(config: RunConfig, trained: TrainedModel, client) -> dict[str, str]:
     """Lineage of one registered version: base model, task type, the data and the exact version of it that was read
     (a Delta table's version or a dataset's fingerprint; a file's or folder's content hash), custom weights, the MLflow
@@ -77,10 +88,7 @@ def version_tags(config: RunConfig, trained: TrainedModel, client) -> dict[str, 
         "run_name": config.name,
         "mlflow_run_id": trained.mlflow_run_id,
     }
-    if params.get("source.version"):
-        tags["train_data_version"] = params["source.version"]
-    if params.get("source.fingerprint") and params.get("source.kind") in ("jsonl", "text_folder"):
-        tags["train_data_content_hash"] = params["source.fingerprint"]
+    tags.update(source_tags(params))
     if config.custom_weights_path:
         tags["custom_weights_path"] = config.custom_weights_path
     if "loss" in metrics:

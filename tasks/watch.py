@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -46,7 +45,7 @@ from pydantic import BaseModel
 from tasks import stage_logger
 from tessera import sources
 from tessera.errors import TesseraError
-from tessera.paths import file_lock, is_volume_path, resolve_data_path, tessera_home
+from tessera.paths import file_lock, is_volume_path, resolve_data_path, tessera_home, write_atomic
 
 EVENT = "tessera.data.updated"
 RESOURCE_PREFIX = "tessera.dataset."
@@ -506,15 +505,5 @@ def _load(path: Path, empty: dict) -> dict:
 
 
 def _save(path: Path, data: dict) -> None:
-    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": 1, **data}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The state or the registry, in its file format (1)."""
+    write_atomic(path, json.dumps({"format": 1, **data}, indent=1, sort_keys=True))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tessera import registry
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
 
@@ -64,32 +65,6 @@ def pinned_packages() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in PACKAGES]
 
 
-def resolve_version(client, model_uri: str):
-    """The registered ModelVersion that `models:/name/N`, `models:/name@alias` or `models:/name/latest` names."""
-    if not model_uri.startswith("models:/"):
-        raise TesseraError(f"{model_uri}: a Bento is built from a registered model version (models:/<name>/<version>)")
-    rest = model_uri.removeprefix("models:/").strip("/")
-    try:
-        if "@" in rest:
-            name, alias = rest.rsplit("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = rest.rpartition("/")
-        if not name:
-            raise TesseraError(f"{model_uri}: name a version (models:/<name>/<version>) or an alias (models:/<name>@<alias>)")
-        if version == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise TesseraError(f"{model_uri}: {name} has no versions")
-            return max(versions, key=lambda v: int(v.version))
-        if version.isdigit():
-            return client.get_model_version(name, version)
-        return client.get_latest_versions(name, [version])[0]  # a stage (deprecated in MLflow, still answered)
-    except TesseraError:
-        raise
-    except Exception as exc:
-        raise TesseraError(f"{model_uri}: not found in the registry ({type(exc).__name__}: {exc})") from None
-
-
 def import_registered(model_uri: str):
     """The registered version in BentoML's model store as `<name>:<version>` (imported once; a later build of the
     same version reuses it). Returns (bentoml.Model, canonical models:/name/N URI, task)."""
@@ -97,9 +72,7 @@ def import_registered(model_uri: str):
     import mlflow
     from bentoml.exceptions import NotFound
 
-    from tessera.tracking import mlflow_client
-
-    mv = resolve_version(mlflow_client(), model_uri)
+    mv = registry.resolve(model_uri)
     canonical = f"models:/{mv.name}/{mv.version}"
     tag = f"{tag_part(mv.name)}:{tag_part(str(mv.version))}"
     origin = {"registry_uri": canonical, "run_id": mv.run_id or "", "source": mv.source or ""}

@@ -168,6 +168,7 @@ def cmd_serve(args) -> int:
 
     from tessera import endpoints
     from tessera.paths import apply_engine_defaults
+    from tessera.processes import process_alive
 
     apply_engine_defaults()
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}  # a stop while starting cleans up too
@@ -191,7 +192,7 @@ def cmd_serve(args) -> int:
         while True:
             time.sleep(1)
             record = endpoints.load(record.name)
-            if record.status.value == "STOPPED" or not endpoints.is_ours(record.router_pid, record.router_create_time):
+            if record.status.value == "STOPPED" or not process_alive(record.router_pid, record.router_create_time):
                 print(f"endpoint {record.name} was stopped", file=sys.stderr)
                 return 0 if record.status.value == "STOPPED" else EXIT_FAILED
     except (KeyboardInterrupt, _Stop):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tessera.errors import TesseraError
 from tessera.paths import mlflow_tracking_uri
+from tessera.processes import stop_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +47,8 @@ class Endpoint:
     process: subprocess.Popen
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """`bentoml serve` and its workers, which would outlive it if it alone were stopped."""
+        stop_tree(self.process.pid, grace=30, popen=self.process)
 
     def __enter__(self) -> Endpoint:
         return self

@@ -31,11 +31,9 @@ import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,14 +42,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from tessera import registry
 from tessera.endpoint import REPO_ROOT, free_port, serve_command, serve_env
 from tessera.errors import ConfigError, LockTimeout, TesseraError
-from tessera.paths import apply_engine_defaults, file_lock, mlflow_tracking_uri, tessera_home
+from tessera.paths import apply_engine_defaults, file_lock, tessera_home, write_atomic
+from tessera.processes import create_time, process_alive, stop_tree
 from tessera.serving import ServeSettings
 
 DEFAULT_PORT = 3000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-URI_RE = re.compile(r"models:/([^/@\s]+)(?:/(\d+)|@([A-Za-z0-9_-]+))")
 STATUS_PATH = "/_tessera/router"  # tessera.router's; not imported, so reading records never imports httpx
 
 
@@ -128,17 +127,9 @@ def logs_dir(name: str) -> Path:
 
 # --- names and model URIs ---------------------------------------------------------------------------------
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(registered model, version, alias) of models:/name/N or models:/name@alias."""
-    m = URI_RE.fullmatch(uri)
-    if not m:
-        raise ConfigError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    return m.group(1), m.group(2), m.group(3)
-
-
 def default_name(model_uri: str) -> str:
     """An endpoint's name when none is given: the model's own (last) name, `main.support.bot` -> `bot`."""
-    model = parse_model_uri(model_uri)[0].split(".")[-1]
+    model = registry.parse_model_uri(model_uri).name.split(".")[-1]
     name = re.sub(r"[^A-Za-z0-9_-]", "-", model).strip("-_") or "endpoint"
     return name[:63]
 
@@ -153,42 +144,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def resolve_version(model_uri: str) -> str:
-    """The registered version a URI names now, checked against the MLflow registry (TesseraError if none)."""
-    import logging
-
-    name, version, alias = parse_model_uri(model_uri)
-    from mlflow.exceptions import MlflowException
-
-    from tessera.tracking import mlflow_client
-
-    quiet = [logging.getLogger(n) for n in ("mlflow", "alembic")]
-    levels = [q.level for q in quiet]
-    for q in quiet:  # a fresh store logs its migrations; a user error is one line
-        q.setLevel(logging.WARNING)
-    try:
-        client = mlflow_client()
-        found = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise TesseraError(f"{model_uri}: not in the MLflow registry at {mlflow_tracking_uri()} ({_one_line(exc.message)})") from None
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-    if getattr(found, "status", "READY") not in ("READY", None):
-        raise TesseraError(f"{model_uri}: version {found.version} is {found.status}, not READY")
-    return str(found.version)
-
-
 # --- records ----------------------------------------------------------------------------------------------
 
 def save(record: EndpointRecord) -> EndpointRecord:
     """Write atomically (the router re-reads the file when it changes), readable by its owner only."""
-    path = record_file(record.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{record.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(record.model_dump_json(indent=2))
-    os.replace(tmp, path)
+    write_atomic(record_file(record.name), record.model_dump_json(indent=2))
     return record
 
 
@@ -243,25 +203,6 @@ def _being_changed(name: str) -> bool:
 _children: dict[int, subprocess.Popen] = {}  # started by this process: reaped when stopped
 
 
-def is_ours(pid: int | None, create_time: float | None) -> bool:
-    """Whether `pid` is alive and is the process we started (not a later one that got the same pid)."""
-    import psutil
-
-    if not pid or create_time is None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _create_time(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).create_time()
-
-
 def _spawn(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     """A process in its own session (Ctrl-C in the starting shell, or the end of a flow run, does not reach it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -274,23 +215,10 @@ def _spawn(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     return process
 
 
-def _terminate(pid: int | None, create_time: float | None, grace: float = 30) -> None:
-    """SIGTERM (BentoML and uvicorn finish the requests under way, then exit), then kill what is left of the
-    process group after `grace` seconds."""
-    child = _children.pop(pid, None) if pid else None
-    if is_ours(pid, create_time):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if (child is not None and child.poll() is not None) or not is_ours(pid, create_time):
-                break
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # the session's leftovers (BentoML's workers), or all of it after the grace
-    if child is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=10)
+def _stop_process(pid: int | None, started: float | None, grace: float = 30) -> None:
+    """Stop a router or model server and all it started (BentoML's workers); SIGTERM first, so that it finishes the
+    requests under way. Reaped if this process started it."""
+    stop_tree(pid, started, grace, popen=_children.pop(pid, None))
 
 
 def _http(url: str, api_key: str | None = None, body: dict | None = None, timeout: float = 2) -> tuple[int, bytes]:
@@ -331,7 +259,7 @@ def _start_backend(name: str, model_uri: str, version: str, api_key: str | None)
     env = serve_env(model_uri, api_key)
     process = _spawn(serve_command("127.0.0.1", port), env, log)
     return Backend(model_uri=model_uri, version=version, url=f"http://127.0.0.1:{port}", pid=process.pid,
-                   create_time=_create_time(process.pid), log=str(log), started_at=now(), settings=ServeSettings.from_env(env))
+                   create_time=create_time(process.pid), log=str(log), started_at=now(), settings=ServeSettings.from_env(env))
 
 
 def _wait_ready(backend: Backend, api_key: str | None, timeout: float) -> None:
@@ -339,7 +267,7 @@ def _wait_ready(backend: Backend, api_key: str | None, timeout: float) -> None:
     log = Path(backend.log)
     while True:
         child = _children.get(backend.pid)
-        if (child is not None and child.poll() is not None) or not is_ours(backend.pid, backend.create_time):
+        if (child is not None and child.poll() is not None) or not process_alive(backend.pid, backend.create_time):
             code = f" with code {child.returncode}" if child is not None else ""
             reason = _startup_error(log)
             raise BackendFailed(f"the model server exited{code}" + (f": {reason}" if reason else ""))
@@ -377,7 +305,7 @@ def _bring_up(record: EndpointRecord, model_uri: str, version: str, timeout: flo
         _wait_ready(candidate, record.api_key, timeout)
         check_generation(candidate.url, record.api_key)
     except BaseException:
-        _terminate(candidate.pid, candidate.create_time, grace=10)
+        _stop_process(candidate.pid, candidate.create_time, grace=10)
         raise
     return candidate
 
@@ -420,7 +348,7 @@ def _start_router(record: EndpointRecord, timeout: float = 60) -> None:
     log = logs_dir(record.name) / "router.log"
     command = [sys.executable, "-m", "tessera.router", str(record_file(record.name)), "--host", record.host, "--port", str(record.port)]
     process = _spawn(command, dict(os.environ), log)
-    record.router_pid, record.router_create_time = process.pid, _create_time(process.pid)
+    record.router_pid, record.router_create_time = process.pid, create_time(process.pid)
     save(record)
     deadline = time.monotonic() + timeout
     while _http(record.local_url + STATUS_PATH, record.api_key)[0] != 200:
@@ -442,7 +370,7 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
     `port` None: 3000 if free, else any free port. `follow` (default: whether the URI is an alias) makes
     `update` re-resolve the alias; `follow=False` on an alias pins the version it points at now.
     """
-    registered, version_part, alias = parse_model_uri(model_uri)
+    registered, _, alias = registry.parse_model_uri(model_uri)
     name = check_name(name or default_name(model_uri))
     if not api_key and host not in LOOPBACK:
         print(f"warning: endpoint {name} listens on {host} without an API key: anyone who can reach it can use the model "
@@ -460,7 +388,7 @@ def serve(model_uri: str, name: str | None = None, host: str = "127.0.0.1", port
                     f"change its model with: tessera endpoints update {name} --model URI, or pick another --name"
                 )
             _stop_processes(existing, grace=10)  # what is left of a failed one
-        version = resolve_version(model_uri)
+        version = str(registry.resolve(model_uri).version)
         if port is None:
             port = DEFAULT_PORT if _port_free(host, DEFAULT_PORT) else free_port(host)
         elif not _port_free(host, port):
@@ -497,26 +425,26 @@ def update(name: str, model_uri: str | None = None, follow: bool | None = None, 
     TesseraError says why. An update of an endpoint that another command is changing waits for it to end."""
     with _changing(name, wait=True):
         record = get(name)
-        if not is_ours(record.router_pid, record.router_create_time) or record.status is EndpointStatus.STOPPED:
+        if not process_alive(record.router_pid, record.router_create_time) or record.status is EndpointStatus.STOPPED:
             raise TesseraError(f"endpoint {name} is {record.status.value}, not serving: start it with tessera serve")
         target = model_uri or record.model_uri
-        registered, _, alias = parse_model_uri(target)
+        registered, _, alias = registry.parse_model_uri(target)
         if follow is None:
             follow = alias is not None if model_uri else record.follow
         if follow and alias is None:
             raise ConfigError(f"{target}: only an alias (models:/<name>@<alias>) can be followed")
-        version = resolve_version(target)
+        version = str(registry.resolve(target).version)
         pinned = f"models:/{registered}/{version}"
         served_uri = target if follow else pinned
         old = record.backend
-        live = old is not None and is_ours(old.pid, old.create_time)
+        live = old is not None and process_alive(old.pid, old.create_time)
         if live and old.model_uri == pinned:
             record.details = f"already serving version {version} ({served_uri}); nothing to do"
             record.model_uri, record.follow = served_uri, follow
             return save(record.model_copy(update={"status": EndpointStatus.READY}))
         record = load(name)
         if record.candidate is not None:  # left by an update that was killed
-            _terminate(record.candidate.pid, record.candidate.create_time, grace=10)
+            _stop_process(record.candidate.pid, record.candidate.create_time, grace=10)
             record.candidate = None
         record.status = EndpointStatus.UPDATING
         try:
@@ -545,16 +473,16 @@ def update(name: str, model_uri: str | None = None, follow: bool | None = None, 
             try:
                 _wait_drained(record, old)
             finally:  # interrupted or not, nothing refers to the old server any more
-                _terminate(old.pid, old.create_time)
+                _stop_process(old.pid, old.create_time)
         return record
 
 
 def _stop_processes(record: EndpointRecord, grace: float = 30) -> None:
     """The router first (it finishes the requests under way), then the backends."""
-    _terminate(record.router_pid, record.router_create_time, grace)
+    _stop_process(record.router_pid, record.router_create_time, grace)
     for backend in (record.candidate, record.backend):
         if backend is not None:
-            _terminate(backend.pid, backend.create_time, grace)
+            _stop_process(backend.pid, backend.create_time, grace)
 
 
 def stop(name: str, grace: float = 30) -> EndpointRecord:
@@ -574,8 +502,8 @@ def current(record: EndpointRecord) -> EndpointRecord:
     if status is EndpointStatus.STOPPED:
         return record
     in_progress = status in (EndpointStatus.STARTING, EndpointStatus.UPDATING) and _being_changed(record.name)
-    router_ok = is_ours(record.router_pid, record.router_create_time)
-    backend_ok = record.backend is not None and is_ours(record.backend.pid, record.backend.create_time)
+    router_ok = process_alive(record.router_pid, record.router_create_time)
+    backend_ok = record.backend is not None and process_alive(record.backend.pid, record.backend.create_time)
     if in_progress:
         pass
     elif status is EndpointStatus.FAILED and not router_ok:

@@ -136,3 +136,29 @@ def replacing_dir(out: Path) -> Iterator[Path]:
         out.rename(previous)
     staging.rename(out)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """The one durable atomic write: readers in other processes see the old file or the new one, never half of one,
+    and a crash (of the process or the machine) right after it returns loses neither. A temp file beside `path`
+    (same file system, so the rename is atomic; mode 0600, so a record holding an API key is its owner's only) is
+    written and fsynced, renamed over `path`, then the folder is fsynced so that the rename itself is on disk."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,8 @@ from pydantic import BaseModel
 
 from tessera.config import RunConfig, RunParameters, new_run_name
 from tessera.errors import TesseraError
-from tessera.paths import file_lock, runs_dir
+from tessera.paths import file_lock, runs_dir, write_atomic
+from tessera.processes import CREATE_TIME_TOLERANCE, create_time, process_alive
 
 
 class RunStatus(str, Enum):
@@ -72,12 +72,7 @@ def _record_file(name: str) -> Path:
 
 def save(record: RunRecord) -> RunRecord:
     """Write atomically: readers in other processes never see half a record."""
-    path = _record_file(record.config.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".run-")
-    with os.fdopen(fd, "w") as f:
-        f.write(record.model_dump_json(indent=2))
-    os.replace(tmp, path)
+    write_atomic(_record_file(record.config.name), record.model_dump_json(indent=2))
     return record
 
 
@@ -108,35 +103,8 @@ def this_host() -> str:
 
 
 def process_identity(pid: int) -> dict:
-    """The fields that name a process beyond its pid: its start time and this host."""
-    import psutil
-
-    try:
-        create_time = psutil.Process(pid).create_time()
-    except psutil.Error:  # gone already: no start time, so no live process can ever match it
-        create_time = 0.0
-    return {"pid": pid, "pid_create_time": create_time, "host": this_host()}
-
-
-CREATE_TIME_TOLERANCE = 1.0  # seconds: a start time read twice can differ by clock adjustments, never a reused pid's
-
-
-def process_alive(pid: int | None, create_time: float | None = None) -> bool:
-    """Whether `pid` runs here (not a zombie) and, given its start time, is that very process, not a later one that
-    got the same pid."""
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < CREATE_TIME_TOLERANCE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # exists, but we may not look at it
-        return create_time is None
+    """The fields that name a run's process beyond its pid: its start time and this host."""
+    return {"pid": pid, "pid_create_time": create_time(pid), "host": this_host()}
 
 
 def on_other_host(record: RunRecord) -> bool:
@@ -153,13 +121,7 @@ def process_gone(record: RunRecord) -> bool:
     if not process_alive(record.pid):  # a record from before start times were kept: the pid, and what else is known
         return True
     if record.started_at is not None:  # a process started after the run was already running is not the run's
-        import psutil
-
-        try:
-            started = psutil.Process(record.pid).create_time()
-        except psutil.Error:
-            return False
-        return started > record.started_at.timestamp() + CREATE_TIME_TOLERANCE
+        return create_time(record.pid) > record.started_at.timestamp() + CREATE_TIME_TOLERANCE
     return False
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from tessera.catalog import ModelSpec, catalog
 from tessera.config import RunConfig, RunParameters, build_run_config
 from tessera.errors import TesseraError
 from tessera.paths import apply_engine_defaults, tessera_home
+from tessera.processes import stop_tree
 from tessera.runs import RunRecord, RunStatus
 from tessera.sources import check_inputs
 
@@ -79,11 +79,6 @@ class TrainingRun(BaseModel):
 
     def get_events(self) -> list[dict]:
         return get_events(self.name)
-
-
-def _alive(pid: int | None, create_time: float | None = None) -> bool:
-    """Whether `pid` runs here and (given its start time) is the very process recorded, not a reuse of its pid."""
-    return runs.process_alive(pid, create_time)
 
 
 def _current(record: RunRecord) -> RunRecord:
@@ -238,24 +233,6 @@ def list(  # noqa: A001 - the SDK's name
     return found[:limit] if limit else found
 
 
-def _stop(pid: int, create_time: float | None = None, grace: float = 60) -> None:
-    """SIGTERM the run's process, which Prefect turns into a crash of the flow: the train stage then stops
-    torchrun and its workers, and Prefect its own API server. Whatever is left after `grace` is killed."""
-    if not _alive(pid, create_time):  # gone, or its pid reused by another process: nothing of ours to signal
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while _alive(pid, create_time) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # fm.create started it as the leader of its own process group
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _flow_run_on_server(record: RunRecord):
     """The run's flow run on the Prefect server at PREFECT_API_URL (a run of a deployment, queued or on a worker),
     or None: a run fm.create started here without a server has its flow run on its own process's API."""
@@ -273,7 +250,7 @@ def _flow_run_on_server(record: RunRecord):
 def _cancel_flow_run(flow_run_id, grace: float = 60) -> None:
     """Cancel a flow run as the Prefect UI does: Cancelling, which Prefect's server turns into Cancelled at once for
     a run no worker has picked up, and which the worker of a started one acts on by stopping its process. Waits up to
-    `grace` for it to end, as _stop waits for a process."""
+    `grace` for it to end, as a run started here gets to end."""
     from prefect.states import Cancelling
 
     with _prefect_api(f"cancel flow run {flow_run_id}") as client:
@@ -300,8 +277,8 @@ def cancel(run_or_name: TrainingRun | str) -> None:
     record = runs.update(run.name, status=RunStatus.TERMINATING)
     if flow_run is not None:
         _cancel_flow_run(flow_run.id)
-    elif record.pid:
-        _stop(record.pid, record.pid_create_time)
+    elif record.pid:  # its SIGTERM reaches the flow as a crash, torchrun and its workers as a stop
+        stop_tree(record.pid, record.pid_create_time, grace=60)
     runs.stop(run.name, "cancelled by the user")
 
 

@@ -153,7 +153,7 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
     from tessera import foundation_model as fm
     from tessera.tracking import mlflow_client as tracking_client
     from tessera import runs
-    from tessera.sdk import _alive
+    from tessera.processes import process_alive
 
     path = write_jsonl(home / "chat.jsonl", DATA)
     run = fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.finetuning.never",
@@ -166,9 +166,9 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
     fm.cancel(run.name)
     assert fm.get(run.name).status.value == "STOPPED"
     deadline = time.time() + 30
-    while _alive(record_pid) and time.time() < deadline:
+    while process_alive(record_pid) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _alive(record_pid)
+    assert not process_alive(record_pid)
     job_file = str(runs.run_dir(run.name) / "train_job.json")
     workers = subprocess.run(["pgrep", "-f", job_file], capture_output=True, text=True).stdout.split()
     assert workers == []

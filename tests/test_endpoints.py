@@ -394,7 +394,7 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
             state = httpx.get(f"{url}/_tessera/router", headers={"Authorization": f"Bearer {KEY}"}).json()
             assert state["backend"] == two and state["inflight"] == {}
         finally:
-            endpoints._terminate(record.router_pid, record.router_create_time, grace=10)
+            endpoints._stop_process(record.router_pid, record.router_create_time, grace=10)
 
 
 def test_a_rollout_drains_the_old_server_for_as_long_as_its_requests_may_run():

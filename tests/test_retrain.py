@@ -13,7 +13,8 @@ import pytest
 
 from conftest import chat, write_jsonl
 from tasks import promote
-from tasks.promote import already_registered, config_hash, decide, older_than_champion, source_tags
+from tasks.promote import already_registered, config_hash, decide, older_than_champion
+from tasks.register import source_tags
 from tessera.config import TaskType, build_run_config
 from tessera.errors import ConfigError
 

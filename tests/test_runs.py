@@ -248,11 +248,11 @@ def test_a_live_process_of_the_recorded_start_time_is_alive(fresh_home):
 def test_a_reused_pid_is_dead(fresh_home):
     from tessera import foundation_model as fm
     from tessera import runs
-    from tessera.sdk import _alive
+    from tessera.processes import process_alive
 
     started = psutil.Process().create_time()
     _record(pid=os.getpid(), pid_create_time=started - 1000, host=runs.this_host())  # our pid, another process's start
-    assert not _alive(os.getpid(), started - 1000) and _alive(os.getpid(), started)
+    assert not process_alive(os.getpid(), started - 1000) and process_alive(os.getpid(), started)
     run = fm.get("run-1")
     assert run.status.value == "FAILED" and f"process ({os.getpid()}) exited unexpectedly" in run.details
 
@@ -297,12 +297,12 @@ def test_records_from_before_start_times_still_load_and_judge_by_what_they_have(
 
 
 def test_cancel_never_signals_a_process_that_only_has_the_runs_pid(fresh_home):
-    from tessera.sdk import _stop
+    from tessera.processes import stop_tree
 
     other = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         real = psutil.Process(other.pid).create_time()
-        _stop(other.pid, real - 1000, grace=0)  # the pid of a run that ended; someone else's process has it now
+        stop_tree(other.pid, real - 1000, grace=0)  # the pid of a run that ended; someone else's process has it now
         time.sleep(0.2)
         assert other.poll() is None
     finally:

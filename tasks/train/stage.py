@@ -22,6 +22,7 @@ from tessera.catalog import ResolvedModel, resolve_model
 from tessera.config import RunConfig
 from tessera.errors import TesseraError
 from tessera.paths import mlflow_tracking_uri
+from tessera.processes import stop_tree
 from tessera.tracking import experiment_id, mlflow_client
 from tessera.run_plan import RunPlan, plan_run
 from tessera.training import TrainJob
@@ -38,16 +39,6 @@ def torchrun_command(job_file: str, nproc: int) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "tasks.train.worker", job_file,
     ]
-
-
-def stop_torchrun(proc: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM first: torchrun then stops its workers (they run in sessions of their own); SIGKILL if it hangs."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
@@ -105,7 +96,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
                 log.info(line.rstrip())
                 progress.update(line)
         except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
-            stop_torchrun(proc)
+            stop_tree(proc.pid, grace=30, popen=proc)  # torchrun and its workers, which a killed torchrun would leave
             raise
     if proc.returncode != 0:
         raise TesseraError(failure_reason(list(tail), proc.returncode, plan))

@@ -1,0 +1,123 @@
+"""Processes we started: whether a pid is still the very process we started, and stopping it with all it started.
+
+A pid alone names nothing for long: once its process ends and is reaped, the kernel may give the pid to another
+one. So a process is known by its pid and its start time (psutil's create_time), and only a process that still
+matches both is ever signalled.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import suppress
+from subprocess import Popen, TimeoutExpired
+
+# seconds: psutil derives a start time from the boot time, which clock adjustments move, so two reads of one
+# process's start time can differ by a moment; a reused pid's start time differs by the life of the first process
+CREATE_TIME_TOLERANCE = 1.0
+
+
+def create_time(pid: int) -> float:
+    """The start time of `pid` now; 0.0 when it is gone already, which no live process can ever match."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _live(pid: int | None, started: float | None):
+    """psutil's handle on `pid` if it runs (a zombie has exited: it is only waiting to be reaped) and, given its
+    start time, is that very process; None otherwise. Raises psutil.AccessDenied where we may not look at it."""
+    import psutil
+
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if started is not None and abs(proc.create_time() - started) >= CREATE_TIME_TOLERANCE:
+            return None
+        return proc
+    except psutil.NoSuchProcess:
+        return None
+
+
+def process_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether `pid` runs here and, given its start time, is the process started then, not a later one that got
+    the same pid. Without a start time (records from before they were kept), any live process of that pid."""
+    import psutil
+
+    try:
+        return _live(pid, started) is not None
+    except psutil.Error:  # exists, but we may not look at it: only a pid alone can be said to run
+        return started is None
+
+
+def _running(proc) -> bool:
+    """Whether a process collected earlier still runs: psutil's is_running also checks its start time."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list, timeout: float, popen: Popen | None) -> list:
+    """Wait up to `timeout` for `procs` to end; the ones still running. Polls rather than psutil.wait_procs, which
+    waits out its timeout on a zombie that nobody reaps; reaps `popen` when it ends, so it leaves no zombie."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if popen is not None:
+            popen.poll()
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _tree(root) -> list:
+    """The process and all its descendants, collected before any is signalled: a child in a session of its own
+    (torchrun's workers, BentoML's) is still a child now, but is reparented, out of reach, once its parent dies."""
+    import psutil
+
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [root]
+
+
+def _signal(procs: list, how: str) -> None:
+    """`terminate` or `kill` each: psutil signals a process only while its start time still matches."""
+    import psutil
+
+    for proc in procs:
+        with suppress(psutil.Error):
+            getattr(proc, how)()
+
+
+def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, popen: Popen | None = None) -> None:
+    """Stop a process and everything it started, within `grace` seconds. The process gets SIGTERM first, so that it
+    stops its own in order (the flow runs its hooks on its Prefect API, then stops it; torchrun and BentoML stop
+    their workers); whatever it leaves behind gets SIGTERM when it has ended, and whatever still runs at the end of
+    the grace SIGKILL. Nothing is signalled unless `pid` is still the process started at `started` (or, given the
+    `popen` that started it, that process has not ended), so a reused pid is never touched. `popen` is reaped."""
+    import psutil
+
+    try:
+        root = None if popen is not None and popen.poll() is not None else _live(pid, started)
+    except psutil.Error:  # we may not look at it, so it is not ours to stop
+        root = None
+    if root is not None:
+        deadline = time.monotonic() + grace
+        procs = _tree(root)
+        _signal(procs[:1], "terminate")
+        _wait_gone(procs[:1], grace, popen)
+        _signal(procs[1:], "terminate")
+        _signal(_wait_gone(procs, deadline - time.monotonic(), popen), "kill")
+        _wait_gone(procs, 5, popen)
+    if popen is not None:
+        with suppress(TimeoutExpired):
+            popen.wait(timeout=10)

@@ -1,0 +1,39 @@
+"""tessera.registry: what a models:/ URI names, and its lookup in a real (embedded) MLflow registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera import registry
+from tessera.errors import ConfigError
+
+
+def test_a_uri_names_a_version_latest_or_an_alias():
+    assert registry.parse_model_uri("models:/main.s.bot/3") == ("main.s.bot", "3", None)
+    assert registry.parse_model_uri("models:/main.s.bot/latest") == ("main.s.bot", "latest", None)
+    assert registry.parse_model_uri("models:/main.s.bot@champion") == ("main.s.bot", None, "champion")
+    for bad in ("nope:/1", "models:/bot", "models:/bot/Production", "models:/a/b/1", "models:/bot@", "models:/bot/1 "):
+        with pytest.raises(ConfigError, match="expected models:/<name>/<version> or models:/<name>@<alias>"):
+            registry.parse_model_uri(bad)
+
+
+def test_resolve_finds_a_version_by_number_latest_and_alias_and_names_the_uri_when_missing(home):
+    from tessera.tracking import mlflow_client
+
+    client = mlflow_client()
+    client.create_registered_model("m")
+    with pytest.raises(registry.NotRegistered, match=r"^models:/m/latest: not in the MLflow registry at sqlite:///.*no versions"):
+        registry.resolve("models:/m/latest")
+    for _ in range(2):
+        client.create_model_version("m", source="file:///nowhere")
+    client.set_registered_model_alias("m", "champion", "1")
+
+    assert str(registry.resolve("models:/m/2").version) == "2"
+    assert str(registry.resolve("models:/m/latest", client).version) == "2"
+    assert str(registry.resolve("models:/m@champion").version) == "1"
+    assert [int(v.version) for v in registry.versions(client, "m")] == [2, 1]
+    assert registry.versions(client, "nope") == []
+    for missing in ("models:/nope/1", "models:/m/3", "models:/m@gone", "models:/nope@champion"):
+        with pytest.raises(registry.NotRegistered, match=f"^{missing}: not in the MLflow registry at sqlite:///") as err:
+            registry.resolve(missing)
+        assert "\n" not in str(err.value)
