@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from pydantic import BaseModel
 from tessera import registry
 from tessera.endpoint import REPO_ROOT, free_port, serve_command, serve_env
 from tessera.errors import ConfigError, LockTimeout, TesseraError
-from tessera.paths import apply_engine_defaults, file_lock, tessera_home, write_atomic
+from tessera.paths import apply_engine_defaults, file_lock, is_locked, tessera_home, write_atomic
 from tessera.processes import create_time, process_alive, stop_tree
 from tessera.serving import ServeSettings
 
@@ -186,16 +185,7 @@ def _changing(name: str, wait: bool = False):
 
 def _being_changed(name: str) -> bool:
     """Whether another process is serving, updating or stopping the endpoint now."""
-    path = _lock_file(name)
-    if name in _held or not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return name not in _held and is_locked(_lock_file(name))
 
 
 # --- processes --------------------------------------------------------------------------------------------

@@ -113,6 +113,23 @@ def file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def is_locked(path: Path) -> bool:
+    """Whether another holder has `file_lock` on `path` now: a probe that takes and drops a shared lock at once,
+    never waiting (so a reader can tell a command at work from a record its dead holder left behind)."""
+    import fcntl
+
+    path = Path(path)
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def home_lock(name: str, timeout: float | None = None):
     """`file_lock` on TESSERA_HOME/.locks/<name>.lock: what processes sharing one home create once (an embedded
     store's schema, a built model, a prepared-data cache entry) is created under it."""

@@ -48,3 +48,25 @@ def test_symlink_inside_the_volume_is_fine(home):
     (volume / "sub" / "a.jsonl").write_text("{}\n")
     os.symlink(volume / "sub" / "a.jsonl", volume / "b.jsonl")
     assert resolve_data_path("/Volumes/main/sales/raw/b.jsonl") == volume / "sub" / "a.jsonl"
+
+
+def test_a_lock_is_seen_held_while_another_holder_has_it(tmp_path):
+    """is_locked probes without waiting: true while a file_lock is held (by any other open of the file), false
+    before, after, and for a lock file that was never made."""
+    import subprocess
+    import sys
+
+    from tessera.paths import file_lock, is_locked
+
+    lock = tmp_path / "endpoint.lock"
+    assert not is_locked(lock) and not lock.exists()  # the probe creates nothing
+    with file_lock(lock):
+        assert is_locked(lock)
+    assert not is_locked(lock)
+    holder = subprocess.Popen([sys.executable, "-c", f"from tessera.paths import file_lock\nimport sys\n"
+                               f"with file_lock({str(lock)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert is_locked(lock)  # held by another process
+    holder.communicate("", timeout=30)
+    assert not is_locked(lock)
