@@ -15,10 +15,10 @@ def _print_run(run) -> None:
     fields = ["name", "status", "model", "task_type", "train_data_path", "register_to", "training_duration",
               "training_config", "created_at", "started_at", "completed_at", "experiment_id", "run_id",
               "registered_model_version", "save_folder", "details"]
+    shown = run.model_dump(mode="json")  # enumerations as their names, settings as a dict
     for f in fields:
-        value = getattr(run, f)
-        if value is not None:
-            print(f"{f:26} {value}")
+        if shown[f] is not None:
+            print(f"{f:26} {shown[f]}")
 
 
 def follow(name: str, poll: float = 1.0) -> int:

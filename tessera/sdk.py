@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from tessera import runs
 from tessera.catalog import ModelSpec, catalog
 from tessera.config import RunConfig, RunParameters, build_run_config
@@ -29,22 +27,11 @@ from tessera.runs import RunRecord, RunStatus
 from tessera.sources import check_inputs
 
 
-class TrainingRun(BaseModel):
-    name: str
+class TrainingRun(RunConfig):
+    """A run as the managed service's SDK returns it: the run's configuration (every parameter, its name and who
+    started it, from the one definition) and where it stands."""
+
     status: RunStatus
-    created_by: str
-    model: str
-    train_data_path: str
-    register_to: str
-    task_type: str
-    eval_data_path: str | None = None
-    eval_prompts: list[str] | None = None
-    custom_weights_path: str | None = None
-    training_duration: str
-    learning_rate: float | None = None
-    context_length: int | None = None
-    data_prep_cluster_id: str | None = None
-    training_config: dict
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
@@ -57,17 +44,11 @@ class TrainingRun(BaseModel):
 
     @classmethod
     def from_record(cls, record: RunRecord) -> TrainingRun:
-        c: RunConfig = record.config
         return cls(
-            **c.model_dump(include={
-                "created_by", "model", "train_data_path", "register_to", "eval_data_path", "eval_prompts",
-                "custom_weights_path", "training_duration", "learning_rate", "context_length", "data_prep_cluster_id",
-                "training_config",
-            }),
-            name=c.name, task_type=c.task_type.value, status=record.status, created_at=record.created_at,
+            **record.config.model_dump(), status=record.status, created_at=record.created_at,
             started_at=record.started_at, completed_at=record.completed_at,
             estimated_end_time=record.estimated_end_time, experiment_id=record.experiment_id, run_id=record.run_id,
-            save_folder=str(runs.run_dir(c.name)), registered_model_version=record.registered_version,
+            save_folder=str(runs.run_dir(record.config.name)), registered_model_version=record.registered_version,
             details=record.details,
         )
 

@@ -222,10 +222,15 @@ def test_fm_cancel_of_a_local_run_shows_its_flow_run_cancelled_in_prefect(home):
         assert time.time() < deadline and not fm.get(run.name).status.finished, (home / "runs" / run.name / "run.log").read_text()[-3000:]
         time.sleep(0.2)
     fm.cancel(run.name)
-    assert fm.get(run.name).status.value == "STOPPED"
-    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-        states = db.execute("SELECT state_type FROM flow_run").fetchall()
-    assert states == [("CANCELLED",)], (home / "runs" / run.name / "run.log").read_text()[-3000:]
+    assert fm.get(run.name).status.value == "STOPPED", fm.get(run.name)
+    deadline = time.time() + 10  # the database may settle a moment after the process ended
+    while True:
+        with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+            states = db.execute("SELECT state_type FROM flow_run").fetchall()
+        if states == [("CANCELLED",)] or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert states == [("CANCELLED",)], (states, (home / "runs" / run.name / "run.log").read_text()[-3000:])
 
 
 # --- 4. liveness: pid, start time, host --------------------------------------------------------------------------
