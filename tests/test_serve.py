@@ -277,8 +277,11 @@ def test_an_api_key_a_full_queue_and_the_time_limit(tight_url):
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "timeout"  # streamed past the limit
     assert events[-1] == "data: [DONE]"
 
-    got, answer = post(tight_url, {"messages": QUESTION, "max_tokens": 400}, key="s3cret")
-    assert got == 504 and answer["error"]["type"] == "timeout_error"
+    # a sequence that runs past the limit is a 504 (one that ends on its own sooner is a 200: try a few prompts)
+    outcomes = [post(tight_url, {"messages": [{"role": "user", "content": f"question {i} " * 8}], "max_tokens": 400},
+                     key="s3cret") for i in range(5)]
+    assert {got for got, _ in outcomes} <= {200, 504}
+    assert any(got == 504 and answer["error"]["type"] == "timeout_error" for got, answer in outcomes), outcomes
     assert post(tight_url, {"messages": QUESTION, "max_tokens": 1}, key="s3cret")[0] == 200  # still serving
 
 
