@@ -21,20 +21,6 @@ def _print_run(run) -> None:
             print(f"{f:26} {shown[f]}")
 
 
-def follow(name: str, poll: float = 1.0) -> int:
-    """Print a run's events as they come; the exit code says how it ended."""
-    from tessera import sdk
-
-    for e in sdk.get_events(name, follow=True, poll=poll):
-        print(f"{e['time'][11:19]} [{e['stage']}] {e['message']}", flush=True)
-    run = sdk.get(name)
-    if run.status.value == "COMPLETED":
-        print(f"run {name} completed: {run.registered_model_version}")
-        return 0
-    print(f"error: run {name} {run.status.value.lower()}: {run.details}", file=sys.stderr)
-    return EXIT_FAILED
-
-
 def run_parameters(args) -> dict:
     """A run's parameters from `--config run.yaml`, then the command line's options, then each `--set key=value`
     (a run parameter or a training_config key); later ones win. Unknown keys are refused, naming them."""
@@ -73,7 +59,7 @@ def cmd_create(args) -> int:
 
     run = sdk.create(**run_parameters(args))
     print(f"started run {run.name} (follow it: tessera runs events {run.name} --follow)", flush=True)
-    return follow(run.name) if args.wait else 0
+    return sdk.print_until_done(run.name) if args.wait else 0
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +99,7 @@ def cmd_runs(args) -> int:
         print(f"run {args.name} stopped")
     elif args.action == "events":
         if args.follow:
-            return follow(args.name)
+            return sdk.print_until_done(args.name)
         for e in sdk.get_events(args.name):
             print(f"{e['time'][11:19]} [{e['stage']}] {e['message']}")
     return 0

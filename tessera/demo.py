@@ -42,7 +42,6 @@ def ask(url: str, messages: list[dict]) -> str:
 
 def run_demo(model: str = "tessera/tiny-chat") -> int:
     from tessera import sdk
-    from tessera.cli import follow
     from tessera.endpoint import start_endpoint
 
     if model not in DEMOS:
@@ -61,7 +60,7 @@ def run_demo(model: str = "tessera/tiny-chat") -> int:
         learning_rate=demo.learning_rate,
     )
     print(f"   run {run.name}, a Prefect flow in the background", flush=True)
-    if follow(run.name) != 0:
+    if sdk.print_until_done(run.name) != 0:
         return 1
     model_uri = sdk.get(run.name).registered_model_version
 

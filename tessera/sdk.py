@@ -283,6 +283,18 @@ def _follow(name: str, poll: float) -> Iterator[dict]:
             time.sleep(poll)
 
 
+def print_until_done(name: str, poll: float = 1.0) -> int:
+    """Print a run's events as they come (the CLI's --wait and --follow, the demo); 0 if it completed, else 1."""
+    for e in get_events(name, follow=True, poll=poll):
+        print(f"{e['time'][11:19]} [{e['stage']}] {e['message']}", flush=True)
+    run = get(name)
+    if run.status.value == "COMPLETED":
+        print(f"run {name} completed: {run.registered_model_version}")
+        return 0
+    print(f"error: run {name} {run.status.value.lower()}: {run.details}", file=sys.stderr)
+    return 1
+
+
 def validate_data(
     train_data_path: str,
     *,

@@ -405,15 +405,12 @@ def test_get_events_follows_a_run_until_it_finishes_and_list_filters_by_time(hom
 def test_a_prefect_server_that_cannot_be_reached_is_one_message_naming_it(fresh_home, monkeypatch):
     """A run submitted to a deployment is read and cancelled through PREFECT_API_URL: with that server down, get and
     cancel say so in one line (no httpx traceback), and the cancel changes nothing in the record."""
-    import socket
-
     from tessera import foundation_model as fm
     from tessera import runs
+    from tessera.endpoint import free_port
     from tessera.errors import TesseraError
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens on it
     monkeypatch.setenv("PREFECT_API_URL", url)
     _record(status="QUEUED", prefect_flow_run_id=str(uuid.uuid4()))
     before = runs._record_file("run-1").read_bytes()

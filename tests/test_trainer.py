@@ -178,7 +178,6 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     """The worker's main() in this process (1 rank): every tensor any collective gets is on the loop's device
     (NCCL reduces nothing else); the eval prompts are answered without loading a second model beside the
     training one and its optimizer; a re-executed run replaces its output and never reuses a stale staging folder."""
-    import socket
 
     import torch
     import torch.distributed as dist
@@ -190,6 +189,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     from tessera import runs
     from tessera.catalog import resolve_model
     from tessera.config import build_run_config
+    from tessera.endpoint import free_port
     from tessera.run_plan import plan_run
 
     _, data = trainer_home
@@ -214,9 +214,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     loads: list = []
     real_load = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: (loads.append(a), real_load(*a, **k))[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     worker.main(job)
