@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -137,6 +138,7 @@ class Hardware(BaseModel):
 GPU_MEMORY_PROBE = "import torch; print(torch.cuda.mem_get_info(0)[1])"
 
 
+@cache  # a GPU's size does not change: one probe per process, not one per plan
 def gpu_memory_bytes() -> int:
     """The first GPU's total memory, read in a process of its own that exits with its CUDA context."""
     import subprocess

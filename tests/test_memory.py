@@ -260,4 +260,5 @@ def test_reading_the_gpu_creates_no_cuda_context_in_this_process(monkeypatch):
     for name in ("get_device_properties", "mem_get_info", "init", "_lazy_init", "set_device", "current_device"):
         monkeypatch.setattr(torch.cuda, name, creates_a_context)
     monkeypatch.setattr(memory, "GPU_MEMORY_PROBE", "print(80 * 10**9)")
+    memory.gpu_memory_bytes.cache_clear()
     assert Hardware.detect() == Hardware(device="cuda", count=2, memory_bytes=80 * GB)
