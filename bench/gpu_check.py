@@ -13,7 +13,7 @@ It prints a line for each of:
            to carry), the same packed batch each step, so the loss must fall
   packed   the packed-isolation check on this device's attention path: each packed example's per-token losses
            equal those of the example alone
-  memory   the memory plan's estimate (tessera/memory.py, runtime overhead left out) against
+  memory   the memory plan's estimate (tessera/core/memory.py, runtime overhead left out) against
            torch.cuda.max_memory_allocated of the steps above
   serve    a generation through the serving stage's batching engine (tasks/serve/engine.py), in-process
 
@@ -70,7 +70,7 @@ def packed_batch(rows: int, context: int, examples: int, vocab: int, device):
     example's first: what the trainer's data loader hands the step."""
     import torch
 
-    from tessera.training import IGNORE_INDEX
+    from tessera.core.training import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, context), generator=generator)
@@ -87,7 +87,7 @@ def check_train(model, device, rows: int, context: int, steps: int) -> tuple[boo
     from tasks.train.data import Step
     from tasks.train.precision import autocast, compute_dtype
     from tasks.train.worker import train_step
-    from tessera.training import IGNORE_INDEX
+    from tessera.core.training import IGNORE_INDEX
 
     dtype = compute_dtype("bf16", device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,7 +123,7 @@ def check_packed(model, device, context: int) -> bool:
     import torch.nn.functional as F
 
     from tasks.train.precision import autocast, compute_dtype
-    from tessera.training import IGNORE_INDEX
+    from tessera.core.training import IGNORE_INDEX
 
     examples = 4
     ids, labels, pos = packed_batch(1, context, examples, model.config.vocab_size, device)
@@ -153,7 +153,7 @@ def check_packed(model, device, context: int) -> bool:
 def check_memory(model_config: dict, device, rows: int, context: int) -> bool:
     import torch
 
-    from tessera.memory import RUNTIME_BYTES, Architecture, estimate
+    from tessera.core.memory import RUNTIME_BYTES, Architecture, estimate
 
     if device.type != "cuda":
         return report("memory", True, "skipped: torch.cuda.max_memory_allocated needs a GPU")
@@ -172,8 +172,8 @@ def check_serve(model_dir: Path, device) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.serve.engine import Sampling, engine_for
-    from tessera.generation import prompt_ids
-    from tessera.serving import ServeSettings
+    from tessera.core.generation import prompt_ids
+    from tasks.serve.settings import ServeSettings
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -208,7 +208,7 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.train import distributed
-    from tessera.tiny_model import build_tiny_chat
+    from tessera.core.tiny_model import build_tiny_chat
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU here: run with --device cpu to check the script itself", file=sys.stderr)

@@ -12,7 +12,7 @@ its fastest pass counts, so that a busy moment on the machine does not lower the
         `encode_batch` and `encode_batch_fast` (no offsets) are timed; L is the faster.
   P     the usual recipe: datasets.load_dataset("json") -> batched map tokenizing prompt and response with a
         completion mask -> trl.pack_dataset(strategy="bfd") -> save_to_disk.
-  ours  tasks.prepare.prepare, the pipeline's own entry point: read -> validate -> tokenize with loss masks
+  ours  tasks.prepare.stage.prepare, the pipeline's own entry point: read -> validate -> tokenize with loss masks
         -> pack -> rows on disk (including hashing the input for the cache key).
 P and ours are timed from the JSONL file to data on disk, their libraries imported beforehand (a cost a
 process pays once). tokens/s divides every token of every example (prompt with special tokens, response,
@@ -243,8 +243,8 @@ def side_recipe(data: Path, model: Path, context_length: int, work: Path) -> dic
 
 def side_ours(data: Path, model: Path, context_length: int, work: Path) -> dict:
     os.environ["TESSERA_HOME"] = str(work / "tessera-home")
-    from tasks.prepare import prepare
-    from tessera.config import build_run_config
+    from tasks.prepare.stage import prepare
+    from tessera.core.config import build_run_config
 
     import_before_the_clock(model)
 

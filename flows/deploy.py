@@ -1,11 +1,11 @@
 """Serve a registered model: one stage, a version or alias behind a named endpoint (health-checked rollout, rolled
-back if the new version fails its check). Composition only; logic is in tasks/deploy.py and tessera/endpoints.py."""
+back if the new version fails its check). Composition only; logic is in tasks/serve/stage.py and tasks/serve/endpoints.py."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tasks.deploy import deploy_endpoint
+from tasks.serve.stage import deploy_endpoint
 
 
 @flow(name="deploy-endpoint")

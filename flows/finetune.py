@@ -7,14 +7,14 @@ from __future__ import annotations
 from prefect import flow, runtime
 from prefect.states import Cancelled, State
 
-from tasks.deploy import deploy_endpoint
-from tasks.prepare import prepare_data
+from tasks.serve.stage import deploy_endpoint
+from tasks.prepare.stage import prepare_data
 from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import check_inputs, report_data
-from tessera import runs
-from tessera.config import RunParameters, TaskType, TrainingSettings
-from tessera.forms import described
+from tessera.core import runs
+from tessera.core.config import RunParameters, TaskType, TrainingSettings
+from tessera.core.forms import described
 
 
 @flow(
@@ -45,7 +45,7 @@ def finetune(
     run_name: str | None = None,
 ) -> str | State:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
-    The parameters are tessera.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
+    The parameters are tessera.core.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
     record = runs.ensure_record(name, runtime.flow_run.parameters)
     if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing

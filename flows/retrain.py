@@ -1,7 +1,7 @@
 """The retraining DAG: validate (eval data held out) -> [one at a time per model: plan (idempotent, in order) ->
 prepare -> report -> train -> register (@challenger) -> evaluate against @champion -> promote or reject] -> move the
 endpoints that follow @champion -> optionally serve @champion behind `serve_to`. Composition only; logic is in tasks/
-(tasks/promote.py, tasks/deploy.py, and the finetune stages)."""
+(tasks/promote.py, tasks/serve/stage.py, and the finetune stages)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from prefect import flow, runtime
 from prefect.states import Cancelled, State
 
 from tasks import promote
-from tasks.deploy import deploy_endpoint, update_endpoints
-from tasks.prepare import prepare_data
+from tasks.serve.stage import deploy_endpoint, update_endpoints
+from tasks.prepare.stage import prepare_data
 from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import check_inputs, report_data
-from tessera import runs
-from tessera.config import RunParameters, TaskType, TrainingSettings
-from tessera.forms import described
+from tessera.core import runs
+from tessera.core.config import RunParameters, TaskType, TrainingSettings
+from tessera.core.forms import described
 
 
 @flow(

@@ -29,13 +29,13 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tasks.prepare import PreparedData, lineage
+from tasks.prepare.stage import PreparedData, lineage
 from tasks.register import RegisteredVersion, source_tags
 from tasks.validate import eval_is_training_data
-from tessera import registry, runs
-from tessera.config import RunConfig, RunParameters, TaskType
-from tessera.errors import ConfigError, TesseraError
-from tessera.tracking import mlflow_client
+from tessera.core import registry, runs
+from tessera.core.config import RunConfig, RunParameters, TaskType
+from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.tracking import mlflow_client
 
 CHAMPION = "champion"
 Metric = Literal["eval_loss", "eval_perplexity"]  # both lower-is-better, per trained token of the eval set
@@ -154,7 +154,7 @@ def on_failure(flow, flow_run, state) -> None:
 
 
 def on_cancellation(flow, flow_run, state) -> None:
-    hook = getattr(runs, "on_cancellation", None)  # the run record's own hook, where tessera.runs has one
+    hook = getattr(runs, "on_cancellation", None)  # the run record's own hook, where tessera.core.runs has one
     if hook is not None:
         hook(flow, _as_run(flow_run), state)
 
@@ -190,7 +190,7 @@ def _home_flock(name: str, timeout_seconds: float | None):
     holder dies, however it dies. LockTimeout (a TimeoutError) after `timeout_seconds` of waiting."""
     from prefect.settings import get_current_settings
 
-    from tessera.paths import file_lock
+    from tessera.core.paths import file_lock
 
     return file_lock(get_current_settings().home / "tessera-locks" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock", timeout_seconds)
 
@@ -263,7 +263,7 @@ def _champion(client, name: str):
 
 
 def plan(config: RunConfig, source_version: int | None = None, force: bool = False) -> RetrainPlan:
-    from tessera.sources import resolve_source
+    from tessera.core.sources import resolve_source
 
     log = stage_logger()
     source = resolve_source(config.train_data_path, config.task_type, cluster=config.data_prep_cluster_id)
@@ -371,7 +371,7 @@ def trained_texts(task_type: TaskType, data: dict) -> list[str]:
 
 def trained_text_bytes(config: RunConfig, data_path: str) -> int:
     """UTF-8 bytes of the trained text of `data_path`, without template markup: the same for every tokenizer."""
-    from tessera.records import valid_records
+    from tessera.core.records import valid_records
 
     records = valid_records(data_path, config.task_type)
     return sum(len(text.encode()) for r in records for text in trained_texts(config.task_type, r.data))
@@ -380,7 +380,7 @@ def trained_text_bytes(config: RunConfig, data_path: str) -> int:
 def eval_set_for(config: RunConfig, base: str, eval_prepared: PreparedData) -> PreparedData:
     """The eval set as a model trained from `base` reads it: its own tokenizer and template, the same context length
     (the challenger's rows when `base` is the challenger's base model)."""
-    from tasks.prepare import prepare
+    from tasks.prepare.stage import prepare
 
     if base == config.model:
         return eval_prepared
@@ -404,7 +404,7 @@ def evaluate_and_promote(
 ) -> Decision:
     """Score the new version and the incumbent on the same pinned eval set, decide, then record the decision on the
     new version and move @champion (record_on_version). Records it as a table artifact and an event too."""
-    from tessera.catalog import resolve_model
+    from tessera.core.catalog import resolve_model
 
     log = stage_logger()
     client = mlflow_client()

@@ -15,9 +15,9 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.train.stage import TrainedModel
-from tessera import runs
-from tessera.config import RunConfig, TaskType
-from tessera.tracking import mlflow_client
+from tessera.core import runs
+from tessera.core.config import RunConfig, TaskType
+from tessera.core.tracking import mlflow_client
 
 CHALLENGER = "challenger"  # the newest version: the retrain flow compares it with @champion
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate")

@@ -2,7 +2,7 @@
 
 A run's inputs are checked up front (model, context length, paths, columns; tables pinned to a version).
 Every record is then checked by data prep as it streams past, with the same rules the trainer's data
-needs (tessera.records), before anything is written; the token figures of the report come from the
+needs (tessera.core.records), before anything is written; the token figures of the report come from the
 prepared data itself, so the estimate is what training will really see.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.prepare import PreparedData, prepare, row_tokens
-from tessera import runs, sources
-from tessera.catalog import resolve_model
-from tessera.config import RunConfig, TaskType
-from tessera.errors import DataValidationError
-from tessera.records import valid_records
-from tessera.run_plan import plan_run
+from tasks.prepare.stage import PreparedData, prepare, row_tokens
+from tessera.core import runs, sources
+from tessera.core.catalog import resolve_model
+from tessera.core.config import RunConfig, TaskType
+from tessera.core.errors import DataValidationError
+from tessera.core.records import valid_records
+from tessera.core.run_plan import plan_run
 
 MIN_PRETRAIN_TOKENS = 1_500_000
 MAX_EPOCHS = 4

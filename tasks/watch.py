@@ -1,6 +1,6 @@
 """Stage: watch data sources for changes, and say so with a Prefect event that can start a retrain.
 
-A watched source is a data path as a run's `train_data_path` takes it (tessera.sources classifies and
+A watched source is a data path as a run's `train_data_path` takes it (tessera.core.sources classifies and
 resolves it): a Delta table (`catalog.schema.table`, or a folder, local or in a volume, holding a
 `_delta_log`), or a file or folder, local or in a volume (`dbfs:/Volumes/...`). Each check compares a
 source with what the last check saw, kept in `$TESSERA_HOME/watch/state.json` (written atomically, under a
@@ -43,9 +43,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tessera import sources
-from tessera.errors import TesseraError
-from tessera.paths import file_lock, is_volume_path, resolve_data_path, tessera_home, write_atomic
+from tessera.core import sources
+from tessera.core.errors import TesseraError
+from tessera.core.paths import file_lock, is_volume_path, resolve_data_path, tessera_home, write_atomic
 
 EVENT = "tessera.data.updated"
 RESOURCE_PREFIX = "tessera.dataset."
@@ -139,7 +139,7 @@ def watch_dir() -> Path:
 
 
 def resolve_target(path: str) -> Target:
-    """Classify a data path as tessera.sources does, and say what to watch: a Delta table or a file set.
+    """Classify a data path as tessera.core.sources does, and say what to watch: a Delta table or a file set.
     Refuses what cannot be watched (a pinned table version, a dataset split, object storage URLs)."""
     path = path.strip()
     kind = sources.classify(path)  # refuses unsupported schemes

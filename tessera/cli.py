@@ -26,8 +26,8 @@ def run_parameters(args) -> dict:
     (a run parameter or a training_config key); later ones win. Unknown keys are refused, naming them."""
     import yaml
 
-    from tessera.config import RunParameters, TrainingSettings
-    from tessera.errors import ConfigError
+    from tessera.core.config import RunParameters, TrainingSettings
+    from tessera.core.errors import ConfigError
 
     params: dict = {}
     if args.config:
@@ -63,10 +63,10 @@ def cmd_create(args) -> int:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """One option per run parameter (tessera.config.RunParameters), with its description as help."""
+    """One option per run parameter (tessera.core.config.RunParameters), with its description as help."""
     from typing import get_args
 
-    from tessera.config import RunParameters, TaskType
+    from tessera.core.config import RunParameters, TaskType
 
     for name, field in RunParameters.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -139,7 +139,7 @@ def _raise_stop(signum, frame):
 
 
 def cmd_bento(args) -> int:
-    from tessera.bento import bentoml_home, build_bento
+    from tasks.serve.bento import bentoml_home, build_bento
 
     tag = build_bento(args.model_uri, name=args.name, version=args.version)
     print(f"built Bento {tag}; serve it with: BENTOML_HOME={bentoml_home()} bentoml serve {tag} --host 127.0.0.1 --port 3000")
@@ -152,9 +152,9 @@ def cmd_serve(args) -> int:
     import os
     import signal
 
-    from tessera import endpoints
-    from tessera.paths import apply_engine_defaults
-    from tessera.processes import process_alive
+    from tasks.serve import endpoints
+    from tessera.core.paths import apply_engine_defaults
+    from tessera.core.processes import process_alive
 
     apply_engine_defaults()
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}  # a stop while starting cleans up too
@@ -211,7 +211,7 @@ def _print_endpoint(record) -> None:
 
 
 def cmd_endpoints(args) -> int:
-    from tessera import endpoints
+    from tasks.serve import endpoints
 
     if args.action == "list":
         found = endpoints.list_endpoints()
@@ -233,7 +233,7 @@ def cmd_endpoints(args) -> int:
             _print_endpoint(record)
         return 0 if record.status.value in ("READY", "UPDATING", "STARTING", "STOPPED") else EXIT_FAILED
     if args.action == "update":
-        from tessera.paths import apply_engine_defaults
+        from tessera.core.paths import apply_engine_defaults
 
         import signal
 
@@ -263,11 +263,11 @@ def cmd_plan(args) -> int:
     """The memory plan of a run, offline: from the catalog's (or a local config.json's) architecture."""
     from pydantic import ValidationError
 
-    from tessera.catalog import DEFAULT_CONTEXT_CAP, catalog, resolve_model
-    from tessera.config import TrainingSettings
-    from tessera.errors import ConfigError
-    from tessera.memory import Hardware, parameters_text, parse_bytes, plan_memory
-    from tessera.run_plan import resolve_precision
+    from tessera.core.catalog import DEFAULT_CONTEXT_CAP, catalog, resolve_model
+    from tessera.core.config import TrainingSettings
+    from tessera.core.errors import ConfigError
+    from tessera.core.memory import Hardware, parameters_text, parse_bytes, plan_memory
+    from tessera.core.run_plan import resolve_precision
 
     params = run_parameters(args)
     try:
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tessera.errors import ConfigError, TesseraError
+    from tessera.core.errors import ConfigError, TesseraError
 
     try:
         return args.func(args)

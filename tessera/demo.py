@@ -7,8 +7,8 @@ import shutil
 import urllib.request
 from typing import NamedTuple
 
-from tessera.errors import ConfigError
-from tessera.paths import ASSETS_DIR, mlflow_tracking_uri, resolve_data_path, tessera_home
+from tessera.core.errors import ConfigError
+from tessera.core.paths import ASSETS_DIR, mlflow_tracking_uri, resolve_data_path, tessera_home
 
 DEMO_DATA = "dbfs:/Volumes/main/default/demo/chat.jsonl"
 
@@ -42,7 +42,7 @@ def ask(url: str, messages: list[dict]) -> str:
 
 def run_demo(model: str = "tessera/tiny-chat") -> int:
     from tessera import sdk
-    from tessera.endpoint import start_endpoint
+    from tasks.serve.model_server import start_endpoint
 
     if model not in DEMOS:
         raise ConfigError(f"tessera demo --model {model}: the demo runs on {' or '.join(DEMOS)}")

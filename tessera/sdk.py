@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tessera import runs
-from tessera.catalog import ModelSpec, catalog
-from tessera.config import RunConfig, RunParameters, build_run_config
-from tessera.errors import TesseraError
-from tessera.paths import apply_engine_defaults, tessera_home
-from tessera.processes import stop_tree
-from tessera.runs import RunRecord, RunStatus
-from tessera.sources import check_inputs
+from tessera.core import runs
+from tessera.core.catalog import ModelSpec, catalog
+from tessera.core.config import RunConfig, RunParameters, build_run_config
+from tessera.core.errors import TesseraError
+from tessera.core.paths import apply_engine_defaults, tessera_home
+from tessera.core.processes import stop_tree
+from tessera.core.runs import RunRecord, RunStatus
+from tessera.core.sources import check_inputs
 
 
 class TrainingRun(RunConfig):
@@ -105,7 +105,7 @@ def create(
 ) -> TrainingRun:
     """Start a fine-tuning run in the background and return at once; follow it with get()/get_events().
 
-    The parameters are the managed service's (tessera.config.RunParameters describes each), plus
+    The parameters are the managed service's (tessera.core.config.RunParameters describes each), plus
     `training_config`: Tessera's training settings as a dict or the path of a YAML file (TrainingSettings), and
     `serve_to`: a named endpoint that serves the new version once registered (started, or updated in place).
     With `validate_inputs` (the default) the model, context length and data paths are checked here, so a bad
@@ -334,7 +334,7 @@ def _start_prefect_server() -> None:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    from tessera.paths import file_lock
+    from tessera.core.paths import file_lock
 
     with file_lock(Path(settings.home) / ".tessera-server-start.lock"):
         SubprocessASGIServer().start()

@@ -25,7 +25,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from tessera.tiny_model import build_tiny_chat
+    from tessera.core.tiny_model import build_tiny_chat
 
     return build_tiny_chat(tmp_path_factory.mktemp("models") / "tiny-chat")
 
@@ -66,7 +66,7 @@ def home(tmp_path, monkeypatch, tiny_model_dir, prefect_database) -> Path:
 def real_model_dir(request) -> Path:
     """SmolLM2-135M-Instruct converted from the wheel `make real-model` fetched (`make test` does), once for all
     sessions: the conversion takes ~35 s, so it is kept in pytest's cache (.pytest_cache; --cache-clear redoes it)."""
-    from tessera.smollm2 import build_smollm2
+    from tessera.core.smollm2 import build_smollm2
 
     return build_smollm2(request.config.cache.mkdir("tessera-models") / "smollm2-135m-instruct")
 
@@ -88,7 +88,7 @@ EOT_TEMPLATE = (  # a newline after the end-of-turn token, as many templates hav
 @pytest.fixture(scope="session")
 def eot_model_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer whose chat template ends a turn with `<|end_of_turn|>`, which is not its EOS
-    (built as tessera.tiny_model builds tiny-chat, with that other template)."""
+    (built as tessera.core.tiny_model builds tiny-chat, with that other template)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -1,5 +1,5 @@
 """Packaging: a Bento of the serving service with a registered tiny model inside it, built offline by
-`python -m tessera.bento`, then served with `bentoml serve <tag>` with the registry out of reach."""
+`python -m tasks.serve.bento`, then served with `bentoml serve <tag>` with the registry out of reach."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_bento_holds_the_registered_model_and_serves_it(home, tiny_model_dir, tm
     env.pop("BENTOML_HOME", None)
 
     started = time.monotonic()
-    built = subprocess.run([sys.executable, "-m", "tessera.bento", uri], env=env, capture_output=True, text=True, timeout=600)
+    built = subprocess.run([sys.executable, "-m", "tasks.serve.bento", uri], env=env, capture_output=True, text=True, timeout=600)
     build_s = time.monotonic() - started
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     tag = built.stdout.strip().splitlines()[-1]
@@ -64,7 +64,7 @@ def test_bento_holds_the_registered_model_and_serves_it(home, tiny_model_dir, tm
     assert pins["bentoml"] == "1.4.39" and pins["torch"] == "2.13.0" and {"mlflow", "transformers"} <= set(pins)
     manifest = json.loads((bento_dir / "src" / "tessera_bento.json").read_text())
     assert manifest == {**manifest, "model_uri": uri, "bento_model": model_tag, "task": "llm/v1/chat"}
-    for source in ("tasks/serve/service.py", "tasks/serve/loading.py", "tessera/generation.py"):
+    for source in ("tasks/serve/service.py", "tasks/serve/loading.py", "tessera/core/generation.py"):
         assert (bento_dir / "src" / source).is_file()
     assert (bentoml_home / "models" / MODEL / "1" / "mlflow_model" / "MLmodel").is_file()
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tessera.catalog import catalog, resolve_model
-from tessera.errors import TesseraError
+from tessera.core.catalog import catalog, resolve_model
+from tessera.core.errors import TesseraError
 
 MANAGED_SERVICE_MODELS = {
     32768: ["databricks/dbrx-base", "databricks/dbrx-instruct", "mistralai/Mistral-7B-v0.1",

@@ -1,7 +1,7 @@
 import pytest
 
-from tessera.config import build_run_config, parse_duration, parse_register_to
-from tessera.errors import TesseraError
+from tessera.core.config import build_run_config, parse_duration, parse_register_to
+from tessera.core.errors import TesseraError
 
 
 @pytest.mark.parametrize(

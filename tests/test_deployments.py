@@ -41,7 +41,7 @@ def api(url: str, path: str, body=None, method: str = "POST"):
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a free port; yields the environment that points at it."""
-    from tessera.endpoint import free_port
+    from tasks.serve.model_server import free_port
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()

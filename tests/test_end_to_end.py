@@ -40,8 +40,8 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     from openai import OpenAI
 
     from tessera import foundation_model as fm
-    from tessera.endpoint import start_endpoint
-    from tessera.tracking import mlflow_client as tracking_client
+    from tasks.serve.model_server import start_endpoint
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", DATA)
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "eval.jsonl", DATA[:2])
@@ -119,7 +119,7 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
 
 def test_a_malformed_line_fails_the_run_with_path_and_line_and_registers_nothing(home):
 
-    from tessera.tracking import mlflow_client as tracking_client
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     path = write_jsonl(home / "volumes" / "main" / "default" / "raw" / "chat.jsonl", [
         DATA[0], '{"messages": [{"role": "user", "content": "unterminated"', DATA[1],
@@ -151,9 +151,9 @@ def test_cli_user_errors_exit_non_zero_without_traceback(home):
 def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
 
     from tessera import foundation_model as fm
-    from tessera.tracking import mlflow_client as tracking_client
-    from tessera import runs
-    from tessera.processes import process_alive
+    from tessera.core.tracking import mlflow_client as tracking_client
+    from tessera.core import runs
+    from tessera.core.processes import process_alive
 
     path = write_jsonl(home / "chat.jsonl", DATA)
     run = fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.finetuning.never",

@@ -31,7 +31,7 @@ def register_tiny(tiny_model_dir: Path, count: int = 1, broken: bool = False) ->
     import mlflow
     import transformers
 
-    from tessera.tracking import experiment_id, mlflow_client
+    from tessera.core.tracking import experiment_id, mlflow_client
 
     client = mlflow_client()
     pipeline = transformers.pipeline("text-generation", model=str(tiny_model_dir))
@@ -111,9 +111,9 @@ def group_gone(pgid: int) -> bool:
 
 @pytest.mark.slow
 def test_an_endpoint_keeps_its_url_through_updates_and_rolls_back_a_broken_version(home, tiny_model_dir):
-    from tessera import endpoints
-    from tessera.endpoint import free_port
-    from tessera.tracking import mlflow_client
+    from tasks.serve import endpoints
+    from tasks.serve.model_server import free_port
+    from tessera.core.tracking import mlflow_client
 
     assert register_tiny(tiny_model_dir, 2) == ["1", "2"]
     assert register_tiny(tiny_model_dir, 1, broken=True) == ["3"]
@@ -249,7 +249,7 @@ def test_serve_refuses_a_model_that_is_not_registered_before_starting_anything(h
 
 
 def _record(name: str, router: tuple[int, float], backend: tuple[int, float]):
-    from tessera import endpoints
+    from tasks.serve import endpoints
 
     at = endpoints.now()
     server = endpoints.Backend(model_uri=f"models:/{MODEL}/1", version="1", url="http://127.0.0.1:9", pid=backend[0],
@@ -264,8 +264,8 @@ def _record(name: str, router: tuple[int, float], backend: tuple[int, float]):
 def test_status_is_checked_against_the_processes_not_taken_from_the_record(home):
     import psutil
 
-    from tessera import endpoints
-    from tessera.errors import TesseraError
+    from tasks.serve import endpoints
+    from tessera.core.errors import TesseraError
 
     gone = subprocess.Popen(["sleep", "0"])
     gone.wait()
@@ -311,7 +311,7 @@ def fake_backend(version: str):
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from tessera.endpoint import free_port
+    from tasks.serve.model_server import free_port
 
     async def events(request):
         async def gen():
@@ -346,9 +346,9 @@ def fake_backend(version: str):
 def test_the_router_streams_passes_everything_through_and_follows_the_record(home):
     import httpx
 
-    from tessera import endpoints
-    from tessera.endpoint import free_port
-    from tessera.serving import ServeSettings
+    from tasks.serve import endpoints
+    from tasks.serve.model_server import free_port
+    from tasks.serve.settings import ServeSettings
 
     port = free_port()
     record = endpoints.save(endpoints.EndpointRecord(
@@ -398,8 +398,8 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
 
 
 def test_a_rollout_drains_the_old_server_for_as_long_as_its_requests_may_run():
-    from tessera import endpoints
-    from tessera.serving import ServeSettings
+    from tasks.serve import endpoints
+    from tasks.serve.settings import ServeSettings
 
     def backend(**fields):
         return endpoints.Backend(model_uri=f"models:/{MODEL}/1", version="1", url="http://127.0.0.1:9", pid=1, create_time=0,

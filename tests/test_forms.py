@@ -30,7 +30,7 @@ def test_enumerations_are_dropdowns():
 def test_a_parameter_without_a_description_is_refused():
     from pydantic import BaseModel
 
-    from tessera.forms import described
+    from tessera.core.forms import described
 
     class Known(BaseModel):
         a: int

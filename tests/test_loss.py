@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tasks.train import loss as fused
-from tessera import training
+from tessera.core import training
 
 V, D, N = 300, 32, 150  # vocabulary, hidden size, trained positions
 
@@ -53,7 +53,7 @@ def test_gradients_of_hidden_states_and_head_weight_match_autograd(monkeypatch, 
     ],
 )
 def test_output_layers_the_fused_loss_does_not_compute_are_named(config, head_bias, named):
-    from tessera.training import unsupported_head_feature
+    from tessera.core.training import unsupported_head_feature
 
     assert named in unsupported_head_feature(config, head_bias)
     assert unsupported_head_feature({"final_logit_softcapping": None, "logit_scale": 1.0}) is None
@@ -63,8 +63,8 @@ def test_a_soft_capped_model_is_refused_before_any_data_is_read(home, tiny_model
     import json
     import shutil
 
-    from tessera.catalog import resolve_model
-    from tessera.errors import ConfigError
+    from tessera.core.catalog import resolve_model
+    from tessera.core.errors import ConfigError
 
     capped = tmp_path / "capped"
     shutil.copytree(tiny_model_dir, capped)

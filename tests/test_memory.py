@@ -1,4 +1,4 @@
-"""The memory model (tessera/memory.py): its arithmetic, its choices, its refusals, and (slow) its estimate
+"""The memory model (tessera/core/memory.py): its arithmetic, its choices, its refusals, and (slow) its estimate
 against the peak RSS of real training steps of a real pretrained model."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.errors import ConfigError
-from tessera.memory import GB, Architecture, Hardware, estimate, plan_memory
+from tessera.core.errors import ConfigError
+from tessera.core.memory import GB, Architecture, Hardware, estimate, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def measure_peak_rss(model_dir: str, context_length: int, rows: int, precision: 
 
     from tasks.train.loss import loss_sum
     from tasks.train.precision import autocast
-    from tessera.training import IGNORE_INDEX
+    from tessera.core.training import IGNORE_INDEX
 
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
@@ -250,7 +250,7 @@ def test_reading_the_gpu_creates_no_cuda_context_in_this_process(monkeypatch):
     process's torch.cuda, which would create a CUDA context here."""
     import torch
 
-    from tessera import memory
+    from tessera.core import memory
 
     def creates_a_context(*args, **kwargs):
         raise AssertionError("a CUDA context created in the stage's process")

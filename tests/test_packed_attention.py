@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.prepare import IGNORE_INDEX, prepare
+from tasks.prepare.stage import IGNORE_INDEX, prepare
 from tasks.train.data import PackedRows
 from tasks.train.loss import loss_sum
-from tessera.config import build_run_config
+from tessera.core.config import build_run_config
 
 from conftest import chat, write_jsonl
 

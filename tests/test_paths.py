@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from tessera.errors import TesseraError
-from tessera.paths import resolve_data_path
+from tessera.core.errors import TesseraError
+from tessera.core.paths import resolve_data_path
 
 
 def test_volume_paths_resolve_under_the_volumes_root(home):
@@ -56,14 +56,14 @@ def test_a_lock_is_seen_held_while_another_holder_has_it(tmp_path):
     import subprocess
     import sys
 
-    from tessera.paths import file_lock, is_locked
+    from tessera.core.paths import file_lock, is_locked
 
     lock = tmp_path / "endpoint.lock"
     assert not is_locked(lock) and not lock.exists()  # the probe creates nothing
     with file_lock(lock):
         assert is_locked(lock)
     assert not is_locked(lock)
-    holder = subprocess.Popen([sys.executable, "-c", f"from tessera.paths import file_lock\nimport sys\n"
+    holder = subprocess.Popen([sys.executable, "-c", f"from tessera.core.paths import file_lock\nimport sys\n"
                                f"with file_lock({str(lock)!r}):\n    print('held', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-import tasks.prepare as prep
-from tasks.prepare import Tally, map_ahead, prepare, stream_rows, with_progress
-from tessera.config import TaskType, build_run_config
-from tessera.errors import DataValidationError
-from tessera.sources import Record
+import tasks.prepare.stage as prep
+from tasks.prepare.stage import Tally, map_ahead, prepare, stream_rows, with_progress
+from tessera.core.config import TaskType, build_run_config
+from tessera.core.errors import DataValidationError
+from tessera.core.sources import Record
 
 from conftest import chat, write_jsonl
 

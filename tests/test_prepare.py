@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.prepare import (
+from tasks.prepare.stage import (
     IGNORE_INDEX,
     pack_best_fit,
     pack_window,
@@ -14,8 +14,8 @@ from tasks.prepare import (
     tokenize_chats,
     tokenize_instructions,
 )
-from tessera.config import build_run_config
-from tessera.errors import TesseraError
+from tessera.core.config import build_run_config
+from tessera.core.errors import TesseraError
 
 from conftest import chat, write_jsonl
 
@@ -184,7 +184,7 @@ def test_a_batch_tokenizes_exactly_like_one_at_a_time(tokenizer):
 
 def test_rows_hold_every_example_once_and_no_loss_crosses_a_boundary(home, tokenizer, monkeypatch):
     """Several packing windows (a small window here), truncation, and the exact tokens of each example."""
-    import tasks.prepare as prep
+    import tasks.prepare.stage as prep
     from datasets import load_from_disk
 
     monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 1500)
@@ -228,8 +228,8 @@ def test_stats_describe_the_rows_and_the_examples(home, tokenizer):
 
 
 def test_manifest_names_everything_the_rows_depend_on(home):
-    from tessera.sources import resolve_source
-    from tessera.config import TaskType
+    from tessera.core.sources import resolve_source
+    from tessera.core.config import TaskType
 
     path = write_jsonl(home / "chat.jsonl", [chat("q", "a"), chat("q2", "a2")])
     prepared = prepare(run_config(path, context_length=64))
@@ -243,7 +243,7 @@ def test_manifest_names_everything_the_rows_depend_on(home):
 
 
 def test_the_cache_is_reused_without_tokenizing_and_any_input_change_misses_it(home, tiny_model_dir, monkeypatch):
-    import tasks.prepare as prep
+    import tasks.prepare.stage as prep
 
     path = write_jsonl(home / "chat.jsonl", [chat(f"q{i}", f"a{i}") for i in range(10)])
     first = prepare(run_config(path, context_length=64))
@@ -277,7 +277,7 @@ def test_preparing_is_deterministic(home, tmp_path, monkeypatch):
 
 
 def test_documents_are_joined_with_eos_and_cut_into_context_blocks(tokenizer):
-    from tasks.prepare import cut_blocks, tokenize_documents
+    from tasks.prepare.stage import cut_blocks, tokenize_documents
 
     texts = ["The cat sat on the mat. " * (1 + i % 5) for i in range(12)]
     stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from datasets import load_from_disk
 
-from tasks.prepare import prepare
-from tessera.config import build_run_config
-from tessera.errors import DataValidationError, TesseraError
+from tasks.prepare.stage import prepare
+from tessera.core.config import build_run_config
+from tessera.core.errors import DataValidationError, TesseraError
 
 from conftest import chat, write_jsonl
 from test_prepare import unpack
@@ -41,7 +41,7 @@ def sail() -> str:
 def classic() -> str:
     """Classic local Spark, started as Tessera starts it, cutting files into 4 kB partitions: errors and examples
     must come out right across many partitions."""
-    from tessera.sources import _spark
+    from tessera.core.sources import _spark
 
     with _spark(CLASSIC) as spark:
         spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")

@@ -13,8 +13,8 @@ from contextlib import suppress
 import psutil
 import pytest
 
-from tessera.paths import write_atomic
-from tessera.processes import create_time, process_alive, stop_tree
+from tessera.core.paths import write_atomic
+from tessera.core.processes import create_time, process_alive, stop_tree
 
 # a parent that starts a child in a session of its own (as torchrun's workers and BentoML's are), which itself has a
 # child; with "ignore" the parent ignores SIGTERM, as a hung launcher would

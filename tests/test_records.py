@@ -2,9 +2,9 @@
 
 import pytest
 
-from tessera.config import TaskType
-from tessera.errors import ConfigError, DataValidationError, TesseraError
-from tessera.records import chat_errors, instruction_errors, record_errors, supports_system_role, text_errors, valid_records
+from tessera.core.config import TaskType
+from tessera.core.errors import ConfigError, DataValidationError, TesseraError
+from tessera.core.records import chat_errors, instruction_errors, record_errors, supports_system_role, text_errors, valid_records
 
 from conftest import chat, write_jsonl
 
@@ -162,9 +162,9 @@ def test_wrong_files_are_refused_up_front(tmp_path, name, content, expected):
 
 def test_named_errors_reads_only_as_far_as_the_last_error(tmp_path, monkeypatch):
     """With a cluster, Spark counts the bad records and this pass names them: it stops at the last one."""
-    import tessera.records as records
-    from tessera.records import named_errors
-    from tessera.sources import resolve_source
+    import tessera.core.records as records
+    from tessera.core.records import named_errors
+    from tessera.core.sources import resolve_source
 
     path = write_jsonl(tmp_path / "chat.jsonl", [chat("q", "a"), "{oops", chat("q", "a"), {"messages": []}] + [chat("q", "a")] * 50)
     source = resolve_source(str(path), TaskType.CHAT_COMPLETION)

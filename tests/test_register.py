@@ -12,8 +12,8 @@ import pytest
 from tasks import register as register_stage
 from tasks.register import register, serving_requirements
 from tasks.train.stage import TrainedModel
-from tessera import runs
-from tessera.config import build_run_config
+from tessera.core import runs
+from tessera.core.config import build_run_config
 
 JSONL = "dbfs:/Volumes/main/default/raw/chat.jsonl"
 HASH = "ab" * 32
@@ -22,7 +22,7 @@ HASH = "ab" * 32
 def fine_tune(model_dir, register_to: str, *, losses=(2.0, 1.25), eval_loss=None, source=None, **kw):
     """A run record and an MLflow run standing for a finished training run (its loss history and the source params
     the train stage logs); returns the run's config and the TrainedModel the register stage gets."""
-    from tessera.tracking import experiment_id, mlflow_client
+    from tessera.core.tracking import experiment_id, mlflow_client
 
     config = build_run_config(model="tessera/tiny-chat", train_data_path=kw.pop("train_data_path", JSONL),
                               register_to=register_to, **kw)
@@ -53,7 +53,7 @@ def register_twice(model_dir, name: str):
 
 
 def check_versions(name: str, first, second) -> None:
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     client = mlflow_client()
     (config1, run1), (config2, run2) = first, second
@@ -96,7 +96,7 @@ def test_same_fine_tune_twice_adds_version_2_with_challenger(home, tiny_model_di
 
 
 def test_two_part_register_to_names_the_model_after_the_run(home, tiny_model_dir):
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     config, trained = fine_tune(tiny_model_dir, "main.test")
     assert re.fullmatch(r"tiny-chat-[0-9a-f]{6}", config.name)
@@ -131,7 +131,7 @@ def test_a_flow_run_without_run_name_is_named_after_its_model():
 @pytest.mark.slow
 def test_a_remote_tracking_server_registers_and_serves(home, tiny_model_dir, mlflow_server, monkeypatch):
     from tasks.serve.loading import load_registered
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = f"main.remote.bot_{secrets.token_hex(3)}"  # the server lives for the whole session

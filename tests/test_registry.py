@@ -1,11 +1,11 @@
-"""tessera.registry: what a models:/ URI names, and its lookup in a real (embedded) MLflow registry."""
+"""tessera.core.registry: what a models:/ URI names, and its lookup in a real (embedded) MLflow registry."""
 
 from __future__ import annotations
 
 import pytest
 
-from tessera import registry
-from tessera.errors import ConfigError
+from tessera.core import registry
+from tessera.core.errors import ConfigError
 
 
 def test_a_uri_names_a_version_latest_or_an_alias():
@@ -18,7 +18,7 @@ def test_a_uri_names_a_version_latest_or_an_alias():
 
 
 def test_resolve_finds_a_version_by_number_latest_and_alias_and_names_the_uri_when_missing(home):
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     client = mlflow_client()
     client.create_registered_model("m")

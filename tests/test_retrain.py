@@ -15,8 +15,8 @@ from conftest import chat, write_jsonl
 from tasks import promote
 from tasks.promote import already_registered, config_hash, decide, older_than_champion
 from tasks.register import source_tags
-from tessera.config import TaskType, build_run_config
-from tessera.errors import ConfigError
+from tessera.core.config import TaskType, build_run_config
+from tessera.core.errors import ConfigError
 
 TRAIN = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(8)]
 EVAL = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(8, 11)]
@@ -25,7 +25,7 @@ NAME = "main.retrain.bot"
 
 @pytest.fixture(autouse=True)
 def own_mlflow_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tessera.paths honours as the user's setting: without
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tessera.core.paths honours as the user's setting: without
     this, a test after another in one session would use the earlier test's store (and see its models)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -104,7 +104,7 @@ def test_other_tokenizers_are_compared_per_byte_of_the_trained_text():
 def test_the_trained_text_is_what_the_user_wrote_without_markup(home, eot_model_dir):
     """The bytes of a per-byte comparison: assistant turns (or responses) as written, however each tokenizer and
     template splits and wraps them; the scores are the trainer's summed loss over each model's own trained tokens."""
-    from tasks.prepare import prepare
+    from tasks.prepare.stage import prepare
 
     turns = [("what is café?", "a café is a small restaurant"), ("and two plus two?", "four, twice two"), ("hi", "hello")]
     path = write_jsonl(home / "eval.jsonl", [chat(*turns[0], *turns[1]), chat(*turns[2], system="be brief")])
@@ -130,9 +130,9 @@ def test_plan_orders_tables_by_their_delta_version(home, caplog):
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from tessera import runs
-    from tessera.sources import check_inputs
-    from tessera.tracking import mlflow_client
+    from tessera.core import runs
+    from tessera.core.sources import check_inputs
+    from tessera.core.tracking import mlflow_client
 
     location = str(home / "warehouse" / "main" / "sales" / "chats")
     write_deltalake(location, pa.Table.from_pylist(TRAIN[:4]))
@@ -193,7 +193,7 @@ def test_eval_data_that_is_the_training_data_is_refused_naming_eval_data_path(ho
 def test_the_model_lock_holds_one_model_and_lets_others_through(home):
     from prefect.client.orchestration import get_client
 
-    from tessera.paths import apply_engine_defaults
+    from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()  # Prefect's home in TESSERA_HOME, and time enough for its ephemeral server to start
     held, release = threading.Event(), threading.Event()
@@ -263,9 +263,10 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.retrain import retrain
-    from tessera import endpoints, runs
-    from tessera.paths import apply_engine_defaults
-    from tessera.tracking import mlflow_client
+    from tasks.serve import endpoints
+    from tessera.core import runs
+    from tessera.core.paths import apply_engine_defaults
+    from tessera.core.tracking import mlflow_client
 
     apply_engine_defaults()
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "train.jsonl", TRAIN)
@@ -348,8 +349,8 @@ def test_finetune_with_serve_to_ends_with_the_endpoint_serving_the_new_version(h
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.finetune import finetune
-    from tessera import endpoints
-    from tessera.paths import apply_engine_defaults
+    from tasks.serve import endpoints
+    from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()
     write_jsonl(home / "volumes" / "main" / "default" / "raw" / "train.jsonl", TRAIN)

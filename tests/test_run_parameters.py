@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
-from tessera.config import RunParameters, TrainingSettings, build_run_config
-from tessera.errors import ConfigError
+from tessera.core.config import RunParameters, TrainingSettings, build_run_config
+from tessera.core.errors import ConfigError
 
 
 def test_sdk_and_every_flow_of_a_run_take_exactly_the_run_parameters_with_their_defaults():
@@ -44,7 +44,7 @@ def test_cli_create_has_an_option_for_every_run_parameter():
 
 
 def test_worker_job_carries_resolved_training_settings():
-    from tessera.training import TrainJob
+    from tessera.core.training import TrainJob
 
     assert TrainJob.model_fields["settings"].annotation is TrainingSettings
 

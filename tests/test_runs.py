@@ -28,7 +28,7 @@ def fresh_home(tmp_path, monkeypatch):
 
 
 def _config(name="run-1", **overrides):
-    from tessera.config import build_run_config
+    from tessera.core.config import build_run_config
 
     params = dict(model="tessera/tiny-chat", train_data_path="/data/chat.jsonl", register_to="main.ft.bot",
                   training_duration="2ba")
@@ -36,7 +36,7 @@ def _config(name="run-1", **overrides):
 
 
 def _record(name="run-1", status="RUNNING", **fields):
-    from tessera import runs
+    from tessera.core import runs
 
     record = runs.RunRecord(config=_config(name), created_at=runs.now(), status=status, **fields)
     return runs.save(record)
@@ -54,7 +54,7 @@ def _prefect_parameters(config, **changes) -> dict:
 # --- 1. adoption -------------------------------------------------------------------------------------------------
 
 def test_a_flow_run_adopts_a_record_whose_configuration_is_its_parameters(fresh_home):
-    from tessera import runs
+    from tessera.core import runs
 
     saved = runs.save(runs.RunRecord(config=_config().model_copy(update={"created_by": "someone-else"}), created_at=runs.now()))
     # as Prefect passes them (JSON, run_name included) and as a caller might (defaults left out, None for unset)
@@ -65,8 +65,8 @@ def test_a_flow_run_adopts_a_record_whose_configuration_is_its_parameters(fresh_
 
 
 def test_a_flow_run_of_other_parameters_is_refused_naming_each_difference(fresh_home):
-    from tessera import runs
-    from tessera.errors import TesseraError
+    from tessera.core import runs
+    from tessera.core.errors import TesseraError
 
     saved = _record(status="PENDING")
     before = runs._record_file("run-1").read_bytes()
@@ -83,7 +83,7 @@ def test_a_flow_run_of_other_parameters_is_refused_naming_each_difference(fresh_
 
 
 def test_a_table_the_record_pinned_is_the_table_as_given(fresh_home):
-    from tessera import runs
+    from tessera.core import runs
 
     record = runs.save(runs.RunRecord(config=_config(train_data_path="main.sales.chats@v3"), created_at=runs.now()))
     assert runs.ensure_record("run-1", _prefect_parameters(record.config, train_data_path="main.sales.chats")) == record
@@ -91,7 +91,7 @@ def test_a_table_the_record_pinned_is_the_table_as_given(fresh_home):
 
 
 def test_a_flow_run_without_a_record_gets_one_from_its_own_parameters_under_a_model_based_name(fresh_home):
-    from tessera import runs
+    from tessera.core import runs
 
     params = _prefect_parameters(_config(), run_name=None)
     flow_run_id = uuid.uuid4()
@@ -103,7 +103,7 @@ def test_a_flow_run_without_a_record_gets_one_from_its_own_parameters_under_a_mo
 
 
 def test_hooks_of_a_refused_flow_run_leave_the_other_runs_record_alone(fresh_home, monkeypatch):
-    from tessera import runs
+    from tessera.core import runs
 
     monkeypatch.setattr(runs, "_cancelling_in_prefect", lambda flow_run: False)
     saved = _record(status="RUNNING", prefect_flow_run_id=str(uuid.uuid4()))
@@ -121,7 +121,7 @@ def test_hooks_of_a_refused_flow_run_leave_the_other_runs_record_alone(fresh_hom
 # --- 3. a cancel from Prefect ends STOPPED -----------------------------------------------------------------------
 
 def _running_flow_run(monkeypatch, cancelling=False):
-    from tessera import runs
+    from tessera.core import runs
 
     monkeypatch.setattr(runs, "_cancelling_in_prefect", lambda flow_run: cancelling)
     saved = _record(status="PENDING")
@@ -135,7 +135,7 @@ def _running_flow_run(monkeypatch, cancelling=False):
 
 
 def test_a_cancel_from_prefect_ends_the_run_stopped_even_after_the_kill_was_recorded_as_a_crash(fresh_home, monkeypatch):
-    from tessera import runs
+    from tessera.core import runs
 
     flow_run = _running_flow_run(monkeypatch)
     crashed = SimpleNamespace(result=lambda raise_on_failure=False: None, message="Execution was aborted by a termination signal")
@@ -150,7 +150,7 @@ def test_a_cancel_from_prefect_ends_the_run_stopped_even_after_the_kill_was_reco
 
 
 def test_a_crash_while_prefect_is_cancelling_is_recorded_stopped(fresh_home, monkeypatch):
-    from tessera import runs
+    from tessera.core import runs
 
     flow_run = _running_flow_run(monkeypatch, cancelling=True)
     runs.on_failure(None, flow_run, SimpleNamespace(result=lambda raise_on_failure=False: None, message="aborted"))
@@ -158,7 +158,7 @@ def test_a_crash_while_prefect_is_cancelling_is_recorded_stopped(fresh_home, mon
 
 
 def test_a_cancel_never_overwrites_a_completed_run(fresh_home, monkeypatch):
-    from tessera import runs
+    from tessera.core import runs
 
     flow_run = _running_flow_run(monkeypatch)
     runs.on_completion(None, flow_run, None)
@@ -179,7 +179,7 @@ def test_the_finetune_flow_registers_the_cancellation_hook():
 def test_hooks_of_a_cancelled_flow_run_never_reopen_its_record(fresh_home, status):
     """fm.cancel stopped (or is stopping) the run before a worker picked its flow run up: the flow run's hooks
     leave the record as the cancel wrote it."""
-    from tessera import runs
+    from tessera.core import runs
 
     flow_run = _flow_run({}, flow_run_id=uuid.uuid4())
     saved = _record(status=status, prefect_flow_run_id=str(flow_run.id), details="cancelled by the user")
@@ -196,7 +196,7 @@ def test_a_finetune_flow_run_of_a_cancelled_run_ends_cancelled_and_trains_nothin
     import prefect.runtime.flow_run
 
     from flows.finetune import finetune
-    from tessera import runs
+    from tessera.core import runs
 
     saved = _record(status="STOPPED", details="cancelled by the user")
     parameters = _prefect_parameters(saved.config)
@@ -244,7 +244,7 @@ def dead_pid():
 
 def test_a_live_process_of_the_recorded_start_time_is_alive(fresh_home):
     from tessera import foundation_model as fm
-    from tessera import runs
+    from tessera.core import runs
 
     _record(**runs.process_identity(os.getpid()))
     assert fm.get("run-1").status.value == "RUNNING"
@@ -252,8 +252,8 @@ def test_a_live_process_of_the_recorded_start_time_is_alive(fresh_home):
 
 def test_a_reused_pid_is_dead(fresh_home):
     from tessera import foundation_model as fm
-    from tessera import runs
-    from tessera.processes import process_alive
+    from tessera.core import runs
+    from tessera.core.processes import process_alive
 
     started = psutil.Process().create_time()
     _record(pid=os.getpid(), pid_create_time=started - 1000, host=runs.this_host())  # our pid, another process's start
@@ -264,7 +264,7 @@ def test_a_reused_pid_is_dead(fresh_home):
 
 def test_a_dead_process_fails_the_run_and_a_stopping_one_ends_stopped(fresh_home, dead_pid):
     from tessera import foundation_model as fm
-    from tessera import runs
+    from tessera.core import runs
 
     _record("run-1", pid=dead_pid, pid_create_time=1.0, host=runs.this_host())
     _record("run-2", status="TERMINATING", pid=dead_pid, pid_create_time=1.0, host=runs.this_host())
@@ -274,7 +274,7 @@ def test_a_dead_process_fails_the_run_and_a_stopping_one_ends_stopped(fresh_home
 
 def test_a_run_recorded_by_another_host_is_never_failed_here(fresh_home, dead_pid):
     from tessera import foundation_model as fm
-    from tessera.errors import TesseraError
+    from tessera.core.errors import TesseraError
 
     _record(pid=dead_pid, pid_create_time=1.0, host="another-host.example")
     assert fm.get("run-1").status.value == "RUNNING"
@@ -286,7 +286,7 @@ def test_a_run_recorded_by_another_host_is_never_failed_here(fresh_home, dead_pi
 
 def test_records_from_before_start_times_still_load_and_judge_by_what_they_have(fresh_home, dead_pid):
     from tessera import foundation_model as fm
-    from tessera import runs
+    from tessera.core import runs
 
     started = psutil.Process().create_time()
     for name, pid, started_at in [("old-live", os.getpid(), started + 60), ("old-reused", os.getpid(), started - 1000),
@@ -302,7 +302,7 @@ def test_records_from_before_start_times_still_load_and_judge_by_what_they_have(
 
 
 def test_cancel_never_signals_a_process_that_only_has_the_runs_pid(fresh_home):
-    from tessera.processes import stop_tree
+    from tessera.core.processes import stop_tree
 
     other = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
@@ -318,9 +318,9 @@ def test_cancel_never_signals_a_process_that_only_has_the_runs_pid(fresh_home):
 # --- 2. embedded stores created once, under a lock ---------------------------------------------------------------
 
 def test_home_lock_excludes_other_processes(fresh_home):
-    from tessera.paths import home_lock
+    from tessera.core.paths import home_lock
 
-    probe = [sys.executable, "-c", "from tessera.paths import home_lock\nwith home_lock('x', timeout=0.3): pass"]
+    probe = [sys.executable, "-c", "from tessera.core.paths import home_lock\nwith home_lock('x', timeout=0.3): pass"]
     with home_lock("x"):
         held = subprocess.run(probe, capture_output=True, text=True, env=os.environ.copy())
     assert held.returncode != 0 and "still locked by another process" in held.stderr
@@ -331,7 +331,7 @@ MLFLOW_FIRST_USE = """
 import sys, time
 from pathlib import Path
 import mlflow  # imported before the start signal, so that all processes reach the store at the same moment
-from tessera.tracking import experiment_id, mlflow_client
+from tessera.core.tracking import experiment_id, mlflow_client
 go = Path(sys.argv[1])
 Path(sys.argv[2]).touch()
 while not go.exists():
@@ -378,7 +378,7 @@ def test_get_events_follows_a_run_until_it_finishes_and_list_filters_by_time(hom
     import threading
 
     from tessera import foundation_model as fm
-    from tessera import runs
+    from tessera.core import runs
 
     _record("followed", pid=None)
     runs.append_event("followed", "run", "running")
@@ -406,9 +406,9 @@ def test_a_prefect_server_that_cannot_be_reached_is_one_message_naming_it(fresh_
     """A run submitted to a deployment is read and cancelled through PREFECT_API_URL: with that server down, get and
     cancel say so in one line (no httpx traceback), and the cancel changes nothing in the record."""
     from tessera import foundation_model as fm
-    from tessera import runs
-    from tessera.endpoint import free_port
-    from tessera.errors import TesseraError
+    from tessera.core import runs
+    from tasks.serve.model_server import free_port
+    from tessera.core.errors import TesseraError
 
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens on it
     monkeypatch.setenv("PREFECT_API_URL", url)

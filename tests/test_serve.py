@@ -29,7 +29,7 @@ def register(model_dir: Path, name: str, task: str) -> str:
     import mlflow
     import transformers
 
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     mlflow_client()
     with mlflow.start_run():
@@ -78,7 +78,7 @@ def chat_uri(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def url(chat_uri, tmp_path_factory):
     """An endpoint with the default settings."""
-    from tessera.endpoint import start_endpoint
+    from tasks.serve.model_server import start_endpoint
 
     with start_endpoint(chat_uri, log_file=tmp_path_factory.mktemp("logs") / "endpoint.log") as endpoint:
         yield endpoint.url
@@ -87,7 +87,7 @@ def url(chat_uri, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tight_url(chat_uri, tmp_path_factory):
     """An endpoint behind an API key, with room for 2 sequences, a 0.5 s generation limit and 4 kB bodies."""
-    from tessera.endpoint import start_endpoint
+    from tasks.serve.model_server import start_endpoint
 
     limits = {"TESSERA_SERVE_MAX_PENDING": "2", "TESSERA_SERVE_REQUEST_TIMEOUT_S": "0.5", "TESSERA_SERVE_MAX_BODY_BYTES": "4096"}
     with environment(**limits):
@@ -290,8 +290,8 @@ def test_instruction_model_answers_on_completions_as_the_trainer_did(home):
     eval-prompt generations (made from the saved weights)."""
 
     from tessera import foundation_model as fm
-    from tessera.endpoint import start_endpoint
-    from tessera.tracking import mlflow_client as tracking_client
+    from tasks.serve.model_server import start_endpoint
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     pairs = [("Q: two and two?\nA:", " four"), ("Q: sky colour?\nA:", " blue"), ("Q: say hi\nA:", " hi there")]
     data = write_jsonl(home / "instructions.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
@@ -326,7 +326,7 @@ def _wait(name: str, timeout: float = 420):
 
 
 def test_the_real_model_is_served(real_model_home, real_model_dir):
-    from tessera.endpoint import start_endpoint
+    from tasks.serve.model_server import start_endpoint
 
     uri = register(real_model_dir, "main.serve.smollm2", "llm/v1/chat")
     with start_endpoint(uri, log_file=real_model_home / "endpoint.log") as endpoint:

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tessera import smollm2
-from tessera.catalog import SMOLLM2, resolve_model
-from tessera.errors import ConfigError
+from tessera.core import smollm2
+from tessera.core.catalog import SMOLLM2, resolve_model
+from tessera.core.errors import ConfigError
 
 
 def test_a_missing_wheel_is_an_error_naming_the_command_that_fetches_it(home, tmp_path, monkeypatch):

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tessera.config import TaskType
-from tessera.errors import ConfigError, DataValidationError, TesseraError
-from tessera.records import valid_records
-from tessera.sources import BadRecord, Record, classify, read_records, resolve_source
+from tessera.core.config import TaskType
+from tessera.core.errors import ConfigError, DataValidationError, TesseraError
+from tessera.core.records import valid_records
+from tessera.core.sources import BadRecord, Record, classify, read_records, resolve_source
 
 from conftest import chat, write_jsonl
 

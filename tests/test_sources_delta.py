@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from tessera.config import TaskType
-from tessera.errors import DataValidationError, TesseraError
-from tessera import sources
-from tessera.records import valid_records
-from tessera.sources import read_records, resolve_source
+from tessera.core.config import TaskType
+from tessera.core.errors import DataValidationError, TesseraError
+from tessera.core import sources
+from tessera.core.records import valid_records
+from tessera.core.sources import read_records, resolve_source
 
 from conftest import chat
 

@@ -55,8 +55,8 @@ def train(home, name: str, data_path: str, task: str, cluster: str | None = None
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.finetune import finetune
-    from tessera.paths import apply_engine_defaults
-    from tessera.tracking import mlflow_client as tracking_client
+    from tessera.core.paths import apply_engine_defaults
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     apply_engine_defaults()
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -104,7 +104,7 @@ def test_jsonl_on_classic_spark(home):
 
 
 def test_an_unchanged_rerun_reuses_the_prepared_data(home, capfd, caplog):
-    from tessera import runs
+    from tessera.core import runs
 
     data_path = write_source(home, "jsonl", "INSTRUCTION_FINETUNE")
     first, _ = train(home, "first", data_path, "INSTRUCTION_FINETUNE")

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tessera import sources
-from tessera.config import TaskType
-from tessera.errors import DataValidationError, TesseraError
-from tessera.records import valid_records
-from tessera.sources import read_records, resolve_source
+from tessera.core import sources
+from tessera.core.config import TaskType
+from tessera.core.errors import DataValidationError, TesseraError
+from tessera.core.records import valid_records
+from tessera.core.sources import read_records, resolve_source
 
 from conftest import chat
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from tessera.config import parse_duration
-from tessera.run_plan import default_rows_per_step
-from tessera.training import lr_at, plan_steps
+from tessera.core.config import parse_duration
+from tessera.core.run_plan import default_rows_per_step
+from tessera.core.training import lr_at, plan_steps
 
 
 def rows_seen(plan) -> np.ndarray:
@@ -57,8 +57,8 @@ def test_tok_stops_at_the_first_step_that_reaches_the_tokens():
 
 PLAN_IN_A_PROCESS = """
 import json, numpy as np
-from tessera.config import parse_duration
-from tessera.training import plan_steps
+from tessera.core.config import parse_duration
+from tessera.core.training import plan_steps
 plan = plan_steps(parse_duration("2ep"), np.ones(50, int), rows_per_step=7, seed=11)
 print(json.dumps([plan.step_rows(s).tolist() for s in range(plan.total_steps)]))
 """

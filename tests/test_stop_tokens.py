@@ -8,9 +8,9 @@ import torch
 from datasets import load_from_disk
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tasks.prepare import IGNORE_INDEX, prepare, tokenize_chats, tokenize_instructions
-from tessera.config import build_run_config
-from tessera.generation import generate, stop_token_ids
+from tasks.prepare.stage import IGNORE_INDEX, prepare, tokenize_chats, tokenize_instructions
+from tessera.core.config import build_run_config
+from tessera.core.generation import generate, stop_token_ids
 
 from conftest import EOS, EOT, chat, write_jsonl
 

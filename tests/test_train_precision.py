@@ -1,5 +1,5 @@
 """Precision on the real model: fp32 master weights under bf16 compute, so small updates are never lost,
-and bf16 compute keeps the loss within 1% of fp32's (the rule of tessera.run_plan.resolve_precision)."""
+and bf16 compute keeps the loss within 1% of fp32's (the rule of tessera.core.run_plan.resolve_precision)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 def job_for(model_dir, **settings):
-    from tessera.config import TaskType, TrainingSettings
-    from tessera.training import StepPlan, TrainJob
+    from tessera.core.config import TaskType, TrainingSettings
+    from tessera.core.training import StepPlan, TrainJob
 
     plan = StepPlan(rows=1, rows_per_step=1, steps_per_epoch=1, total_steps=1, seed=0, tokens=1)
     return TrainJob(

@@ -37,10 +37,10 @@ def trainer_home(tmp_path_factory, tiny_model_dir):
 
 def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-chat", learning_rate: float = 2e-3, **params):
     """The train stage (on the tiny model by default): its run record, prepared data, and what train() returns."""
-    from tasks.prepare import prepare
+    from tasks.prepare.stage import prepare
     from tasks.train.stage import train
-    from tessera import runs
-    from tessera.config import build_run_config
+    from tessera.core import runs
+    from tessera.core.config import build_run_config
 
     config = build_run_config(
         model=model, train_data_path=str(data), register_to="main.test.trainer", context_length=CTX,
@@ -55,7 +55,7 @@ def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-ch
 
 def metric(run_id: str, key: str) -> list[float]:
 
-    from tessera.tracking import mlflow_client as tracking_client
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     history = tracking_client().get_metric_history(run_id, key)
     return [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -79,7 +79,7 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
         assert metric(other.mlflow_run_id, "loss") == pytest.approx(reference, rel=2e-4)
 
 
-    from tessera.tracking import mlflow_client as tracking_client
+    from tessera.core.tracking import mlflow_client as tracking_client
 
     assert tracking_client().get_run(accumulated.mlflow_run_id).data.params["train.activation_checkpointing"] == "True"
     params = tracking_client().get_run(two_procs.mlflow_run_id).data.params
@@ -105,7 +105,7 @@ def test_the_data_report_states_what_the_trainer_runs(trainer_home):
 
 
 def test_a_killed_worker_ends_the_stage_with_one_message(trainer_home):
-    from tessera.errors import TesseraError
+    from tessera.core.errors import TesseraError
 
     _, data = trainer_home
     killed: list[int] = []
@@ -137,7 +137,7 @@ def test_a_killed_worker_ends_the_stage_with_one_message(trainer_home):
 
 
 def test_a_bad_weights_file_ends_the_stage_with_one_message(trainer_home, tiny_model_dir, tmp_path):
-    from tessera.errors import TesseraError
+    from tessera.core.errors import TesseraError
 
     _, data = trainer_home
     broken = tmp_path / "broken"
@@ -157,7 +157,7 @@ def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_ther
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import EOS, EOT
-    from tessera.generation import generate, prompt_ids
+    from tessera.core.generation import generate, prompt_ids
 
     home, _ = trainer_home
     data = write_jsonl(home / "eot.jsonl", [chat("what is two and two", "it is four"), chat("and four", "two and two")])
@@ -183,14 +183,14 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from tasks.prepare import prepare, row_tokens
+    from tasks.prepare.stage import prepare, row_tokens
     from tasks.train import distributed, worker
     from tasks.train.stage import train_job
-    from tessera import runs
-    from tessera.catalog import resolve_model
-    from tessera.config import build_run_config
-    from tessera.endpoint import free_port
-    from tessera.run_plan import plan_run
+    from tessera.core import runs
+    from tessera.core.catalog import resolve_model
+    from tessera.core.config import build_run_config
+    from tasks.serve.model_server import free_port
+    from tessera.core.run_plan import plan_run
 
     _, data = trainer_home
     config = build_run_config(

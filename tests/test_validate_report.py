@@ -214,8 +214,8 @@ def test_the_report_warns_when_eval_records_are_training_records(home):
     """finetune may evaluate on its training data (the demo does), but the report says so; a held-out set that
     shares some records with the training data is counted."""
     from tasks.validate import report_for
-    from tessera.config import build_run_config
-    from tessera.sources import check_inputs
+    from tessera.core.config import build_run_config
+    from tessera.core.sources import check_inputs
 
     train = write_jsonl(home / "train.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(6)])
     held = write_jsonl(home / "eval.jsonl", [chat(f"question {i}", f"answer {i}") for i in (1, 4, 7, 8)])

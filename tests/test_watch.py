@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from tasks import watch as w
-from tessera.errors import TesseraError
+from tessera.core.errors import TesseraError
 
 
 class Emitted(list):
@@ -283,7 +283,7 @@ def test_the_flow_emits_events_through_prefect(home):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.watch import watch_sources
-    from tessera.paths import apply_engine_defaults
+    from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()
     name, location = table(home)

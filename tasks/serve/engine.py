@@ -13,8 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from tessera.generation import stop_token_ids
-from tessera.serving import ServeSettings
+from tessera.core.generation import stop_token_ids
+from tasks.serve.settings import ServeSettings
 
 # temperature 0 means greedy; the engine samples, and at this temperature sampling is the argmax (STACK.md)
 GREEDY_TEMPERATURE = 1e-5
@@ -206,7 +206,7 @@ class SequentialEngine(_Admission):
         self.model, self.lock = model, asyncio.Lock()
 
     async def generate(self, ids: list[int], sampling: Sampling, deadline: float, disconnected=None, incremental=True) -> AsyncIterator[Delta]:
-        from tessera.generation import generate
+        from tessera.core.generation import generate
 
         async with self.lock:
             tokens, finish = await asyncio.to_thread(

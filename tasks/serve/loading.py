@@ -1,6 +1,6 @@
 """The registered model and tokenizer, loaded exactly as registered (chat template included).
 
-From the registry (MLflow) normally; inside a Bento that `tessera.bento` built, from the Bento's model store: the
+From the registry (MLflow) normally; inside a Bento that `tasks.serve.bento` built, from the Bento's model store: the
 manifest at the root of the Bento's sources names the registered version it holds and its BentoML tag, and becomes
 the default TESSERA_MODEL_URI there, so the Bento serves its model with nothing set.
 """
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BENTO_MANIFEST = Path(__file__).resolve().parents[2] / "tessera_bento.json"  # written by tessera.bento, only in a Bento
+BENTO_MANIFEST = Path(__file__).resolve().parents[2] / "tessera_bento.json"  # written by tasks.serve.bento, only in a Bento
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_registered(model_uri: str) -> LoadedModel:
     if manifest is not None and model_uri == manifest["model_uri"]:
         return load_from_bento(manifest["bento_model"])
 
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     mlflow_client()
     info = mlflow.models.get_model_info(model_uri)

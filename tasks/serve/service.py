@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tasks.serve.api import ApiError, ChatRequest, CompletionRequest, Reply, parse_body, sse, usage
 from tasks.serve.engine import ClientDisconnected, GenerationTimeout, QueueFull, Sampling, engine_for
 from tasks.serve.loading import load_registered
-from tessera.generation import prompt_ids
-from tessera.serving import ServeSettings, authorized, read_body
+from tessera.core.generation import prompt_ids
+from tasks.serve.settings import ServeSettings, authorized, read_body
 
 MODEL_URI_ENV = "TESSERA_MODEL_URI"
 API_KEY_ENV = "TESSERA_API_KEY"

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.training import IGNORE_INDEX, StepPlan
+from tessera.core.training import IGNORE_INDEX, StepPlan
 
 PREFETCH_STEPS = 2
 
 
 class PackedRows:
-    """The prepared rows (tasks/prepare.py's layout), memory-mapped."""
+    """The prepared rows (tasks/prepare/stage.py's layout), memory-mapped."""
 
     def __init__(self, prepared_path: str):
         from datasets import load_from_disk

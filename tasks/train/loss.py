@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.training import IGNORE_INDEX, loss_chunk_tokens
+from tessera.core.training import IGNORE_INDEX, loss_chunk_tokens
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -1,4 +1,4 @@
-"""Precision: fp32 master weights and AdamW states always; the run's resolved `precision` (tessera.training.
+"""Precision: fp32 master weights and AdamW states always; the run's resolved `precision` (tessera.core.training.
 resolve_precision says when it is bf16) only sets the dtype matmuls compute in, through autocast, which
 casts copies of the weights for each op. AdamW therefore never steps bf16 weights."""
 

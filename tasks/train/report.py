@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
-from tessera.runs import append_event
-from tessera.training import TrainJob
+from tessera.core.runs import append_event
+from tessera.core.training import TrainJob
 
 ERROR_MARKER = "TESSERA_TRAIN_ERROR: "  # the train stage turns a line starting with this into the run's one message
 

@@ -1,4 +1,4 @@
-"""Stage: train. Plans the run (tessera.training.plan_run), opens its MLflow run, then launches the
+"""Stage: train. Plans the run (tessera.core.training.plan_run), opens its MLflow run, then launches the
 training worker under torchrun and follows it. A worker that dies ends the stage with one message
 saying why and what to change, never a torchrun traceback."""
 
@@ -14,18 +14,18 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tasks.prepare import PreparedData, row_tokens
+from tasks.prepare.stage import PreparedData, row_tokens
 from tasks.train.report import ERROR_MARKER
 from tasks.validate import DataReport, histogram_png
-from tessera import runs
-from tessera.catalog import ResolvedModel, resolve_model
-from tessera.config import RunConfig
-from tessera.errors import TesseraError
-from tessera.paths import mlflow_tracking_uri
-from tessera.processes import stop_tree
-from tessera.tracking import experiment_id, mlflow_client
-from tessera.run_plan import RunPlan, plan_run
-from tessera.training import TrainJob
+from tessera.core import runs
+from tessera.core.catalog import ResolvedModel, resolve_model
+from tessera.core.config import RunConfig
+from tessera.core.errors import TesseraError
+from tessera.core.paths import mlflow_tracking_uri
+from tessera.core.processes import stop_tree
+from tessera.core.tracking import experiment_id, mlflow_client
+from tessera.core.run_plan import RunPlan, plan_run
+from tessera.core.training import TrainJob
 
 
 class TrainedModel(BaseModel):

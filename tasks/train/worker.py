@@ -1,7 +1,7 @@
 """The training loop `torchrun` starts, one process per rank. Imports no Prefect.
 
 Read top to bottom: setup, the step, evaluation, saving. The train stage has already decided
-everything (tessera.training.TrainJob: the exact step plan, micro-batch, precision, checkpointing);
+everything (tessera.core.training.TrainJob: the exact step plan, micro-batch, precision, checkpointing);
 this loop carries it out. Each step's loss is the sum over every trained token of the step (all
 micro-batches, all ranks) divided by their count, which the data loader knows before the step runs;
 gradients are summed over ranks once per step, so 2 processes compute what 1 process computes.
@@ -26,10 +26,10 @@ from tasks.train.evaluation import summed_loss
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import Reporter, fail, progress_line
-from tessera.config import TaskType
-from tessera.generation import generate, prompt_ids, stop_token_ids
-from tessera.paths import replacing_dir
-from tessera.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
+from tessera.core.config import TaskType
+from tessera.core.generation import generate, prompt_ids, stop_token_ids
+from tessera.core.paths import replacing_dir
+from tessera.core.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
 
 
 class WorkerError(Exception):

@@ -4,7 +4,7 @@ Loss masks come from the tokenizer's own chat template (never a hand-written cop
 serving see the same text, and a template whose masks come out empty is refused instead of training
 on nothing. Each assistant turn is trained through the token that ends it (the EOS token, or the
 template's own end-of-turn token when that is another one), so the model learns to stop where serving
-stops it (tessera.generation.stop_token_ids).
+stops it (tessera.core.generation.stop_token_ids).
 
 The input streams through in bounded pieces, so memory does not grow with its size:
 
@@ -24,7 +24,7 @@ The prepared data is `<TESSERA_HOME>/prepared/<key>/`, the key a hash of everyth
                     context length), the engine that prepared it, and PrepStats (counts, fill, per-example
                     lengths, a text folder's skipped files) under "stats".
 Row order carries no meaning: the trainer draws its own seeded permutation and each rank takes its slice.
-With a cluster, Spark executors run this same pipeline on their partitions (tasks/prepare_spark.py).
+With a cluster, Spark executors run this same pipeline on their partitions (tasks/prepare/spark.py).
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ from prefect import task
 from pydantic import BaseModel, computed_field
 
 from tasks import stage_logger
-from tessera import runs
-from tessera.catalog import resolve_model
-from tessera.config import RunConfig, TaskType
-from tessera.errors import TesseraError
-from tessera.generation import end_of_turn
-from tessera.paths import home_lock, tessera_home
-from tessera.records import supports_system_role, valid_records
-from tessera.sources import Record, resolve_source
-from tessera.training import IGNORE_INDEX  # defined there for every stage; still importable from here
+from tessera.core import runs
+from tessera.core.catalog import resolve_model
+from tessera.core.config import RunConfig, TaskType
+from tessera.core.errors import TesseraError
+from tessera.core.generation import end_of_turn
+from tessera.core.paths import home_lock, tessera_home
+from tessera.core.records import supports_system_role, valid_records
+from tessera.core.sources import Record, resolve_source
+from tessera.core.training import IGNORE_INDEX  # defined there for every stage; still importable from here
 
 PREP_FORMAT = 3  # bump when the prepared layout or the tokenization rules change: old caches are then unused
 BATCH_RECORDS = 512  # records per tokenizer call: enough for Rust to amortize the call, small enough to stream
@@ -181,7 +181,7 @@ def _render(tokenizer, messages, where: str, add_generation_prompt=False) -> str
 def assistant_spans(tokenizer, messages: list[dict], where: str, added_tokens: Iterable[str]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans to train on: each assistant reply and the token that
     ends its turn, the first special or added token after the reply (the EOS token, or an end-of-turn token
-    such as `<|eot_id|>` that is not EOS: the one the model stops at, tessera.generation.stop_token_ids).
+    such as `<|eot_id|>` that is not EOS: the one the model stops at, tessera.core.generation.stop_token_ids).
 
     Each span is found by rendering the conversation up to that reply with and without the reply, so
     it comes from the template itself; a template that renders prefixes inconsistently is refused.
@@ -541,7 +541,7 @@ def prepare_rows(config: RunConfig, data_path: str, source, model, tokenizer, in
     allow_system = config.task_type is TaskType.CHAT_COMPLETION and supports_system_role(tokenizer)
     tally = Tally()
     if config.data_prep_cluster_id is not None and source.kind != "hf_dataset":  # Spark has no reader for dataset splits
-        from tasks.prepare_spark import spark_rows
+        from tasks.prepare.spark import spark_rows
 
         engine = f"Spark at {config.data_prep_cluster_id}"
         rows_out = spark_rows(source, config.data_prep_cluster_id, config.task_type, tokenizer, ctx, allow_system, tally)

@@ -11,11 +11,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.errors import TesseraError
-from tessera.paths import mlflow_tracking_uri
-from tessera.processes import stop_tree
+from tessera.core.errors import TesseraError
+from tessera.core.paths import mlflow_tracking_uri
+from tessera.core.processes import stop_tree
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

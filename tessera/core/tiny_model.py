@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tessera.paths import ASSETS_DIR as ASSETS
+from tessera.core.paths import ASSETS_DIR as ASSETS
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

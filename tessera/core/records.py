@@ -1,6 +1,6 @@
 """Reading training records and the rules they must follow: one implementation for validator and trainer.
 
-Records come from tessera.sources; each carries `where` (`path:line`, a `.txt` file's path, or
+Records come from tessera.core.sources; each carries `where` (`path:line`, a `.txt` file's path, or
 `table@v3 row 17`), so every error names the exact place a user has to fix, down to the field.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from tessera.config import TaskType
-from tessera.errors import ConfigError, DataValidationError, TesseraError
-from tessera.sources import BadRecord, Record, Source, read_records, resolve_source
+from tessera.core.config import TaskType
+from tessera.core.errors import ConfigError, DataValidationError, TesseraError
+from tessera.core.sources import BadRecord, Record, Source, read_records, resolve_source
 
 ROLES = ("system", "user", "assistant")
 

@@ -17,10 +17,10 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from tessera.config import RunConfig, RunParameters, new_run_name
-from tessera.errors import TesseraError
-from tessera.paths import file_lock, runs_dir, write_atomic
-from tessera.processes import CREATE_TIME_TOLERANCE, create_time, process_alive
+from tessera.core.config import RunConfig, RunParameters, new_run_name
+from tessera.core.errors import TesseraError
+from tessera.core.paths import file_lock, runs_dir, write_atomic
+from tessera.core.processes import CREATE_TIME_TOLERANCE, create_time, process_alive
 
 
 class RunStatus(str, Enum):
@@ -169,7 +169,7 @@ def _pinned(recorded, given) -> bool:
 def parameter_differences(config: RunConfig, flow_parameters: dict) -> list[str]:
     """How a flow run's parameters differ from a record's configuration (its name and creator aside), one
     `field: the record has X, this flow run Y` per difference; empty when they are the same run."""
-    from tessera.config import build_run_config
+    from tessera.core.config import build_run_config
 
     params = {k: v for k, v in flow_parameters.items() if k != "run_name"}
     wanted = build_run_config(name=config.name, **params).parameters
@@ -191,7 +191,7 @@ def ensure_record(name: str, flow_parameters: dict) -> RunRecord:
     """The run's record. An existing one is adopted only when its configuration is this flow run's parameters;
     otherwise a TesseraError says which differ. A run started outside the SDK (Prefect UI, schedule, event) gets
     one here, made from its own parameters."""
-    from tessera.config import build_run_config
+    from tessera.core.config import build_run_config
 
     with _record_lock(name):
         if _record_file(name).exists():

@@ -3,7 +3,7 @@
 How a data path is read (the first rule that matches wins):
 
 1. `dbfs:/Volumes/<catalog>/<schema>/<volume>/...` or `/Volumes/...`: a file or folder in a volume
-   (tessera.paths maps it under the volumes root and refuses paths that leave their volume).
+   (tessera.core.paths maps it under the volumes root and refuses paths that leave their volume).
 2. Any other `<scheme>:` prefix (`s3://`, `dbfs:/FileStore/...`): refused; reach object storage
    through a volume or a table location in the catalog config.
 3. An absolute path, `~...`, `./...`, `../...`, or any path that exists locally: a local file or folder.
@@ -66,10 +66,10 @@ from urllib.parse import unquote, urlparse
 import yaml
 from pydantic import BaseModel
 
-from tessera.catalog import resolve_model
-from tessera.config import RunConfig, TaskType
-from tessera.errors import ConfigError, DataValidationError, TesseraError
-from tessera.paths import is_volume_path, resolve_data_path, tessera_home
+from tessera.core.catalog import resolve_model
+from tessera.core.config import RunConfig, TaskType
+from tessera.core.errors import ConfigError, DataValidationError, TesseraError
+from tessera.core.paths import is_volume_path, resolve_data_path, tessera_home
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -213,7 +213,7 @@ def read_records(source: Source) -> Iterator[Record | BadRecord]:
     decode their own partitions with the same decoder: see spark_partition_records.)
 
     Every record that cannot even be decoded (not UTF-8, not JSON, not an object) is a BadRecord;
-    the task's rules are tessera.records' job.
+    the task's rules are tessera.core.records' job.
     """
     name = partial(position_name, source)
     if source.kind == "jsonl":
@@ -585,7 +585,7 @@ def spark_input(source: Source, cluster: str):
 def spark_partition_records(source: Source, batches: Iterable[pa.RecordBatch]) -> Iterator[Record | BadRecord]:
     """On a Spark executor: one partition of spark_input, decoded as read_records decodes in-process. A numbered
     record's `where` is only its position in the partition: partitions come in no fixed order, so an executor
-    counts errors and the driver names them (tessera.records.named_errors). Documents are named by their file
+    counts errors and the driver names them (tessera.core.records.named_errors). Documents are named by their file
     (links out of a volume were refused when the source was resolved)."""
     rows = _batches_to_rows(batches)
     if source.kind == "jsonl":

@@ -27,4 +27,4 @@ class ConfigError(TesseraError):
 
 
 class LockTimeout(TesseraError, TimeoutError):
-    """Another process held an inter-process lock (tessera.paths.file_lock) for longer than the caller would wait."""
+    """Another process held an inter-process lock (tessera.core.paths.file_lock) for longer than the caller would wait."""

@@ -1,14 +1,14 @@
 """An endpoint's router: the endpoint's one URL, forwarding every request to the endpoint's current backend.
 
-`python -m tessera.router RECORD --host H --port P` serves on the endpoint's port and forwards each request,
-unchanged, to the `bentoml serve` process named in the endpoint record (tessera.endpoints): method, path,
+`python -m tasks.serve.router RECORD --host H --port P` serves on the endpoint's port and forwards each request,
+unchanged, to the `bentoml serve` process named in the endpoint record (tasks.serve.endpoints): method, path,
 query, body and headers (Authorization included) go in; status, headers and body come back, streamed as
 they arrive (server-sent events pass through unbuffered). The record is re-read whenever the file changes,
 so an update switches traffic by writing the record; requests already under way finish on the backend
 they started on. `GET /_tessera/router` says which backend the router uses and how many requests each one
 has in flight: an update waits for the old backend's count to reach zero before stopping it.
 
-Imports only Starlette, uvicorn, httpx and tessera.serving: it starts in about a second.
+Imports only Starlette, uvicorn, httpx and tasks.serve.settings: it starts in about a second.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tessera.serving import ServeSettings, authorized, read_body
+from tasks.serve.settings import ServeSettings, authorized, read_body
 
 STATUS_PATH = "/_tessera/router"
 VERSION_HEADER = "x-tessera-model-version"
@@ -165,7 +165,7 @@ def build_app(record: Path) -> Starlette:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m tessera.router", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tasks.serve.router", description=__doc__.splitlines()[0])
     p.add_argument("record", type=Path, help="the endpoint's record (TESSERA_HOME/endpoints/NAME.json)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

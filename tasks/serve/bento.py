@@ -7,7 +7,7 @@ packages are pinned from the versions installed here instead). BentoML's stores 
 `$TESSERA_HOME/bentoml`. Inside the Bento, `tasks/serve/loading.py` finds the manifest and loads the model from the
 Bento's model store, not from the registry.
 
-    python -m tessera.bento models:/main.default.chat/1
+    python -m tasks.serve.bento models:/main.default.chat/1
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tessera import registry
-from tessera.errors import TesseraError
-from tessera.paths import apply_engine_defaults, tessera_home
+from tessera.core import registry
+from tessera.core.errors import TesseraError
+from tessera.core.paths import apply_engine_defaults, tessera_home
 
 SERVICE = "tasks.serve.service:ChatService"
 MANIFEST = "tessera_bento.json"  # at the root of the Bento's sources; tasks/serve/loading.py reads it
-SOURCE_ROOT = Path(__file__).resolve().parent.parent  # holds tasks/ and tessera/
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # holds tasks/ and tessera/
 SOURCES = ("tasks", "tessera")
 # What the service imports, directly or through MLflow's transformers flavor; pinned to the installed versions.
 # opentelemetry-sdk is pinned too: unpinned, pip backtracks bentoml to ancient releases (STACK.md).
@@ -127,7 +127,7 @@ def _check_home(home: Path) -> None:
     if actual != home.resolve():
         raise TesseraError(
             f"BentoML in this process already uses BENTOML_HOME={actual}, not {home}: "
-            "build in a fresh process (python -m tessera.bento MODEL_URI)"
+            "build in a fresh process (python -m tasks.serve.bento MODEL_URI)"
         )
 
 
@@ -165,7 +165,7 @@ def build_bento(model_uri: str, *, name: str | None = None, version: str | None 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tessera.bento", description=build_bento.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tasks.serve.bento", description=build_bento.__doc__)
     parser.add_argument("model_uri", help="models:/<name>/<version> (or @alias, /latest)")
     parser.add_argument("--name", help="the Bento's name (default: the registered model's name)")
     parser.add_argument("--version", help="the Bento's version (default: generated)")

@@ -12,7 +12,7 @@ does not matter (the trainer draws its own), and the summary that ends each part
 adds up regardless of order: counts, example lengths, the number of bad records, and, for continued
 pretraining, the partition's short last block (the driver joins those and cuts them as in-process prep
 would). When any record is bad the driver names every error with an in-process pass that stops at the last
-one (tessera.records.named_errors), so messages are exactly those of in-process prep, and nothing is written.
+one (tessera.core.records.named_errors), so messages are exactly those of in-process prep, and nothing is written.
 
 Executors need Tessera installed, like any library a UDF uses; local masters and Sail run this interpreter.
 """
@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from tasks.prepare import COLUMNS, Examples, Rows, Tally, cut_blocks, stream_rows, tokenizer_hash
-from tessera.config import TaskType
-from tessera.errors import TesseraError
-from tessera.records import RecordCheck, named_errors
-from tessera.sources import Source, spark_input, spark_partition_records
+from tasks.prepare.stage import COLUMNS, Examples, Rows, Tally, cut_blocks, stream_rows, tokenizer_hash
+from tessera.core.config import TaskType
+from tessera.core.errors import TesseraError
+from tessera.core.records import RecordCheck, named_errors
+from tessera.core.sources import Source, spark_input, spark_partition_records
 
 OUTPUT = pa.schema(
     [(c, pa.binary()) for c in COLUMNS]  # a packed row

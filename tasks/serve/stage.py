@@ -1,4 +1,4 @@
-"""Stage: deploy. Puts a registered version or alias behind a named endpoint (tessera.endpoints): started when the
+"""Stage: deploy. Puts a registered version or alias behind a named endpoint (tasks.serve.endpoints): started when the
 name is new (or stopped, or failed), else updated in place with its health-checked rollout. The endpoint's processes
 are detached: it outlives the flow run that started it.
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 from prefect import task
 
 from tasks import stage_logger
-from tessera import runs
-from tessera.errors import TesseraError
+from tessera.core import runs
+from tessera.core.errors import TesseraError
 
 
 def deploy(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
     """Serve `model_uri` behind `endpoint`; returns the endpoint's URL. An alias URI is followed, a version pinned."""
-    from tessera import endpoints
+    from tasks.serve import endpoints
 
     log = stage_logger()
     try:
@@ -42,7 +42,7 @@ def deploy(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
 def update_following(alias_uri: str, run_name: str | None = None) -> list[str]:
     """Update every endpoint that follows `alias_uri` to the version it points at now. Each is tried; an endpoint whose
     update failed keeps serving its old version (rollback), and one TesseraError then names them all."""
-    from tessera import endpoints
+    from tasks.serve import endpoints
 
     log = stage_logger()
     moved, failed = [], []

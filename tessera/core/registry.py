@@ -11,8 +11,8 @@ import logging
 import re
 from typing import NamedTuple
 
-from tessera.errors import ConfigError, TesseraError
-from tessera.paths import mlflow_tracking_uri
+from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.paths import mlflow_tracking_uri
 
 URI_RE = re.compile(r"models:/([^/@\s]+)(?:/(\d+|latest)|@([A-Za-z0-9_-]+))")
 
@@ -74,7 +74,7 @@ def resolve(model_uri: str, client=None):
     store) when the model, version or alias is missing; TesseraError when the version is not READY."""
     from mlflow.exceptions import MlflowException
 
-    from tessera.tracking import mlflow_client
+    from tessera.core.tracking import mlflow_client
 
     ref = parse_model_uri(model_uri)
     with _quiet_mlflow():

@@ -3,7 +3,7 @@
 An endpoint is two kinds of background process, each in its own session so that it outlives the shell,
 CLI or flow run that started it:
 
-- a router (tessera.router) on the endpoint's host and port: the URL clients use, for the endpoint's
+- a router (tasks.serve.router) on the endpoint's host and port: the URL clients use, for the endpoint's
   whole lifetime;
 - a backend: `bentoml serve` of tasks.serve.service on a free port of 127.0.0.1, serving one model
   version. The router forwards every request to the backend named in the endpoint's record.
@@ -41,16 +41,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tessera import registry
-from tessera.endpoint import REPO_ROOT, free_port, serve_command, serve_env
-from tessera.errors import ConfigError, LockTimeout, TesseraError
-from tessera.paths import apply_engine_defaults, file_lock, is_locked, tessera_home, write_atomic
-from tessera.processes import create_time, process_alive, stop_tree
-from tessera.serving import ServeSettings
+from tessera.core import registry
+from tasks.serve.model_server import REPO_ROOT, free_port, serve_command, serve_env
+from tessera.core.errors import ConfigError, LockTimeout, TesseraError
+from tessera.core.paths import apply_engine_defaults, file_lock, is_locked, tessera_home, write_atomic
+from tessera.core.processes import create_time, process_alive, stop_tree
+from tasks.serve.settings import ServeSettings
 
 DEFAULT_PORT = 3000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-STATUS_PATH = "/_tessera/router"  # tessera.router's; not imported, so reading records never imports httpx
+STATUS_PATH = "/_tessera/router"  # tasks.serve.router's; not imported, so reading records never imports httpx
 
 
 class EndpointStatus(str, Enum):
@@ -336,7 +336,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def _start_router(record: EndpointRecord, timeout: float = 60) -> None:
     log = logs_dir(record.name) / "router.log"
-    command = [sys.executable, "-m", "tessera.router", str(record_file(record.name)), "--host", record.host, "--port", str(record.port)]
+    command = [sys.executable, "-m", "tasks.serve.router", str(record_file(record.name)), "--host", record.host, "--port", str(record.port)]
     process = _spawn(command, dict(os.environ), log)
     record.router_pid, record.router_create_time = process.pid, create_time(process.pid)
     save(record)
