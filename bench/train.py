@@ -216,16 +216,20 @@ def side_ours(spec: dict) -> dict:
     from mlflow import MlflowClient
 
     from tasks.prepare.stage import prepare
-    from tasks.train.stage import train
+    from tasks.train.stage import train_model
+    from tasks.validate import data_report
     from tessera.core import runs
     from tessera.core.paths import mlflow_tracking_uri
+    from tessera.core.run_plan import resolve_run
     from tessera.core.training import TrainJob
 
     config = run_config(spec)
     runs.save(runs.RunRecord(config=config, created_at=runs.now()))
+    run = resolve_run(config)
     prepared = prepare(config)  # the bench prepared it already: a cache hit
+    report = data_report(run, prepared)  # the plan the stage runs, as in the flow
     start = time.perf_counter()
-    trained = train(config, prepared)
+    trained = train_model.fn(run, prepared, report)
     stage_s = time.perf_counter() - start
     job = TrainJob.model_validate_json((runs.run_dir(config.name) / "train_job.json").read_text())
     client = MlflowClient(mlflow_tracking_uri())

@@ -1,5 +1,5 @@
 """Serve a registered model: one stage, a version or alias behind a named endpoint (health-checked rollout, rolled
-back if the new version fails its check). Composition only; logic is in tasks/serve/stage.py and tasks/serve/endpoints.py."""
+back if the new version fails its check). Composition only; logic is in tasks/serve/stage.py and tasks/serve/endpoints/."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from tasks.serve.stage import deploy_endpoint
 from tasks.prepare.stage import prepare_data
 from tasks.register import register_model
 from tasks.train.stage import train_model
-from tasks.validate import check_inputs, report_data
+from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
 from tessera.core.config import RunParameters, TaskType, TrainingSettings
 from tessera.core.forms import described
@@ -50,11 +50,12 @@ def finetune(
     record = runs.ensure_record(name, runtime.flow_run.parameters)
     if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing
         return Cancelled(message=f"run {name} was cancelled before it started")
-    config = check_inputs(record.config)
+    run = resolve_inputs(record)
+    config = run.config
     prepared = prepare_data(config)
     eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
-    report = report_data(config, prepared)
-    trained = train_model(config, prepared, report, eval_prepared)
+    report = report_data(run, prepared)
+    trained = train_model(run, prepared, report, eval_prepared)
     registered = register_model(config, trained)
     if config.serve_to:
         deploy_endpoint(config.serve_to, registered.uri, config.name)

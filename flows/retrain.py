@@ -1,19 +1,23 @@
 """The retraining DAG: validate (eval data held out) -> [one at a time per model: plan (idempotent, in order) ->
 prepare -> report -> train -> register (@challenger) -> evaluate against @champion -> promote or reject] -> move the
 endpoints that follow @champion -> optionally serve @champion behind `serve_to`. Composition only; logic is in tasks/
-(tasks/promote.py, tasks/serve/stage.py, and the finetune stages)."""
+(tasks/promote/, tasks/serve/stage.py, and the finetune stages)."""
 
 from __future__ import annotations
 
 from prefect import flow, runtime
 from prefect.states import Cancelled, State
 
-from tasks import promote
+from tasks.promote import run_record
+from tasks.promote.champion import CHAMPION
+from tasks.promote.decision import MarginMode, Metric
+from tasks.promote.lock import model_lock
+from tasks.promote.stage import RetrainResult, plan_retrain, promote_model, require_eval_data, retrain_result
 from tasks.serve.stage import deploy_endpoint, update_endpoints
 from tasks.prepare.stage import prepare_data
 from tasks.register import register_model
 from tasks.train.stage import train_model
-from tasks.validate import check_inputs, report_data
+from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
 from tessera.core.config import RunParameters, TaskType, TrainingSettings
 from tessera.core.forms import described
@@ -21,11 +25,11 @@ from tessera.core.forms import described
 
 @flow(
     name="retrain",
-    on_running=[promote.on_running],
-    on_completion=[promote.on_completion],
-    on_failure=[promote.on_failure],
-    on_crashed=[promote.on_failure],
-    on_cancellation=[promote.on_cancellation],
+    on_running=[run_record.on_running],
+    on_completion=[run_record.on_completion],
+    on_failure=[run_record.on_failure],
+    on_crashed=[run_record.on_failure],
+    on_cancellation=[run_record.on_cancellation],
 )
 @described(
     RunParameters,
@@ -59,39 +63,40 @@ def retrain(
     experiment_path: str | None = None,
     training_config: TrainingSettings | None = None,
     serve_to: str | None = None,
-    metric: promote.Metric = "eval_loss",
+    metric: Metric = "eval_loss",
     promotion_margin: float = 0.0,
-    margin_mode: promote.MarginMode = "relative",
+    margin_mode: MarginMode = "relative",
     source_version: int | None = None,
     force: bool = False,
     run_name: str | None = None,
-) -> promote.RetrainResult | State:
+) -> RetrainResult | State:
     """Retrain `model` on the latest `train_data_path` into the three-part `register_to`, and promote the new version
     to @champion only if it beats the current one on `eval_data_path`. The run's parameters are RunParameters'
     (tests/test_run_parameters.py keeps them equal); the form's descriptions come from it, and from the gate's own below."""
-    parameters = promote.run_parameters(runtime.flow_run.parameters)
+    parameters = run_record.run_parameters(runtime.flow_run.parameters)
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
     record = runs.ensure_record(name, parameters)
     if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing
         return Cancelled(message=f"run {name} was cancelled before it started")
-    config = check_inputs(record.config)
-    promote.require_eval_data(config)
-    with promote.model_lock(config.registered_model_name):
-        plan = promote.plan_retrain(config, source_version, force)
+    run = resolve_inputs(record)
+    config = run.config
+    require_eval_data(config)
+    with model_lock(config.registered_model_name):
+        plan = plan_retrain(config, source_version, force)
         if plan.skip:
-            return promote.result(plan)
+            return retrain_result(plan)
         prepared = prepare_data(config)
         eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length)
-        report = report_data(config, prepared)
-        trained = train_model(config, prepared, report, eval_prepared)
+        report = report_data(run, prepared)
+        trained = train_model(run, prepared, report, eval_prepared)
         registered = register_model(config, trained)
-        decision = promote.promote_model(
+        decision = promote_model(
             config, registered, eval_prepared, plan, metric=metric, margin=promotion_margin, margin_mode=margin_mode
         )
-    champion_uri = f"models:/{registered.name}@{promote.CHAMPION}"
+    champion_uri = f"models:/{registered.name}@{CHAMPION}"
     if decision.promote:
         update_endpoints(champion_uri, config.name)
-    outcome = promote.result(plan, decision, registered)
+    outcome = retrain_result(plan, decision, registered)
     if config.serve_to and outcome.champion:
         deploy_endpoint(config.serve_to, champion_uri, config.name)
     return outcome

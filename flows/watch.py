@@ -1,13 +1,13 @@
 """The data-change watcher: run every few minutes, it emits one `tessera.data.updated` event per watched source
 whose content changed (and has been quiet since), for an event trigger to start a retrain. Wiring only; the
-logic is in tasks/watch.py."""
+logic is in tasks/watch/."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from tasks import stage_logger
-from tasks.watch import DEFAULT_QUIET_SECONDS, DataChange, check_sources
+from tasks.watch.stage import DEFAULT_QUIET_SECONDS, DataChange, check_sources
 
 
 @flow(name="watch-sources")

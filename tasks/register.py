@@ -98,7 +98,11 @@ def version_tags(config: RunConfig, trained: TrainedModel, client) -> dict[str, 
     return tags
 
 
-def register(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
+@task(name="register-model")
+def register_model(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
+    """Log the trained model as the run's model and register it. MLflow 3.17 cannot log a checkpoint folder as it
+    is with transformers 5 (its flavor reads the pipeline class from a task table that now holds names), so the
+    folder is loaded into a pipeline and saved again."""
     import mlflow
     import transformers
 
@@ -106,10 +110,9 @@ def register(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
     name = config.registered_model_name
     task_name = "llm/v1/chat" if config.task_type is TaskType.CHAT_COMPLETION else "llm/v1/completions"
     try:
-        pipeline = transformers.pipeline("text-generation", model=trained.model_dir)
         with mlflow.start_run(run_id=trained.mlflow_run_id):
             info = mlflow.transformers.log_model(
-                transformers_model=pipeline,
+                transformers_model=transformers.pipeline("text-generation", model=trained.model_dir),
                 name="model",
                 task=task_name,
                 registered_model_name=name,
@@ -128,6 +131,3 @@ def register(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
     runs.append_event(config.name, "register", f"registered {registered.uri} (alias @{CHALLENGER})")
     stage_logger().info("registered %s as @%s", registered.uri, CHALLENGER)
     return registered
-
-
-register_model = task(register, name="register-model")

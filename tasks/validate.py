@@ -14,15 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.prepare.stage import PreparedData, prepare, row_tokens
 from tessera.core import runs, sources
-from tessera.core.catalog import resolve_model
 from tessera.core.config import RunConfig, TaskType
 from tessera.core.errors import DataValidationError
 from tessera.core.records import valid_records
-from tessera.core.run_plan import plan_run
+from tessera.core.run_plan import ResolvedRun, RunPlan, plan_run, resolve_run
+from tessera.core.runs import RunRecord
 
 MIN_PRETRAIN_TOKENS = 1_500_000
 MAX_EPOCHS = 4
@@ -61,6 +61,7 @@ class DataReport(BaseModel):
     memory_plan: str = ""
     skipped_files: dict[str, int] = {}  # a text folder's files that are not documents, by reason
     warnings: list[str] = []
+    plan: RunPlan | None = Field(None, exclude=True)  # what the figures above come from; the train stage runs it
 
     def render(self) -> str:
         lines = [f"{self.data_path} ({self.task_type}, model {self.model}, context length {self.context_length})"]
@@ -90,10 +91,11 @@ class DataReport(BaseModel):
         return "\n".join(lines)
 
 
-def invalid_report(config: RunConfig, data_path: str, error: DataValidationError) -> DataReport:
+def invalid_report(run: ResolvedRun, data_path: str, error: DataValidationError) -> DataReport:
+    config = run.config
     return DataReport(
         data_path=data_path, task_type=config.task_type.value, model=config.model,
-        context_length=resolve_model(config.model, config.context_length).context_length, valid=False,
+        context_length=run.model.context_length, valid=False,
         examples=error.examples_checked or 0, errors=error.errors[: DataValidationError.MAX_SHOWN],
         error_count=len(error.errors), training_duration=config.training_duration,
     )
@@ -152,10 +154,11 @@ def eval_warnings(config: RunConfig) -> list[str]:
             "on those the eval loss measures memorizing"]
 
 
-def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None = None) -> DataReport:
-    """Token statistics, the billed-token estimate and warnings for valid, prepared data."""
-    s = prepared.stats
-    plan = plan_run(config, resolve_model(config.model, config.context_length), row_tokens(prepared.path), s.context_length)
+def data_report(run: ResolvedRun, prepared: PreparedData, data_path: str | None = None) -> DataReport:
+    """Token statistics, the billed-token estimate and warnings for valid, prepared data, and the run's plan they
+    come from (made here, once: the train stage runs this plan)."""
+    config, s = run.config, prepared.stats
+    plan = plan_run(config, run.model, row_tokens(prepared.path), s.context_length)
     epochs = plan.steps.epochs
     warnings = []
     if config.task_type is TaskType.CONTINUED_PRETRAIN and s.tokens < MIN_PRETRAIN_TOKENS:
@@ -180,18 +183,18 @@ def data_report(config: RunConfig, prepared: PreparedData, data_path: str | None
         optimizer_steps=plan.steps.total_steps, epochs=epochs, packed_rows=s.rows, packing_fill=s.fill,
         global_batch_tokens=plan.settings.global_batch_tokens, micro_batch_tokens=plan.settings.micro_batch_tokens,
         memory_plan=plan.memory.render(), warnings=warnings,
-        skipped_files=s.skipped_files,
+        skipped_files=s.skipped_files, plan=plan,
     )
 
 
-def report_for(config: RunConfig, data_path: str | None = None) -> DataReport:
+def report_for(run: ResolvedRun, data_path: str | None = None) -> DataReport:
     """The report for a data path without training: validate, prepare (cached for the run that follows), report."""
-    data_path = data_path or config.train_data_path
+    data_path = data_path or run.config.train_data_path
     try:
-        prepared = prepare(config, data_path)
+        prepared = prepare(run.config, data_path)
     except DataValidationError as exc:
-        return invalid_report(config, data_path, exc)
-    return data_report(config, prepared, data_path)
+        return invalid_report(run, data_path, exc)
+    return data_report(run, prepared, data_path)
 
 
 def histogram_png(report: DataReport, path: Path) -> Path:
@@ -215,20 +218,24 @@ def histogram_png(report: DataReport, path: Path) -> Path:
     return path
 
 
-@task(name="validate-inputs")
-def check_inputs(config: RunConfig) -> RunConfig:
-    """The run's inputs checked and its tables pinned (recorded on the run, so fm.get shows the version read)."""
-    config = sources.check_inputs(config)
-    runs.update(config.name, config=config)
-    return config
+@task(name="resolve-inputs")
+def resolve_inputs(record: RunRecord) -> ResolvedRun:
+    """The run's inputs checked and resolved once: by fm.create (validate_inputs, the default), which recorded what
+    it resolved, else here (a run started from the Prefect UI, a schedule or an event). The tables pinned are
+    recorded on the run, so fm.get shows the version read."""
+    if record.resolved_model is not None:
+        return ResolvedRun(config=record.config, model=record.resolved_model)
+    run = resolve_run(record.config)
+    runs.update(run.config.name, config=run.config, resolved_model=run.model)
+    return run
 
 
 @task(name="data-report")
-def report_data(config: RunConfig, prepared: PreparedData) -> DataReport:
-    """The report, also shown in the Prefect UI as the flow run's artifact."""
+def report_data(run: ResolvedRun, prepared: PreparedData) -> DataReport:
+    """The report and the run's plan, also shown in the Prefect UI as the flow run's artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    report = data_report(config, prepared)
-    create_markdown_artifact(f"```\n{report.render()}\n```", key="data-report", description=f"data report for {config.name}")
+    report = data_report(run, prepared)
+    create_markdown_artifact(f"```\n{report.render()}\n```", key="data-report", description=f"data report for {run.config.name}")
     return report
 

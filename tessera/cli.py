@@ -253,6 +253,30 @@ def cmd_endpoints(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    """The embedded Prefect server of this TESSERA_HOME, which records the runs started here and shows them in its UI."""
+    import os
+
+    from tessera.core import prefect_server
+    from tessera.core.paths import apply_engine_defaults
+
+    apply_engine_defaults()
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"runs are recorded by the Prefect server you set: PREFECT_API_URL={os.environ['PREFECT_API_URL']} "
+              "(the embedded server is used only when it is unset)")
+        return 0
+    if args.action == "stop":
+        stopped = prefect_server.stop()
+        print(f"stopped the embedded Prefect server at {stopped.ui_url}" if stopped else "no embedded Prefect server runs")
+        return 0
+    server = prefect_server.ensure_running() if args.action == "start" else prefect_server.running()
+    if server is None:
+        print(f"no embedded Prefect server runs for {prefect_server.prefect_dir()} (the next run starts it; or: tessera server start)")
+        return 0
+    print(f"Prefect UI: {server.ui_url}   (API {server.url}, pid {server.pid}, home {prefect_server.prefect_dir()})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tessera.demo import run_demo
 
@@ -266,8 +290,8 @@ def cmd_plan(args) -> int:
     from tessera.core.catalog import DEFAULT_CONTEXT_CAP, catalog, resolve_model
     from tessera.core.config import TrainingSettings
     from tessera.core.errors import ConfigError
-    from tessera.core.memory import Hardware, parameters_text, parse_bytes, plan_memory
-    from tessera.core.run_plan import resolve_precision
+    from tessera.core.memory import Hardware, parameters_text, parse_bytes
+    from tessera.core.run_plan import hardware_settings, plan_settings
 
     params = run_parameters(args)
     try:
@@ -290,13 +314,15 @@ def cmd_plan(args) -> int:
         hardware = Hardware(device="cuda", count=args.gpus or 1, memory_bytes=parse_bytes(args.gpu_memory or "80GB"))
     else:
         hardware = Hardware.detect()
-    nproc = args.nproc or settings.nproc_per_node or (hardware.count if hardware.device == "cuda" else 1)
-    precision, why = resolve_precision(settings.precision, hardware.device)
-    print(f"{args.model}: {parameters_text(arch.parameters)}, context {context_length} tokens, {precision} compute "
-          f"({why}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}")
+    if args.nproc:
+        settings = settings.model_copy(update={"nproc_per_node": args.nproc})
+    # the train stage's own decisions (tessera.core.run_plan), for this model, hardware and context
+    decided, sources = hardware_settings(settings, hardware)
+    nproc = decided.get("nproc_per_node", settings.nproc_per_node)
+    print(f"{args.model}: {parameters_text(arch.parameters)}, context {context_length} tokens, {decided['precision']} "
+          f"compute ({sources['precision']}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}")
     try:
-        plan = plan_memory(arch, hardware, context_length, precision=precision, micro_batch_tokens=settings.micro_batch_tokens,
-                           activation_checkpointing=settings.activation_checkpointing, nproc=nproc)
+        _, _, plan = plan_settings(settings, arch, hardware, context_length, args.model)
     except ConfigError as exc:  # a plan that does not fit is an answer, not a usage error
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -370,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-memory", help="memory of each GPU, e.g. 80GB (GB = 10^9 bytes) or 80GiB (default 80GB)")
     pl.add_argument("--nproc", type=int, help="training processes (default: training_config.nproc_per_node, else one per GPU, 1 on CPU)")
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser("server", help="the embedded Prefect server that records runs started here (its UI shows them)")
+    sv.add_argument("action", choices=["status", "start", "stop"])
+    sv.set_defaults(func=cmd_server)
 
     d = sub.add_parser("demo", help="the whole pipeline on embedded defaults, then one question to the served model")
     d.add_argument(

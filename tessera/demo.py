@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.request
 from typing import NamedTuple
@@ -78,6 +79,8 @@ def run_demo(model: str = "tessera/tiny-chat") -> int:
 
     print(
         "\nWhere to look next:\n"
+        f"  {os.environ['PREFECT_API_URL'].removesuffix('/api')}   (the Prefect UI: this run's flow and its DAG of tasks;"
+        " tessera server status|stop)\n"
         f"  mlflow ui --backend-store-uri {mlflow_tracking_uri()}   (the run's loss curve, the registered model)\n"
         f"  registered model: {model_uri}\n"
         f"  tessera serve {model_uri}   (then POST /v1/chat/completions on 127.0.0.1:3000)\n"

@@ -1,9 +1,11 @@
 """The managed service's Python SDK, self-hosted: `from tessera import foundation_model as fm`.
 
 fm.create() checks what it can at once (names, model, context length, data path), records the run, and starts the
-Prefect flow: with PREFECT_API_URL set, as a run of the `finetune` deployment that a worker picks up (QUEUED until
-then); otherwise in a detached process here. Either way the run survives the caller, and any process sees its status
-through the run records in TESSERA_HOME (and Prefect's flow-run state, for a run a worker executes).
+Prefect flow: with TESSERA_WORK_POOL set, as a run of the `finetune` deployment of that work pool, which one of its
+workers picks up (QUEUED until then); otherwise in a detached process here. Either way the run survives the caller,
+Prefect records it (the server at PREFECT_API_URL, else this home's embedded one: tessera.core.prefect_server), and
+any process sees its status through the run records in TESSERA_HOME (and Prefect's flow-run state, for a run a
+worker executes).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from tessera.core.catalog import ModelSpec, catalog
 from tessera.core.config import RunConfig, RunParameters, build_run_config
 from tessera.core.errors import TesseraError
 from tessera.core.paths import apply_engine_defaults, tessera_home
+from tessera.core.prefect_server import use_prefect_api
 from tessera.core.processes import stop_tree
 from tessera.core.runs import RunRecord, RunStatus
-from tessera.core.sources import check_inputs
+from tessera.core.run_plan import resolve_run
 
 
 class TrainingRun(RunConfig):
@@ -67,7 +70,7 @@ def _current(record: RunRecord) -> RunRecord:
     cancel was stopping is STOPPED. Liveness is the recorded process (pid and start time), never a bare pid; a run
     recorded by another host is left as it is (nothing here can tell). A run submitted to a deployment (no process
     of ours) is what Prefect says it is."""
-    if not record.status.finished and record.pid is None and record.prefect_flow_run_id and os.environ.get("PREFECT_API_URL"):
+    if not record.status.finished and record.pid is None and record.prefect_flow_run_id and record.work_pool:
         return _prefect_state(record)
     if record.status.finished or not runs.process_gone(record):
         return record
@@ -113,11 +116,14 @@ def create(
     """
     apply_engine_defaults()
     config = build_run_config(**{k: v for k, v in locals().items() if k in RunParameters.model_fields})
-    if validate_inputs:  # as the managed service did: refuse bad inputs before anything starts
-        config = check_inputs(config)
-    runs.save(RunRecord(config=config, created_at=runs.now()))
-    if os.environ.get("PREFECT_API_URL"):
-        return _submit(config)
+    resolved = None
+    if validate_inputs:  # as the managed service did: refuse bad inputs before anything starts (and only here)
+        resolved = resolve_run(config)
+        config = resolved.config
+    use_prefect_api()  # the server that records it, started here (once per home) so the run's process finds it
+    runs.save(RunRecord(config=config, created_at=runs.now(), resolved_model=resolved and resolved.model))
+    if os.environ.get("TESSERA_WORK_POOL"):
+        return _submit(config, os.environ["TESSERA_WORK_POOL"])
     log = open(runs.run_dir(config.name) / "run.log", "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "tessera.sdk", config.name],
@@ -132,19 +138,24 @@ def create(
 DEPLOYMENT = "finetune/finetune"  # prefect.yaml's; `prefect deploy --all` makes it
 
 
-def _submit(config: RunConfig) -> TrainingRun:
-    """A run of the `finetune` deployment with this run's parameters and name; a worker of its pool executes it."""
+def _submit(config: RunConfig, work_pool: str) -> TrainingRun:
+    """A run of the `finetune` deployment with this run's parameters and name; a worker of `work_pool` executes it."""
     from prefect.deployments import run_deployment
 
     try:
+        with _prefect_api(f"submit run {config.name}") as client:
+            deployment = client.read_deployment_by_name(DEPLOYMENT)
+        if deployment.work_pool_name != work_pool:
+            raise TesseraError(f"the deployment's work pool is {deployment.work_pool_name!r}, not TESSERA_WORK_POOL's "
+                               f"{work_pool!r} (set TESSERA_WORK_POOL={deployment.work_pool_name}, or deploy it to {work_pool})")
         flow_run = run_deployment(DEPLOYMENT, parameters=config.parameters | {"run_name": config.name}, timeout=0)
     except Exception as exc:  # no such deployment, server unreachable: say what to do, keep nothing half-made
         runs.update(config.name, status=RunStatus.FAILED, completed_at=runs.now(), details=f"not submitted: {exc}")
         raise TesseraError(
             f"could not submit {config.name} to the Prefect deployment {DEPLOYMENT} at {os.environ['PREFECT_API_URL']}: {exc} "
-            "(deploy it first: prefect deploy --all, README: Prefect)"
+            "(deploy it first: prefect deploy --all, README: Prefect; or unset TESSERA_WORK_POOL to run it here)"
         ) from None
-    runs.update(config.name, status=RunStatus.QUEUED, prefect_flow_run_id=str(flow_run.id))
+    runs.update(config.name, status=RunStatus.QUEUED, prefect_flow_run_id=str(flow_run.id), work_pool=work_pool)
     runs.append_event(config.name, "run", f"queued: flow run {flow_run.name} of deployment {DEPLOYMENT}")
     return get(config.name)
 
@@ -161,13 +172,14 @@ def _prefect_api(action: str):
     except httpx.TransportError as exc:
         raise TesseraError(
             f"could not reach the Prefect server at {os.environ.get('PREFECT_API_URL')} to {action}: {exc} "
-            "(start it, or unset PREFECT_API_URL for runs started here)"
+            "(start it, or unset PREFECT_API_URL to record runs on this home's embedded server)"
         ) from None
 
 
 def _prefect_state(record: RunRecord) -> RunRecord:
     """A run a worker executes, as Prefect sees it: its flow run's state mapped onto the service's statuses, and a
     run no worker has picked up QUEUED, saying which pool nobody polls. Nothing is marked FAILED from here."""
+    use_prefect_api()
     with _prefect_api(f"read the state of run {record.config.name}") as client:
         flow_run = client.read_flow_run(record.prefect_flow_run_id)
         state = flow_run.state.type.value if flow_run.state else "PENDING"
@@ -215,10 +227,11 @@ def list(  # noqa: A001 - the SDK's name
 
 
 def _flow_run_on_server(record: RunRecord):
-    """The run's flow run on the Prefect server at PREFECT_API_URL (a run of a deployment, queued or on a worker),
-    or None: a run fm.create started here without a server has its flow run on its own process's API."""
-    if not (record.prefect_flow_run_id and os.environ.get("PREFECT_API_URL")):
+    """The run's flow run on the Prefect server at PREFECT_API_URL if a worker executes it (a run of a deployment,
+    queued or running), else None: a run fm.create started here is stopped through its own process."""
+    if not (record.prefect_flow_run_id and record.work_pool):
         return None
+    use_prefect_api()
     from prefect.exceptions import ObjectNotFound
 
     with _prefect_api(f"cancel run {record.config.name}") as client:
@@ -316,37 +329,55 @@ def validate_data(
         task_type=task_type, context_length=context_length, training_duration=training_duration,
         data_prep_cluster_id=data_prep_cluster_id,
     )
-    return report_for(check_inputs(config))
+    return report_for(resolve_run(config))
 
 
 def get_models() -> list[ModelSpec]:
     return [m for m in catalog().values()]
 
 
-def _start_prefect_server() -> None:
-    """Start this process's ephemeral Prefect API server (no PREFECT_API_URL) under a lock in PREFECT_HOME, so that
-    runs started at the same moment do not create and migrate its embedded database at once, nor take one port.
-    The flow then uses this server (Prefect keeps one per process)."""
-    from prefect.settings import get_current_settings
+def _stop_when_cancelled_in_prefect(name: str, poll: float = 2.0) -> None:
+    """For a run started here, nothing but its own process acts on a cancel from the Prefect UI (no worker watches
+    its flow run): when the flow run turns Cancelling, stop what the run started (torchrun and its workers) as
+    fm.cancel does, record the run STOPPED, and end this process's flow with SIGTERM (its hooks show it Cancelled).
+    Runs in a daemon thread of the run's process."""
+    import signal
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        return
-    from prefect.server.api.server import SubprocessASGIServer
+    import psutil
+    from prefect import get_client
 
-    from tessera.core.paths import file_lock
-
-    with file_lock(Path(settings.home) / ".tessera-server-start.lock"):
-        SubprocessASGIServer().start()
+    while True:
+        time.sleep(poll)
+        record = runs.load(name)
+        if record.status.finished:
+            return
+        if not record.prefect_flow_run_id:
+            continue
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(record.prefect_flow_run_id).state
+        except Exception:  # the server is away for a moment: ask again
+            continue
+        if state is not None and state.is_cancelling():
+            runs.update(name, only_if=lambda r: not r.status.finished, status=RunStatus.TERMINATING)
+            for child in psutil.Process().children():
+                stop_tree(child.pid, child.create_time(), grace=60)
+            runs.stop(name, "cancelled from Prefect")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _execute(name: str) -> int:
-    """Body of the detached process fm.create starts: run the flow for a recorded run."""
+    """Body of the detached process fm.create starts: run the flow for a recorded run, recorded by the Prefect server
+    fm.create chose (PREFECT_API_URL, inherited)."""
+    import threading
+
     apply_engine_defaults()
+    use_prefect_api()
     from flows.finetune import finetune
 
+    threading.Thread(target=_stop_when_cancelled_in_prefect, args=(name,), daemon=True).start()
     try:
-        _start_prefect_server()
         finetune(run_name=name, **runs.load(name).config.parameters)
     except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING
         reason = str(exc) if isinstance(exc, TesseraError) else f"{type(exc).__name__}: {exc}"

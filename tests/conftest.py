@@ -20,7 +20,7 @@ for key, value in {
 }.items():
     os.environ[key] = value
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_API_URL", None)  # the session's own server instead (pytest_configure)
 
 
 @pytest.fixture(scope="session")
@@ -30,29 +30,40 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_chat(tmp_path_factory.mktemp("models") / "tiny-chat")
 
 
-@pytest.fixture(scope="session")
-def prefect_database(tmp_path_factory) -> Path:
-    """A Prefect database migrated once for the session. Each test's PREFECT_HOME starts with a copy of it: the
-    temporary server every run process starts then finds its tables in place, instead of creating them all."""
-    import subprocess
-    import sys
+def pytest_configure(config):
+    """One embedded Prefect server for the whole session, as a user's TESSERA_HOME has one for all its runs
+    (tessera.core.prefect_server): every test's runs are recorded there, through PREFECT_API_URL. Set before any
+    test module imports Prefect, which reads its settings once per process."""
+    import tempfile
 
-    template = tmp_path_factory.mktemp("prefect-template")
-    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], check=True,
-                   env={**os.environ, "PREFECT_HOME": str(template)}, capture_output=True)
-    return template / "prefect.db"
+    from tessera.core import prefect_server
+
+    config.prefect_home = tempfile.mkdtemp(prefix="tessera-test-prefect-")
+    os.environ["TESSERA_HOME"] = config.prefect_home
+    os.environ["PREFECT_API_URL"] = prefect_server.ensure_running().url
+    del os.environ["TESSERA_HOME"]
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    from tessera.core import prefect_server
+
+    if getattr(config, "prefect_home", None):
+        os.environ["TESSERA_HOME"] = config.prefect_home
+        prefect_server.stop()
+        del os.environ["TESSERA_HOME"]
+        shutil.rmtree(config.prefect_home, ignore_errors=True)
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, tiny_model_dir, prefect_database) -> Path:
-    """A fresh TESSERA_HOME with the session's tiny model already in it, and a fresh PREFECT_HOME in it."""
-    import shutil
-
+def home(tmp_path, monkeypatch, tiny_model_dir) -> Path:
+    """A fresh TESSERA_HOME with the session's tiny model already in it, and a fresh PREFECT_HOME in it (its
+    runs are recorded by the session's Prefect server)."""
     home = tmp_path / "tessera-home"
     (home / "models").mkdir(parents=True)
     (home / "models" / "tiny-chat").symlink_to(tiny_model_dir)
     (home / "prefect").mkdir()
-    shutil.copy(prefect_database, home / "prefect" / "prefect.db")
     monkeypatch.setenv("TESSERA_HOME", str(home))
     monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
     monkeypatch.delenv("TESSERA_VOLUMES_ROOT", raising=False)
@@ -133,22 +144,6 @@ def chat(*turns: str, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return {"messages": messages}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def stop_prefect_servers():
-    """Stop the ephemeral Prefect servers in-process flow runs started, while pytest's output is still open
-    (Prefect would otherwise stop them at exit and log into a closed stream)."""
-    yield
-    import sys
-
-    if "prefect.server.api.server" in sys.modules:
-        from prefect._internal.concurrency.services import _QueueServiceBase
-        from prefect.server.api.server import SubprocessASGIServer
-
-        _QueueServiceBase.drain_all(timeout=30, at_exit=False)  # logs and events still on their way to the server
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
 
 
 @pytest.fixture(scope="session")

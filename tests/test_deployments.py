@@ -41,13 +41,14 @@ def api(url: str, path: str, body=None, method: str = "POST"):
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on a free port; yields the environment that points at it."""
-    from tasks.serve.model_server import free_port
+    from tessera.core.processes import free_port
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_UI_ENABLED="false",
-               TESSERA_HOME=str(home / "tessera"), PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
+               TESSERA_HOME=str(home / "tessera"), TESSERA_WORK_POOL="tessera",  # fm.create submits to the pool
+               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # schedules turn into runs within seconds
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=open(home / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -162,7 +163,7 @@ def test_fm_cancel_of_a_queued_run_cancels_its_flow_run_so_no_worker_runs_it(dep
     env, url = deployed, deployed["PREFECT_API_URL"]
     name, flow_run_id = sdk(env, "r = fm.create(model='tessera/tiny-chat', train_data_path='tessera/assets/demo_chat.jsonl', "
                                  f"register_to='{CANCELLED_QUEUED}', training_duration='2ba'); fm.cancel(r); "
-                                 "from tessera import runs; print(json.dumps([r.name, runs.load(r.name).prefect_flow_run_id]))")
+                                 "from tessera.core import runs; print(json.dumps([r.name, runs.load(r.name).prefect_flow_run_id]))")
 
     def state() -> dict:
         return api(url, f"/flow_runs/{flow_run_id}", method="GET")["state"]

@@ -112,7 +112,7 @@ def group_gone(pgid: int) -> bool:
 @pytest.mark.slow
 def test_an_endpoint_keeps_its_url_through_updates_and_rolls_back_a_broken_version(home, tiny_model_dir):
     from tasks.serve import endpoints
-    from tasks.serve.model_server import free_port
+    from tessera.core.processes import free_port
     from tessera.core.tracking import mlflow_client
 
     assert register_tiny(tiny_model_dir, 2) == ["1", "2"]
@@ -311,7 +311,7 @@ def fake_backend(version: str):
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from tasks.serve.model_server import free_port
+    from tessera.core.processes import free_port
 
     async def events(request):
         async def gen():
@@ -347,7 +347,8 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
     import httpx
 
     from tasks.serve import endpoints
-    from tasks.serve.model_server import free_port
+    from tasks.serve.endpoints.processes import start_router, stop_process
+    from tessera.core.processes import free_port
     from tasks.serve.settings import ServeSettings
 
     port = free_port()
@@ -357,7 +358,7 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
     ))
     url = record.url
     with fake_backend("1") as one, fake_backend("2") as two:
-        endpoints._start_router(record)
+        start_router(record)
         try:
             assert httpx.get(f"{url}/readyz").status_code == 503  # no backend yet
             at = endpoints.now()
@@ -394,7 +395,7 @@ def test_the_router_streams_passes_everything_through_and_follows_the_record(hom
             state = httpx.get(f"{url}/_tessera/router", headers={"Authorization": f"Bearer {KEY}"}).json()
             assert state["backend"] == two and state["inflight"] == {}
         finally:
-            endpoints._stop_process(record.router_pid, record.router_create_time, grace=10)
+            stop_process(record.router_pid, record.router_create_time, grace=10)
 
 
 def test_a_rollout_drains_the_old_server_for_as_long_as_its_requests_may_run():

@@ -3,17 +3,24 @@
 The rows come from the real pipeline (prepare -> rows on disk), the batch from the trainer's own
 reader, and the model is called as the trainer calls it: input_ids + position_ids, no attention
 mask, use_cache=False. transformers then builds a block-causal mask from the restarting position ids.
+That reader is also checked to need none of what a bare GPU machine's worker process should not import.
 """
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.prepare.stage import IGNORE_INDEX, prepare
+from tasks.prepare.rows import read_rows
+from tasks.prepare.stage import prepare
 from tasks.train.data import PackedRows
 from tasks.train.loss import loss_sum
 from tessera.core.config import build_run_config
+from tessera.core.training import IGNORE_INDEX
 
 from conftest import chat, write_jsonl
 
@@ -39,13 +46,11 @@ def token_losses(model, ids, pos, labels, **call) -> torch.Tensor:
 @pytest.fixture
 def packed_rows(home, tokenizer):
     """Prepared chat rows of 96 tokens: several examples of varied length share each row."""
-    from datasets import load_from_disk
-
     records = [chat(f"question {i} " + "why " * (i % 7), "answer " * (1 + i % 9) + str(i)) for i in range(24)]
     path = write_jsonl(home / "chat.jsonl", records)
     config = build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.t", context_length=96)
     path = prepare(config).path
-    rows = list(load_from_disk(f"{path}/rows"))
+    rows = [row for part in read_rows(path) for row in part.to_arrow().to_pylist()]
     assert any(sum(p == 0 for p in r["position_ids"]) >= 3 for r in rows), "the test needs rows holding several examples"
     return rows, PackedRows(path)
 
@@ -95,3 +100,22 @@ def test_with_the_kv_cache_on_packed_examples_leak(packed_rows, tokenizer, attn)
         isolated = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, start:end]
     torch.testing.assert_close(isolated, alone, rtol=1e-4, atol=1e-5)
     assert (default_call - alone).abs().max() > 1e-2
+
+
+def test_the_worker_reads_its_rows_without_datasets_pandas_prefect_or_mlflow(home):
+    """One worker process starts per rank, on a machine that may have only torch and transformers: it reads the prepared
+    rows with pyarrow alone (`datasets` would bring pandas and most of a second of imports), and imports MLflow only
+    where rank 0 reports to it."""
+    path = write_jsonl(home / "chat.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(8)])
+    config = build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.t", context_length=64)
+    prepared = prepare(config)
+    code = (
+        "import sys\n"
+        "import tasks.train.worker\n"
+        "from tasks.train.data import PackedRows\n"
+        f"rows = PackedRows({prepared.path!r})\n"
+        "rows.batch(rows.tokens.argsort(), 0)\n"
+        "print(len(rows), sorted({'datasets', 'pandas', 'prefect', 'mlflow'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == f"{prepared.stats.rows} []"

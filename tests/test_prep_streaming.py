@@ -9,8 +9,10 @@ import time
 
 import pytest
 
-import tasks.prepare.stage as prep
-from tasks.prepare.stage import Tally, map_ahead, prepare, stream_rows, with_progress
+import tasks.prepare.packing as packing
+import tasks.prepare.pipeline as pipeline
+from tasks.prepare.pipeline import Tally, map_ahead, stream_rows
+from tasks.prepare.stage import prepare, with_progress
 from tessera.core.config import TaskType, build_run_config
 from tessera.core.errors import DataValidationError
 from tessera.core.sources import Record
@@ -29,8 +31,8 @@ def records_that_refuse_to_be_read_far_ahead(make, limit: int, pulled: list):
 
 @pytest.mark.parametrize("task_type", [TaskType.INSTRUCTION_FINETUNE, TaskType.CHAT_COMPLETION, TaskType.CONTINUED_PRETRAIN])
 def test_the_first_rows_come_out_after_reading_a_bounded_part_of_the_input(tokenizer, monkeypatch, task_type):
-    monkeypatch.setattr(prep, "BATCH_RECORDS", 32)
-    monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 2048)
+    monkeypatch.setattr(pipeline, "BATCH_RECORDS", 32)
+    monkeypatch.setattr(packing, "PACK_WINDOW_TOKENS", 2048)
     make = {
         TaskType.INSTRUCTION_FINETUNE: lambda i: {"prompt": f"question {i}", "response": "answer " * (i % 9 + 1)},
         TaskType.CHAT_COMPLETION: lambda i: chat(f"question {i}", "answer " * (i % 9 + 1)),
@@ -87,7 +89,7 @@ def test_a_bad_record_late_in_the_file_fails_the_prepare_and_caches_nothing(home
 
 def test_long_preparations_say_how_far_they_have_got(tokenizer, caplog, monkeypatch):
     caplog.set_level("INFO", logger="tessera")
-    monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 4096)
+    monkeypatch.setattr(packing, "PACK_WINDOW_TOKENS", 4096)
     records = (Record(f"input:{i + 1}", {"prompt": f"question {i}", "response": "answer " * 5}) for i in range(3_000))
     rows = list(with_progress(stream_rows(TaskType.INSTRUCTION_FINETUNE, tokenizer, records, 64, Tally()), "in-process", every=0))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preparing (in-process)")]

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.prepare.stage import (
-    IGNORE_INDEX,
-    pack_best_fit,
-    pack_window,
-    prepare,
-    tokenize_chats,
-    tokenize_instructions,
-)
+from tasks.prepare.packing import pack_best_fit, pack_window
+from tasks.prepare.rows import read_rows
+from tasks.prepare.stage import prepare
+from tasks.prepare.tokenizing import tokenize_chats, tokenize_instructions
 from tessera.core.config import build_run_config
 from tessera.core.errors import TesseraError
+from tessera.core.training import IGNORE_INDEX
 
 from conftest import chat, write_jsonl
 
@@ -88,16 +85,19 @@ def run_config(path, **kw):
     return build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.t", **kw)
 
 
+def rows_of(prepared) -> list[dict]:
+    """The prepared rows, one dict of columns per row, read as the trainer reads them."""
+    return [row for part in read_rows(prepared.path) for row in part.to_arrow().to_pylist()]
+
+
 def test_prepare_writes_packed_rows_with_restarting_positions_and_reuses_the_cache(home, tokenizer):
     path = write_jsonl(home / "chat.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(20)])
     first = prepare(run_config(path))
     assert not first.reused
     assert first.stats.examples == 20 and first.stats.truncated == 0
-    from datasets import load_from_disk
-
-    rows = load_from_disk(f"{first.path}/rows")
+    rows = rows_of(first)
     assert len(rows) == first.stats.rows
-    starts = sum(p == 0 for row in rows["position_ids"] for p in row)
+    starts = sum(p == 0 for row in rows for p in row["position_ids"])
     assert starts == 20  # one position-0 per packed example
     for row in rows:
         for k, p in enumerate(row["position_ids"]):
@@ -184,19 +184,19 @@ def test_a_batch_tokenizes_exactly_like_one_at_a_time(tokenizer):
 
 def test_rows_hold_every_example_once_and_no_loss_crosses_a_boundary(home, tokenizer, monkeypatch):
     """Several packing windows (a small window here), truncation, and the exact tokens of each example."""
-    import tasks.prepare.stage as prep
-    from datasets import load_from_disk
+    import tasks.prepare.packing as packing
+    import tasks.prepare.pipeline as pipeline
 
-    monkeypatch.setattr(prep, "PACK_WINDOW_TOKENS", 1500)
-    monkeypatch.setattr(prep, "BATCH_RECORDS", 16)
+    monkeypatch.setattr(packing, "PACK_WINDOW_TOKENS", 1500)
+    monkeypatch.setattr(pipeline, "BATCH_RECORDS", 16)
     windows = []
-    monkeypatch.setattr(prep, "pack_window", lambda ex, capacity: windows.append(ex) or pack_window(ex, capacity))
+    monkeypatch.setattr(packing, "pack_window", lambda ex, capacity: windows.append(ex) or pack_window(ex, capacity))
     records = instruction_records(300) + [{"prompt": "a long story", "response": "story " * 300}]
     path = write_jsonl(home / "pairs.jsonl", records)
     ctx = 256
     prepared = prepare(run_config(path, task_type="INSTRUCTION_FINETUNE", context_length=ctx))
-    rows = load_from_disk(f"{prepared.path}/rows")
-    assert set(rows.column_names) == {"input_ids", "labels", "position_ids"}
+    rows = rows_of(prepared)
+    assert all(set(r) == {"input_ids", "labels", "position_ids"} for r in rows)
     assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) <= ctx for r in rows)
     expected = [expected_example(*tokenize_instruction(tokenizer, r["prompt"], r["response"]), ctx) for r in records]
     assert sorted(unpack(rows)) == sorted(expected)
@@ -207,12 +207,11 @@ def test_rows_hold_every_example_once_and_no_loss_crosses_a_boundary(home, token
 
 def test_stats_describe_the_rows_and_the_examples(home, tokenizer):
     import numpy as np
-    from datasets import load_from_disk
 
     records = instruction_records(200, seed=1)
     path = write_jsonl(home / "pairs.jsonl", records)
     prepared = prepare(run_config(path, task_type="INSTRUCTION_FINETUNE", context_length=128))
-    s, rows = prepared.stats, load_from_disk(f"{prepared.path}/rows")
+    s, rows = prepared.stats, rows_of(prepared)
     assert s.tokens == sum(len(r["input_ids"]) for r in rows)
     assert s.trainable_tokens == sum(1 for r in rows for label in r["labels"][1:] if label != IGNORE_INDEX)
     assert s.fill == pytest.approx(s.tokens / (s.rows * 128))
@@ -242,42 +241,62 @@ def test_manifest_names_everything_the_rows_depend_on(home):
     assert manifest["stats"] == prepared.stats.model_dump(mode="json")
 
 
-def test_the_cache_is_reused_without_tokenizing_and_any_input_change_misses_it(home, tiny_model_dir, monkeypatch):
-    import tasks.prepare.stage as prep
+def test_a_cache_hit_loads_no_tokenizer_and_any_input_change_misses_it(home, tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
 
     path = write_jsonl(home / "chat.jsonl", [chat(f"q{i}", f"a{i}") for i in range(10)])
     first = prepare(run_config(path, context_length=64))
 
-    def no_tokenizing(*args):
-        raise AssertionError("a cached prepare tokenized again")
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached prepare loaded the tokenizer")
 
-    monkeypatch.setattr(prep, "tokenize_records", no_tokenizing)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_loading)
     again = prepare(run_config(path, context_length=64))
     assert again.reused and again.path == first.path and again.stats == first.stats
+    copy = home / "models" / "copy"  # the same files elsewhere: the same tokenizer, so the same rows
+    shutil.copytree(tiny_model_dir, copy)
+    copy_config = build_run_config(model=str(copy), train_data_path=str(path), register_to="main.t", context_length=64)
+    assert prepare(copy_config).path == first.path
     monkeypatch.undo()
 
     keys = {first.cache_key, prepare(run_config(path, context_length=32)).cache_key}
-    other = home / "models" / "other-template"  # the same model with an edited chat template
-    shutil.copytree(tiny_model_dir, other)
-    (other / "chat_template.jinja").write_text("{# edited #}" + (tiny_model_dir / "chat_template.jinja").read_text())
-    keys.add(prepare(build_run_config(model=str(other), train_data_path=str(path), register_to="main.t", context_length=64)).cache_key)
-    assert len(keys) == 3
+    (copy / "chat_template.jinja").write_text("{# edited #}" + (tiny_model_dir / "chat_template.jinja").read_text())
+    keys.add(prepare(copy_config).cache_key)
+    tokenizer_config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "add_bos_token": True}))
+    keys.add(prepare(copy_config).cache_key)
+    assert len(keys) == 4
+
+
+def test_a_model_given_as_a_hugging_face_id_is_prepared_from_the_hf_cache(home, tiny_model_dir, tmp_path, monkeypatch):
+    """No local directory to hash: the tokenizer is loaded from the HF cache (offline) to key the cache, and reused."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-chat"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = write_jsonl(home / "chat.jsonl", [chat(f"q{i}", f"a{i}") for i in range(10)])
+    config = build_run_config(model="someone/tiny-chat", train_data_path=str(path), register_to="main.t", context_length=64)
+    first = prepare(config)
+    assert not first.reused and first.stats.examples == 10
+    assert prepare(config).path == first.path
 
 
 def test_preparing_is_deterministic(home, tmp_path, monkeypatch):
-    from datasets import load_from_disk
-
     path = write_jsonl(tmp_path / "chat.jsonl", [chat(f"question {i}", "answer " * (i % 13)) for i in range(100)])
-    first = load_from_disk(f"{prepare(run_config(path, context_length=80)).path}/rows")
+    first = rows_of(prepare(run_config(path, context_length=80)))
     monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "elsewhere"))
     (tmp_path / "elsewhere" / "models").mkdir(parents=True)
     (tmp_path / "elsewhere" / "models" / "tiny-chat").symlink_to(home / "models" / "tiny-chat")
-    second = load_from_disk(f"{prepare(run_config(path, context_length=80)).path}/rows")
-    assert first.to_dict() == second.to_dict()
+    second = rows_of(prepare(run_config(path, context_length=80)))
+    assert first == second
 
 
 def test_documents_are_joined_with_eos_and_cut_into_context_blocks(tokenizer):
-    from tasks.prepare.stage import cut_blocks, tokenize_documents
+    from tasks.prepare.packing import cut_blocks
+    from tasks.prepare.tokenizing import tokenize_documents
 
     texts = ["The cat sat on the mat. " * (1 + i % 5) for i in range(12)]
     stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
@@ -293,20 +312,18 @@ def test_documents_are_joined_with_eos_and_cut_into_context_blocks(tokenizer):
 
 
 def test_continued_pretraining_through_prepare(home, tokenizer):
-    from datasets import load_from_disk
-
     docs = home / "docs"
     texts = [f"Document {i}. Delta tables are read in-process. " * (3 + 7 * i) for i in range(6)]
     for i, text in enumerate(texts):
         (docs / f"d{i}").mkdir(parents=True)
         (docs / f"d{i}" / "doc.txt").write_text(text)
     prepared = prepare(run_config(docs, task_type="CONTINUED_PRETRAIN", context_length=64))
-    rows = load_from_disk(f"{prepared.path}/rows")
+    rows = rows_of(prepared)
     s = prepared.stats
     stream = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     assert [t for r in rows for t in r["input_ids"]] == stream
     assert s.examples == 6 and s.truncated == 0 and s.tokens == len(stream) and s.rows == len(rows) == -(-len(stream) // 64)
-    assert all(len(r["input_ids"]) == 64 for r in rows.select(range(len(rows) - 1)))
+    assert all(len(r["input_ids"]) == 64 for r in rows[:-1])
     assert all(r["labels"] == r["input_ids"] and r["position_ids"] == list(range(len(r["input_ids"]))) for r in rows)
     assert s.trainable_tokens == s.tokens - s.rows  # a row's first token is never predicted
 
@@ -320,8 +337,6 @@ def test_lengths_are_counted_and_cut_here_whatever_truncation_the_tokenizer_file
 def test_default_context_length_fits_the_longest_example_without_losing_any(home, tokenizer):
     """No context length set: rows of the smallest multiple of 256 that holds the longest example, repacked from the
     rows prepared at the default cap, so every token and label is the one the cap's preparation made."""
-    from datasets import load_from_disk
-
     records = [chat(f"question {i} " + "why " * (i % 5), "answer " * (1 + i % 40)) for i in range(60)]
     path = write_jsonl(home / "chat.jsonl", records)
     fitted = prepare(run_config(path))
@@ -334,11 +349,11 @@ def test_default_context_length_fits_the_longest_example_without_losing_any(home
 
     def examples(prepared):
         out = []
-        for row in load_from_disk(f"{prepared.path}/rows"):
+        for row in rows_of(prepared):
             starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
             out += [(tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])) for a, b in zip(starts, starts[1:])]
         return sorted(out)
 
     assert examples(fitted) == examples(capped)
-    assert max(len(r["input_ids"]) for r in load_from_disk(f"{fitted.path}/rows")) <= 256
+    assert max(len(r["input_ids"]) for r in rows_of(fitted)) <= 256
     assert prepare(run_config(path)).reused  # both steps are cached

@@ -41,7 +41,7 @@ def sail() -> str:
 def classic() -> str:
     """Classic local Spark, started as Tessera starts it, cutting files into 4 kB partitions: errors and examples
     must come out right across many partitions."""
-    from tessera.core.sources import _spark
+    from tessera.core.sources.spark import _spark
 
     with _spark(CLASSIC) as spark:
         spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from tasks import register as register_stage
-from tasks.register import register, serving_requirements
+from tasks.register import register_model, serving_requirements
 from tasks.train.stage import TrainedModel
 from tessera.core import runs
 from tessera.core.config import build_run_config
@@ -47,8 +47,8 @@ def register_twice(model_dir, name: str):
         model_dir, name, losses=(1.5, 0.5), eval_loss=0.75, train_data_path="main.sales.chats@v3",
         custom_weights_path="/weights/ckpt", source={"source.kind": "delta", "source.version": "3", "source.fingerprint": "cd" * 32},
     )
-    assert register(first, trained1).uri == f"models:/{name}/1"
-    assert register(second, trained2).uri == f"models:/{name}/2"
+    assert register_model.fn(first, trained1).uri == f"models:/{name}/1"
+    assert register_model.fn(second, trained2).uri == f"models:/{name}/2"
     return (first, trained1.mlflow_run_id), (second, trained2.mlflow_run_id)
 
 
@@ -100,7 +100,7 @@ def test_two_part_register_to_names_the_model_after_the_run(home, tiny_model_dir
 
     config, trained = fine_tune(tiny_model_dir, "main.test")
     assert re.fullmatch(r"tiny-chat-[0-9a-f]{6}", config.name)
-    registered = register(config, trained)
+    registered = register_model.fn(config, trained)
     assert (registered.name, registered.version) == (f"main.test.{config.name}", "1")
     client = mlflow_client()
     assert str(client.get_model_version_by_alias(registered.name, "challenger").version) == "1"

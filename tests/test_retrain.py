@@ -12,8 +12,12 @@ import time
 import pytest
 
 from conftest import chat, write_jsonl
-from tasks import promote
-from tasks.promote import already_registered, config_hash, decide, older_than_champion
+from tasks.promote.champion import current_champion
+from tasks.promote.decision import decide
+from tasks.promote.lock import model_lock
+from tasks.promote.plan import already_registered, config_hash, older_than_champion
+from tasks.promote.scoring import Score, base_score, compared, eval_set_for, trained_text_bytes
+from tasks.promote.stage import plan_retrain, require_eval_data
 from tasks.register import source_tags
 from tessera.core.config import TaskType, build_run_config
 from tessera.core.errors import ConfigError
@@ -93,10 +97,10 @@ def test_a_version_without_a_decision_is_not_done():
 def test_other_tokenizers_are_compared_per_byte_of_the_trained_text():
     """A finer tokenizer spreads the same text over more tokens, each easier to predict: per token it wins
     (0.9 < 2.0) while it predicts the text worse (90 nats in all against 80). Per byte, it loses."""
-    fine, coarse = promote.Score(loss_sum=90.0, tokens=100), promote.Score(loss_sum=80.0, tokens=40)
-    assert promote.compared("eval_loss", fine, coarse, None) == ("eval_loss", 0.9, 2.0)
-    assert promote.compared("eval_perplexity", fine, coarse, None) == ("eval_perplexity", math.exp(0.9), math.exp(2.0))
-    metric, mine, theirs = promote.compared("eval_loss", fine, coarse, text_bytes=300)
+    fine, coarse = Score(loss_sum=90.0, tokens=100), Score(loss_sum=80.0, tokens=40)
+    assert compared("eval_loss", fine, coarse, None) == ("eval_loss", 0.9, 2.0)
+    assert compared("eval_perplexity", fine, coarse, None) == ("eval_perplexity", math.exp(0.9), math.exp(2.0))
+    metric, mine, theirs = compared("eval_loss", fine, coarse, text_bytes=300)
     assert (metric, mine, theirs) == ("eval_bits_per_byte", 90 / math.log(2) / 300, 80 / math.log(2) / 300)
     assert not decide("c", mine, "i", theirs, metric=metric).promote
 
@@ -109,17 +113,17 @@ def test_the_trained_text_is_what_the_user_wrote_without_markup(home, eot_model_
     turns = [("what is café?", "a café is a small restaurant"), ("and two plus two?", "four, twice two"), ("hi", "hello")]
     path = write_jsonl(home / "eval.jsonl", [chat(*turns[0], *turns[1]), chat(*turns[2], system="be brief")])
     config = build_run_config(model="tessera/tiny-chat", train_data_path=str(path), register_to=NAME, eval_data_path=str(path))
-    assert promote.trained_text_bytes(config, str(path)) == sum(len(a.encode()) for _, a in turns)
+    assert trained_text_bytes(config, str(path)) == sum(len(a.encode()) for _, a in turns)
     pairs = write_jsonl(home / "pairs.jsonl", [{"prompt": "q", "response": "été"}, {"prompt": "q", "completion": "ok"}])
     instructions = config.model_copy(update={"task_type": TaskType.INSTRUCTION_FINETUNE})
-    assert promote.trained_text_bytes(instructions, str(pairs)) == len("été".encode()) + 2
+    assert trained_text_bytes(instructions, str(pairs)) == len("été".encode()) + 2
 
     ours = prepare(config, str(path), 64)
-    assert promote.eval_set_for(config, "tessera/tiny-chat", ours) is ours  # the same tokenizer: the same rows
-    theirs = promote.eval_set_for(config, str(eot_model_dir), ours)
+    assert eval_set_for(config, "tessera/tiny-chat", ours) is ours  # the same tokenizer: the same rows
+    theirs = eval_set_for(config, str(eot_model_dir), ours)
     assert theirs.cache_key != ours.cache_key and theirs.stats.context_length == 64
-    mine = promote.base_score(str(home / "models" / "tiny-chat"), ours)
-    other = promote.base_score(str(eot_model_dir), theirs)
+    mine = base_score(str(home / "models" / "tiny-chat"), ours)
+    other = base_score(str(eot_model_dir), theirs)
     assert (mine.tokens, other.tokens) == (ours.stats.trainable_tokens, theirs.stats.trainable_tokens)
     assert mine.loss_sum > 0 and other.loss_sum > 0 and mine.loss == mine.loss_sum / mine.tokens
 
@@ -131,13 +135,13 @@ def test_plan_orders_tables_by_their_delta_version(home, caplog):
     from deltalake import write_deltalake
 
     from tessera.core import runs
-    from tessera.core.sources import check_inputs
+    from tessera.core.run_plan import resolve_run
     from tessera.core.tracking import mlflow_client
 
     location = str(home / "warehouse" / "main" / "sales" / "chats")
     write_deltalake(location, pa.Table.from_pylist(TRAIN[:4]))
     write_deltalake(location, pa.Table.from_pylist(TRAIN[4:]), mode="append")  # version 1
-    config = check_inputs(build_run_config(model="tessera/tiny-chat", train_data_path="main.sales.chats", register_to=NAME))
+    config = resolve_run(build_run_config(model="tessera/tiny-chat", train_data_path="main.sales.chats", register_to=NAME)).config
     assert config.train_data_path == "main.sales.chats@v1"
     runs.save(runs.RunRecord(config=config, created_at=runs.now()))
     client = mlflow_client()
@@ -146,21 +150,21 @@ def test_plan_orders_tables_by_their_delta_version(home, caplog):
     client.set_model_version_tag(NAME, champion.version, "source_version", "5")
     client.set_registered_model_alias(NAME, "champion", champion.version)
 
-    refused = promote.plan(config, source_version=9)
+    refused = plan_retrain.fn(config, source_version=9)
     assert refused.skip == "older_source" and refused.source_version == 1 and refused.champion == f"models:/{NAME}/1"
     assert "source version 1 of main.sales.chats@v1 is older than the champion's (5" in refused.message
     assert "ordering by the version read" in caplog.text
     assert runs.load(config.name).details == refused.message
-    assert promote.plan(config, force=True).skip is None
+    assert plan_retrain.fn(config, force=True).skip is None
 
     client.set_model_version_tag(NAME, champion.version, "source_version", "1")
     for key, value in {"train_data_version": "1", "config_hash": config_hash(config), "promotion": "promoted"}.items():
         client.set_model_version_tag(NAME, champion.version, key, value)
-    again = promote.plan(config)
+    again = plan_retrain.fn(config)
     assert again.skip == "idempotent" and again.existing == f"models:/{NAME}/1"
     assert "already registered as models:/main.retrain.bot/1; force=True retrains anyway" in again.message
-    assert promote.plan(config, force=True).skip is None
-    assert promote.plan(config.model_copy(update={"learning_rate": 1e-4})).skip is None
+    assert plan_retrain.fn(config, force=True).skip is None
+    assert plan_retrain.fn(config.model_copy(update={"learning_rate": 1e-4})).skip is None
 
 
 def test_eval_data_that_is_the_training_data_is_refused_naming_eval_data_path(home):
@@ -181,8 +185,8 @@ def test_eval_data_that_is_the_training_data_is_refused_naming_eval_data_path(ho
                        ("/Volumes/main/default/raw/train.jsonl", str(home / "copy.jsonl")),
                        ("main.sales.chats", "main.sales.chats@v1")):
         with pytest.raises(ConfigError, match=f"^eval_data_path {held} is the training data"):
-            promote.require_eval_data(build_run_config(**run, train_data_path=data, eval_data_path=held))
-    promote.require_eval_data(build_run_config(**run, train_data_path="main.sales.chats", eval_data_path="main.sales.chats@v0"))
+            require_eval_data(build_run_config(**run, train_data_path=data, eval_data_path=held))
+    require_eval_data(build_run_config(**run, train_data_path="main.sales.chats", eval_data_path="main.sales.chats@v0"))
     assert not (home / "prepared").exists()
 
 
@@ -199,7 +203,7 @@ def test_the_model_lock_holds_one_model_and_lets_others_through(home):
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with promote.model_lock("main.s.a"):
+        with model_lock("main.s.a"):
             held.set()
             release.wait(60)
 
@@ -211,15 +215,15 @@ def test_the_model_lock_holds_one_model_and_lets_others_through(home):
             assert client.read_global_concurrency_limit_by_name("tessera-model-main.s.a").active_slots == 1
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            with promote.model_lock("main.s.a", timeout_seconds=2):
+            with model_lock("main.s.a", timeout_seconds=2):
                 pass
         assert time.monotonic() - started < 30
-        with promote.model_lock("main.s.b", timeout_seconds=5):  # another model does not wait
+        with model_lock("main.s.b", timeout_seconds=5):  # another model does not wait
             pass
     finally:
         release.set()
         thread.join(60)
-    with promote.model_lock("main.s.a", timeout_seconds=10):  # released when the holder left
+    with model_lock("main.s.a", timeout_seconds=10):  # released when the holder left
         pass
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name("tessera-model-main.s.a")
@@ -235,20 +239,22 @@ def test_a_holder_killed_with_sigkill_does_not_keep_the_model_locked(home):
     import subprocess
     import sys
 
-    holder = ("import time\nfrom tasks.promote import model_lock\nwith model_lock('main.s.k'):\n"
+    ephemeral = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # not the session's server
+    holder = ("import time\nfrom tasks.promote.lock import model_lock\nwith model_lock('main.s.k'):\n"
               "    print('held', flush=True)\n    time.sleep(300)\n")
-    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env=ephemeral)
     try:
         assert proc.stdout.readline().strip() == "held"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the holder and its temporary Prefect server, no clean-up of any kind
         proc.wait()
-    nxt = ("import logging, time\nlogging.basicConfig(level=logging.WARNING)\nfrom tasks.promote import model_lock\n"
+    nxt = ("import logging, time\nlogging.basicConfig(level=logging.WARNING)\nfrom tasks.promote.lock import model_lock\n"
            "from prefect import get_client\nt = time.monotonic()\nwith model_lock('main.s.k', timeout_seconds=20):\n"
            "    waited = time.monotonic() - t\n"
            "    with get_client(sync_client=True) as c:\n"
            "        print('acquired', round(waited, 1), c.read_global_concurrency_limit_by_name('tessera-model-main.s.k').active_slots)\n")
-    done = subprocess.run([sys.executable, "-c", nxt], capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-c", nxt], capture_output=True, text=True, timeout=180, env=ephemeral)
     assert done.returncode == 0, done.stderr[-3000:]
     word, waited, slots = done.stdout.split()
     assert word == "acquired" and float(waited) < 20 and slots == "1"  # its own slot, the dead holder's given back
@@ -291,7 +297,7 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
         # killed after deciding to promote, just before @champion moves: no version says promoted, none is done
         killed_at("before-champion-alias", training_duration="20ba", source_version=2, run_name="killed")
         assert client.get_model_version(NAME, "1").tags.get("promotion") is None
-        assert promote._champion(client, NAME) is None
+        assert current_champion(client, NAME) is None
 
         # no champion yet: the first version must beat the base model; the killed one's data is retrained
         first = retrain(**common, training_duration="20ba", source_version=2, run_name="first")

@@ -206,31 +206,70 @@ def test_a_finetune_flow_run_of_a_cancelled_run_ends_cancelled_and_trains_nothin
     assert runs.load("run-1") == saved and runs.read_events("run-1") == []
 
 
-@pytest.mark.slow
-def test_fm_cancel_of_a_local_run_shows_its_flow_run_cancelled_in_prefect(home):
-    """fm.create without a Prefect server runs the flow in a process of its own, on its own Prefect API: the kill
-    fm.cancel sends is not reported as a crash, in the UI of that API (its database in PREFECT_HOME)."""
-    import sqlite3
+def _flow_run_state(flow_run_id: str, final: bool = True, timeout: float = 10) -> str:
+    """The flow run's state type on the session's Prefect server (PREFECT_API_URL), waiting up to `timeout` for it to
+    be final (the server may record it a moment after the process ended)."""
+    from prefect import get_client
 
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if not final or state.is_final() or time.time() > deadline:
+                return state.type.value
+            time.sleep(0.2)
+
+
+def _running_local_run(home):
+    """A local run (fm.create, no work pool) that trains for long, once its flow run is Running in Prefect."""
     from tessera import foundation_model as fm
 
     path = write_jsonl(home / "chat.jsonl", [chat("Say hi.", "Hi!"), chat("Name a colour.", "Blue.")])
     run = fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to="main.ft.never",
                     training_duration="1_000_000ba")
     deadline = time.time() + 120
-    while fm.get(run.name).status.value != "RUNNING":  # the flow run is Running in Prefect
+    while fm.get(run.name).status.value != "RUNNING":
         assert time.time() < deadline and not fm.get(run.name).status.finished, (home / "runs" / run.name / "run.log").read_text()[-3000:]
         time.sleep(0.2)
+    return run
+
+
+@pytest.mark.slow
+def test_fm_cancel_of_a_local_run_shows_its_flow_run_cancelled_in_prefect(home):
+    """fm.create with no work pool runs the flow in a process of its own, recorded by the Prefect server (the
+    session's, as a user's embedded one): the kill fm.cancel sends is not reported there as a crash."""
+    from tessera import foundation_model as fm
+    from tessera.core import runs
+
+    run = _running_local_run(home)
     fm.cancel(run.name)
     assert fm.get(run.name).status.value == "STOPPED", fm.get(run.name)
-    deadline = time.time() + 10  # the database may settle a moment after the process ended
-    while True:
-        with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-            states = db.execute("SELECT state_type FROM flow_run").fetchall()
-        if states == [("CANCELLED",)] or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert states == [("CANCELLED",)], (states, (home / "runs" / run.name / "run.log").read_text()[-3000:])
+    state = _flow_run_state(runs.load(run.name).prefect_flow_run_id)
+    assert state == "CANCELLED", (state, (home / "runs" / run.name / "run.log").read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_a_cancel_from_the_prefect_ui_stops_a_local_run(home):
+    """The UI's cancel of a run started here (its flow run set Cancelling, as the UI does): the run's own process
+    acts on it (no worker watches it), stops training and ends STOPPED, its flow run Cancelled, no process left."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    from tessera import foundation_model as fm
+    from tessera.core import runs
+
+    run = _running_local_run(home)
+    record = runs.load(run.name)
+    process = psutil.Process(record.pid)
+    tree = [process, *process.children(recursive=True)]
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(record.prefect_flow_run_id, Cancelling(message="from the UI"))
+    gone, alive = psutil.wait_procs(tree, timeout=90)
+    assert alive == [], alive
+    assert fm.get(run.name).status.value == "STOPPED", fm.get(run.name)
+    assert fm.get(run.name).details == "cancelled from Prefect"
+    state = _flow_run_state(record.prefect_flow_run_id)
+    assert state == "CANCELLED", (state, (home / "runs" / run.name / "run.log").read_text()[-3000:])
 
 
 # --- 4. liveness: pid, start time, host --------------------------------------------------------------------------
@@ -407,12 +446,12 @@ def test_a_prefect_server_that_cannot_be_reached_is_one_message_naming_it(fresh_
     cancel say so in one line (no httpx traceback), and the cancel changes nothing in the record."""
     from tessera import foundation_model as fm
     from tessera.core import runs
-    from tasks.serve.model_server import free_port
+    from tessera.core.processes import free_port
     from tessera.core.errors import TesseraError
 
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens on it
     monkeypatch.setenv("PREFECT_API_URL", url)
-    _record(status="QUEUED", prefect_flow_run_id=str(uuid.uuid4()))
+    _record(status="QUEUED", prefect_flow_run_id=str(uuid.uuid4()), work_pool="tessera")
     before = runs._record_file("run-1").read_bytes()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

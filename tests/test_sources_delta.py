@@ -12,9 +12,8 @@ from deltalake import DeltaTable, write_deltalake
 
 from tessera.core.config import TaskType
 from tessera.core.errors import DataValidationError, TesseraError
-from tessera.core import sources
 from tessera.core.records import valid_records
-from tessera.core.sources import read_records, resolve_source
+from tessera.core.sources import delta, read_records, resolve_source
 
 from conftest import chat
 
@@ -211,12 +210,12 @@ def test_large_tables_stream_in_bounded_batches(warehouse, monkeypatch):
     write_table(warehouse / "main" / "s" / "docs", pa.table({"text": [f"document {i}" for i in range(n)]}))
     monkeypatch.setattr(DeltaTable, "to_pyarrow_table", lambda *a, **k: pytest.fail("read the whole table"))
     batch_sizes = []
-    original = sources._batches_to_rows
+    original = delta.batches_to_rows
 
     def counting(batches):
         return original(batch_sizes.append(b.num_rows) or b for b in batches)
 
-    monkeypatch.setattr(sources, "_batches_to_rows", counting)
+    monkeypatch.setattr(delta, "batches_to_rows", counting)
     records = read_records(resolve_source("main.s.docs", PRETRAIN))
     first = next(records)
     assert first.where == "main.s.docs@v0 row 0" and batch_sizes == [1024]

@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from tessera.core import sources
 from tessera.core.config import TaskType
 from tessera.core.errors import DataValidationError, TesseraError
 from tessera.core.records import valid_records
-from tessera.core.sources import read_records, resolve_source
+from tessera.core.sources import hf_datasets, read_records, resolve_source
 
 from conftest import chat
 
@@ -87,8 +86,8 @@ def test_pretraining_from_a_dataset_with_a_text_column(datasets_dir):
 def test_rows_stream_in_batches(datasets_dir, monkeypatch):
     Dataset.from_dict({"text": [f"doc {i}" for i in range(2500)]}).save_to_disk(str(datasets_dir / "big" / "train"))
     batch_sizes = []
-    original = sources._batches_to_rows
-    monkeypatch.setattr(sources, "_batches_to_rows", lambda batches: original(batch_sizes.append(b.num_rows) or b for b in batches))
+    original = hf_datasets.batches_to_rows
+    monkeypatch.setattr(hf_datasets, "batches_to_rows", lambda batches: original(batch_sizes.append(b.num_rows) or b for b in batches))
     records = read_records(resolve_source("big/train", PRETRAIN))
     assert next(records).data == {"text": "doc 0"} and sum(batch_sizes) <= 1024
     assert len(list(records)) == 2499 and max(batch_sizes) <= 1024

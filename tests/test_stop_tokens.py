@@ -5,12 +5,14 @@ from itertools import chain, repeat
 
 import pytest
 import torch
-from datasets import load_from_disk
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tasks.prepare.stage import IGNORE_INDEX, prepare, tokenize_chats, tokenize_instructions
+from tasks.prepare.rows import read_rows
+from tasks.prepare.stage import prepare
+from tasks.prepare.tokenizing import tokenize_chats, tokenize_instructions
 from tessera.core.config import build_run_config
 from tessera.core.generation import generate, stop_token_ids
+from tessera.core.training import IGNORE_INDEX
 
 from conftest import EOS, EOT, chat, write_jsonl
 
@@ -52,7 +54,7 @@ def test_prepared_rows_train_the_end_of_turn_token(home, model_dir):
     path = write_jsonl(home / "chat.jsonl", [chat(f"question {i}", f"answer {i}", "and", "two") for i in range(6)])
     prepared = prepare(build_run_config(model=str(model_dir), train_data_path=str(path), register_to="main.t"))
     eot = PreTrainedTokenizerFast.from_pretrained(model_dir).convert_tokens_to_ids(EOT)
-    labels = [label for row in load_from_disk(f"{prepared.path}/rows")["labels"] for label in row]
+    labels = [label for part in read_rows(prepared.path) for label in part.labels.tolist()]
     assert labels.count(eot) == 12  # two assistant turns in each of six chats
 
 

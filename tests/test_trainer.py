@@ -36,11 +36,14 @@ def trainer_home(tmp_path_factory, tiny_model_dir):
 
 
 def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-chat", learning_rate: float = 2e-3, **params):
-    """The train stage (on the tiny model by default): its run record, prepared data, and what train() returns."""
+    """The train stage (on the tiny model by default) as the flow runs it, on the plan of the data report: its run's
+    configuration, prepared data, and what the stage returns."""
     from tasks.prepare.stage import prepare
-    from tasks.train.stage import train
+    from tasks.train.stage import train_model
+    from tasks.validate import data_report
     from tessera.core import runs
     from tessera.core.config import build_run_config
+    from tessera.core.run_plan import resolve_run
 
     config = build_run_config(
         model=model, train_data_path=str(data), register_to="main.test.trainer", context_length=CTX,
@@ -48,9 +51,10 @@ def run_stage(data, duration: str, settings: dict, model: str = "tessera/tiny-ch
         training_config={"precision": "fp32", "log_every": 1, **settings}, **params,
     )
     runs.save(runs.RunRecord(config=config, created_at=runs.now()))
+    run = resolve_run(config)
     prepared = prepare(config)
     eval_prepared = prepare(config, config.eval_data_path) if config.eval_data_path else None
-    return config, prepared, train(config, prepared, eval_prepared=eval_prepared)
+    return config, prepared, train_model.fn(run, prepared, data_report(run, prepared), eval_prepared)
 
 
 def metric(run_id: str, key: str) -> list[float]:
@@ -94,10 +98,11 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
 
 def test_the_data_report_states_what_the_trainer_runs(trainer_home):
     from tasks.validate import data_report
+    from tessera.core.run_plan import resolve_run
 
     _, data = trainer_home
     config, prepared, trained = run_stage(data, "25tok", {"global_batch_tokens": 4 * CTX}, eval_data_path=str(data))
-    report = data_report(config, prepared)
+    report = data_report(resolve_run(config), prepared)
     losses = metric(trained.mlflow_run_id, "loss")
     assert report.optimizer_steps == len(losses) == 1  # 25 tokens: the first step reaches them
     assert report.billed_tokens >= 25 and report.epochs < 1
@@ -189,7 +194,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     from tessera.core import runs
     from tessera.core.catalog import resolve_model
     from tessera.core.config import build_run_config
-    from tasks.serve.model_server import free_port
+    from tessera.core.processes import free_port
     from tessera.core.run_plan import plan_run
 
     _, data = trainer_home

@@ -215,13 +215,13 @@ def test_the_report_warns_when_eval_records_are_training_records(home):
     shares some records with the training data is counted."""
     from tasks.validate import report_for
     from tessera.core.config import build_run_config
-    from tessera.core.sources import check_inputs
+    from tessera.core.run_plan import resolve_run
 
     train = write_jsonl(home / "train.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(6)])
     held = write_jsonl(home / "eval.jsonl", [chat(f"question {i}", f"answer {i}") for i in (1, 4, 7, 8)])
     run = dict(model="tessera/tiny-chat", train_data_path=str(train), register_to="main.s")
-    report = report_for(check_inputs(build_run_config(**run, eval_data_path=str(held))))
+    report = report_for(resolve_run(build_run_config(**run, eval_data_path=str(held))))
     assert f"2 of the 4 records of eval_data_path {held} are also in the training data" in "\n".join(report.warnings)
-    same = report_for(check_inputs(build_run_config(**run, eval_data_path=str(train))))
+    same = report_for(resolve_run(build_run_config(**run, eval_data_path=str(train))))
     assert any(w.startswith(f"eval_data_path {train} is the training data (the same path)") for w in same.warnings)
-    assert not any("eval_data_path" in w for w in report_for(check_inputs(build_run_config(**run))).warnings)
+    assert not any("eval_data_path" in w for w in report_for(resolve_run(build_run_config(**run))).warnings)

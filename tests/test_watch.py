@@ -1,4 +1,4 @@
-"""The data-change watcher (tasks/watch.py, flows/watch.py): Delta content versions, file sets, debounce, events."""
+"""The data-change watcher (tasks/watch/, flows/watch.py): Delta content versions, file sets, debounce, events."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from tasks import watch as w
+from tasks.watch import delta, files
+from tasks.watch.stage import check_sources, prefect_emitter
+from tasks.watch.watchlist import unwatch, watch, watched
 from tessera.core.errors import TesseraError
 
 
@@ -42,12 +44,12 @@ def table(home, name: str = "main.sales.docs", *texts: str) -> tuple[str, str]:
 
 
 def check(emitted: Emitted, clock: Clock | None = None, quiet: float = 0, **kwargs):
-    return w.check_sources(quiet_seconds=quiet, emit=emitted, now=clock or Clock(), **kwargs)
+    return check_sources(quiet_seconds=quiet, emit=emitted, now=clock or Clock(), **kwargs)
 
 
 def test_append_emits_one_event_then_nothing_when_unchanged(home):
     name, location = table(home)
-    w.watch(name)
+    watch(name)
     emitted = Emitted()
     assert check(emitted) == []  # nothing changed since it was watched
     write_deltalake(location, rows("c"), mode="append")  # version 1
@@ -70,7 +72,7 @@ def test_optimize_and_metadata_commits_change_no_content_version(home):
     name, location = table(home)
     for text in ("c", "d", "e"):
         write_deltalake(location, rows(text), mode="append")  # versions 1-3: small files to compact
-    w.watch(name)
+    watch(name)
     emitted = Emitted()
     dt = DeltaTable(location)
     dt.optimize.compact()
@@ -94,7 +96,7 @@ def test_optimize_and_metadata_commits_change_no_content_version(home):
 
 def test_delete_update_with_rows_change_content_and_without_do_not(home):
     name, location = table(home, "main.sales.docs", "a", "b", "c")
-    w.watch(name)
+    watch(name)
     emitted = Emitted()
     DeltaTable(location).delete("text = 'nothing like this'")
     DeltaTable(location).update(predicate="text = 'nothing either'", updates={"text": "'x'"})
@@ -105,14 +107,14 @@ def test_delete_update_with_rows_change_content_and_without_do_not(home):
 
 
 def test_changes_content_reads_spark_and_delta_rs_commit_infos():
-    assert w.changes_content({"operation": "WRITE", "operationMetrics": {"numFiles": "1", "numOutputRows": "10"}})
-    assert w.changes_content({"operation": "MERGE", "operationMetrics": {"numTargetRowsInserted": "0", "numTargetRowsUpdated": "2"}})
-    assert not w.changes_content({"operation": "MERGE", "operationMetrics": {"num_target_rows_inserted": 0, "num_target_rows_updated": 0, "num_target_rows_deleted": 0}})
-    assert not w.changes_content({"operation": "OPTIMIZE", "operationMetrics": {"numFilesAdded": 1, "numFilesRemoved": 4}})
-    assert not w.changes_content({"operation": "VACUUM END", "operationMetrics": {"numDeletedFiles": "3"}})
-    assert not w.changes_content({"operation": "SET TBLPROPERTIES"})
-    assert w.changes_content({"operation": "RESTORE", "operationMetrics": {"numRemovedFiles": "2", "numRestoredFiles": "1"}})
-    assert w.changes_content({"operation": "STREAMING UPDATE"})  # no metrics: assume rows changed
+    assert delta.changes_content({"operation": "WRITE", "operationMetrics": {"numFiles": "1", "numOutputRows": "10"}})
+    assert delta.changes_content({"operation": "MERGE", "operationMetrics": {"numTargetRowsInserted": "0", "numTargetRowsUpdated": "2"}})
+    assert not delta.changes_content({"operation": "MERGE", "operationMetrics": {"num_target_rows_inserted": 0, "num_target_rows_updated": 0, "num_target_rows_deleted": 0}})
+    assert not delta.changes_content({"operation": "OPTIMIZE", "operationMetrics": {"numFilesAdded": 1, "numFilesRemoved": 4}})
+    assert not delta.changes_content({"operation": "VACUUM END", "operationMetrics": {"numDeletedFiles": "3"}})
+    assert not delta.changes_content({"operation": "SET TBLPROPERTIES"})
+    assert delta.changes_content({"operation": "RESTORE", "operationMetrics": {"numRemovedFiles": "2", "numRestoredFiles": "1"}})
+    assert delta.changes_content({"operation": "STREAMING UPDATE"})  # no metrics: assume rows changed
 
 
 def test_one_event_per_changed_source_none_for_unchanged(home):
@@ -125,7 +127,7 @@ def test_one_event_per_changed_source_none_for_unchanged(home):
     still.mkdir(parents=True)
     (still / "a.txt").write_text("never changes")
     for path in (changed, quiet, "dbfs:/Volumes/main/default/docs", "dbfs:/Volumes/main/default/still"):
-        w.watch(path)
+        watch(path)
     write_deltalake(changed_location, rows("c"), mode="append")
     (docs / "b.txt").write_text("second")
     emitted = Emitted()
@@ -143,11 +145,11 @@ def test_folder_changes_take_the_next_sequence_number_and_unchanged_files_are_no
     (docs / "part0" / "a.txt").write_text("first document")
     (docs / ".hidden").write_text("editor state: ignored")
     path = "dbfs:/Volumes/main/default/docs"
-    w.watch(path)
+    watch(path)
     emitted = Emitted()
     hashed = []
-    real = w._sha256
-    monkeypatch.setattr(w, "_sha256", lambda f: hashed.append(f.name) or real(f))
+    real = files._sha256
+    monkeypatch.setattr(files, "_sha256", lambda f: hashed.append(f.name) or real(f))
 
     (docs / "b.txt").write_text("a new file")
     [added] = check(emitted)
@@ -170,7 +172,7 @@ def test_folder_changes_take_the_next_sequence_number_and_unchanged_files_are_no
 
 def test_the_same_source_version_gets_the_same_event_id_on_a_repeated_check(home):
     name, location = table(home)
-    w.watch(name)
+    watch(name)
     state = home / "watch" / "state.json"
     write_deltalake(location, rows("c"), mode="append")
     before = state.read_text()
@@ -190,12 +192,12 @@ def test_a_change_with_no_events_api_to_send_it_to_stays_pending_for_the_next_ch
     from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
 
     name, location = table(home)
-    w.watch(name)
+    watch(name)
     write_deltalake(location, rows("c"), mode="append")
     clock = Clock()
     with temporary_settings({PREFECT_API_URL: None, PREFECT_API_KEY: "a-key"}):  # no server, no ephemeral API
-        assert w.prefect_emitter(event="probe", resource={"prefect.resource.id": "probe"}) is None
-        assert w.check_sources(quiet_seconds=0, emit=w.prefect_emitter, now=clock) == []  # nothing was sent
+        assert prefect_emitter(event="probe", resource={"prefect.resource.id": "probe"}) is None
+        assert check_sources(quiet_seconds=0, emit=prefect_emitter, now=clock) == []  # nothing was sent
 
     clock.t += 30
     emitted = Emitted()
@@ -210,7 +212,7 @@ def test_quiet_period_holds_the_event_until_the_source_stopped_changing(home):
     docs.mkdir(parents=True)
     (docs / "a.txt").write_text("first")
     path = "/Volumes/main/default/docs"
-    w.watch(path, quiet_seconds=10)
+    watch(path, quiet_seconds=10)
     clock, emitted = Clock(), Emitted()
 
     (docs / "b.txt").write_text("second")
@@ -235,18 +237,18 @@ def test_registry_watch_unwatch_and_paths_given_to_a_check(home):
     docs.mkdir(parents=True)
     (docs / "a.txt").write_text("first")
     name, location = table(home)
-    one = w.watch("dbfs:/Volumes/main/default/docs")
-    assert w.watch("/Volumes/main/default/docs/").id == one.id  # the same volume folder however written
-    w.watch(name, quiet_seconds=5)
-    assert [(s.path, s.kind, s.quiet_seconds) for s in w.watched()] == [
+    one = watch("dbfs:/Volumes/main/default/docs")
+    assert watch("/Volumes/main/default/docs/").id == one.id  # the same volume folder however written
+    watch(name, quiet_seconds=5)
+    assert [(s.path, s.kind, s.quiet_seconds) for s in watched()] == [
         ("/Volumes/main/default/docs/", "volume", None), (name, "delta", 5),
     ]
     with pytest.raises(TesseraError, match="pinned"):
-        w.watch(f"{name}@v0")
+        watch(f"{name}@v0")
     with pytest.raises(TesseraError, match="dataset split"):
-        w.watch("acme/data/train")
-    assert w.unwatch(name) and not w.unwatch(name)
-    assert [s.kind for s in w.watched()] == ["volume"]
+        watch("acme/data/train")
+    assert unwatch(name) and not unwatch(name)
+    assert [s.kind for s in watched()] == ["volume"]
 
     other = home / "elsewhere"
     other.mkdir()
@@ -265,15 +267,15 @@ def test_a_missing_source_is_reported_after_the_others_are_checked(home):
     gone = home / "volumes" / "main" / "default" / "gone"
     gone.mkdir()
     (gone / "a.txt").write_text("soon gone")
-    w.watch("dbfs:/Volumes/main/default/gone")
-    w.watch("dbfs:/Volumes/main/default/docs")
+    watch("dbfs:/Volumes/main/default/gone")
+    watch("dbfs:/Volumes/main/default/docs")
     shutil.rmtree(gone)
     (docs / "b.txt").write_text("second")
     emitted = Emitted()
     with pytest.raises(TesseraError, match="gone: no such file"):
         check(emitted)
     assert [e["resource"]["tessera.source"] for e in emitted] == ["dbfs:/Volumes/main/default/docs"]
-    assert w.unwatch("dbfs:/Volumes/main/default/gone")
+    assert unwatch("dbfs:/Volumes/main/default/gone")
     assert check(emitted) == [] and len(emitted) == 1
 
 
@@ -290,8 +292,8 @@ def test_the_flow_emits_events_through_prefect(home):
     docs = home / "volumes" / "main" / "default" / "docs"
     docs.mkdir(parents=True)
     (docs / "a.txt").write_text("first")
-    w.watch(name)
-    w.watch("dbfs:/Volumes/main/default/docs")
+    watch(name)
+    watch("dbfs:/Volumes/main/default/docs")
     write_deltalake(location, rows("c"), mode="append")
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         changes = watch_sources(quiet_seconds=0)

@@ -3,8 +3,8 @@ rows stream back to the driver, which writes them in the same prepared format as
 
     spark_input(source) --mapInArrow(prepare_partition)--> packed rows..., one summary per partition --> write_rows
 
-A partition runs the in-process pipeline on its own records (spark_partition_records -> RecordCheck ->
-stream_rows), so examples pack within a partition: the tokens are exactly those of in-process prep, and rows
+A partition runs the in-process pipeline (tasks/prepare/pipeline.py) on its own records (spark_partition_records ->
+RecordCheck -> stream_rows), so examples pack within a partition: the tokens are exactly those of in-process prep, and rows
 are as full once a partition holds a few thousand examples. A packed row comes back as raw int32 bytes (at
 most context_length * 4 per column), so the driver does no per-token work. Partitions come in no fixed
 order, interleaved (Sail streams them as they run, and numbers them differently from run to run): row order
@@ -15,6 +15,7 @@ would). When any record is bad the driver names every error with an in-process p
 one (tessera.core.records.named_errors), so messages are exactly those of in-process prep, and nothing is written.
 
 Executors need Tessera installed, like any library a UDF uses; local masters and Sail run this interpreter.
+The stage calls spark_rows; this module imports only the modules below the stage (tokenizing, packing, rows, pipeline).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from tasks.prepare.stage import COLUMNS, Examples, Rows, Tally, cut_blocks, stream_rows, tokenizer_hash
+from tasks.prepare.packing import cut_blocks
+from tasks.prepare.pipeline import Tally, stream_rows
+from tasks.prepare.rows import COLUMNS, Rows
+from tasks.prepare.tokenizing import Examples, tokenizer_hash
 from tessera.core.config import TaskType
 from tessera.core.errors import TesseraError
 from tessera.core.records import RecordCheck, named_errors

@@ -1,9 +1,10 @@
-"""Starting and stopping a model endpoint (`bentoml serve` of tasks.serve.service) as a child process."""
+"""Starting and stopping one model server (`bentoml serve` of tasks.serve.service) as a child process, for the demo,
+bench/serve.py and the tests; and what a named endpoint (tasks.serve.endpoints) starts its backends with: the command,
+its environment, a free port."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +14,9 @@ from pathlib import Path
 
 from tessera.core.errors import TesseraError
 from tessera.core.paths import mlflow_tracking_uri
-from tessera.core.processes import stop_tree
+from tessera.core.processes import free_port, stop_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def serve_command(host: str, port: int) -> list[str]:

@@ -13,9 +13,11 @@ from tessera.core import runs
 from tessera.core.errors import TesseraError
 
 
-def deploy(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
+@task(name="deploy-endpoint")
+def deploy_endpoint(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
     """Serve `model_uri` behind `endpoint`; returns the endpoint's URL. An alias URI is followed, a version pinned."""
     from tasks.serve import endpoints
+    from tessera.core.processes import port_is_free
 
     log = stage_logger()
     try:
@@ -24,7 +26,7 @@ def deploy(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
         existing = None
     if existing is None or existing.status in (endpoints.EndpointStatus.STOPPED, endpoints.EndpointStatus.FAILED):
         keep = {"host": existing.host, "port": existing.port, "api_key": existing.api_key} if existing else {}
-        if keep and not endpoints._port_free(keep["host"], keep["port"]):
+        if keep and not port_is_free(keep["host"], keep["port"]):
             keep.pop("port")  # its old port is taken by now: any free one
         log.info("starting endpoint %s with %s", endpoint, model_uri)
         record = endpoints.serve(model_uri, name=endpoint, **keep)
@@ -39,7 +41,8 @@ def deploy(endpoint: str, model_uri: str, run_name: str | None = None) -> str:
     return record.url
 
 
-def update_following(alias_uri: str, run_name: str | None = None) -> list[str]:
+@task(name="update-following-endpoints")
+def update_endpoints(alias_uri: str, run_name: str | None = None) -> list[str]:
     """Update every endpoint that follows `alias_uri` to the version it points at now. Each is tried; an endpoint whose
     update failed keeps serving its old version (rollback), and one TesseraError then names them all."""
     from tasks.serve import endpoints
@@ -60,7 +63,3 @@ def update_following(alias_uri: str, run_name: str | None = None) -> list[str]:
     if failed:
         raise TesseraError(f"{alias_uri} moved, but these endpoints still serve their old version: " + "; ".join(failed))
     return moved
-
-
-deploy_endpoint = task(deploy, name="deploy-endpoint")
-update_endpoints = task(update_following, name="update-following-endpoints")

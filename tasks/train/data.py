@@ -1,5 +1,6 @@
-"""Reading packed rows for the trainer: batched Arrow reads from the memory-mapped prepared data,
-assembled into padded tensors on a background thread a few steps ahead of the loop.
+"""Reading packed rows for the trainer: numpy views of the memory-mapped prepared rows (tasks/prepare/rows.py, with
+pyarrow alone: no `datasets`, no pandas), assembled into padded tensors on a background thread a few steps ahead of
+the loop.
 
 Per-row token counts are computed once, with numpy, from the Arrow offsets and labels: the step plan
 needs them, and the loss normalizer of every step (its trained tokens over all ranks) is then known
@@ -12,48 +13,40 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from tasks.prepare.rows import read_rows, tokens_per_row
 from tessera.core.training import IGNORE_INDEX, StepPlan
 
 PREFETCH_STEPS = 2
 
 
 class PackedRows:
-    """The prepared rows (tasks/prepare/stage.py's layout), memory-mapped."""
+    """The prepared rows (tasks/prepare/rows.py), memory-mapped: numpy views of the file's record batches."""
 
     def __init__(self, prepared_path: str):
-        from datasets import load_from_disk
-
-        self.table = load_from_disk(str(Path(prepared_path) / "rows")).data.table
-        labels = self.table.column("labels").combine_chunks()
-        offsets = labels.offsets.to_numpy()
-        self.tokens = np.diff(offsets)  # real tokens of each row
-        # a row's token k is trained when label k is set, k > 0: it is predicted from token k - 1
-        trained = labels.values.to_numpy() != IGNORE_INDEX
-        trained[offsets[:-1]] = False
-        self.trained = np.add.reduceat(trained, offsets[:-1])  # prepared rows are never empty
+        self.parts = read_rows(prepared_path)
+        self.first_rows = np.cumsum([0] + [len(p.offsets) - 1 for p in self.parts])  # each part's first row
+        self.tokens = tokens_per_row(self.parts)  # real tokens of each row
+        self.trained = np.concatenate([p.trained for p in self.parts])  # trained tokens of each row
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.tokens)
 
     def batch(self, rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, labels, position_ids) of these rows, padded to the longest. Padding is an 'example' of
         its own (positions from 0) with no loss, so it never joins the last example's attention block."""
-        taken = self.table.take(rows)
         width = int(self.tokens[rows].max())
         ids = np.full((len(rows), width), pad_id, np.int64)
         labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
         pos = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
-        columns = [taken.column(c).combine_chunks() for c in ("input_ids", "labels", "position_ids")]
-        offsets = columns[0].offsets.to_numpy()
-        values = [c.values.to_numpy() for c in columns]
-        for i in range(len(rows)):
-            a, b = offsets[i], offsets[i + 1]
-            ids[i, : b - a], labels[i, : b - a], pos[i, : b - a] = values[0][a:b], values[1][a:b], values[2][a:b]
+        parts = np.searchsorted(self.first_rows, rows, side="right") - 1  # the record batch holding each row
+        for i, (part, k) in enumerate(zip(parts, rows - self.first_rows[parts])):
+            r = self.parts[part]
+            a, b = r.offsets[k], r.offsets[k + 1]
+            ids[i, : b - a], labels[i, : b - a], pos[i, : b - a] = r.input_ids[a:b], r.labels[a:b], r.position_ids[a:b]
             pos[i, b - a :] = np.arange(width - (b - a))
         return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos)
 

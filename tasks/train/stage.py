@@ -1,11 +1,13 @@
-"""Stage: train. Plans the run (tessera.core.training.plan_run), opens its MLflow run, then launches the
-training worker under torchrun and follows it. A worker that dies ends the stage with one message
+"""Stage: train. Runs the plan the data report made (tessera.core.run_plan.plan_run): opens the run's MLflow run,
+then launches the training worker and follows it. A worker that dies ends the stage with one message
 saying why and what to change, never a torchrun traceback."""
 
 from __future__ import annotations
 
 import collections
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +16,17 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
-from tasks.prepare.stage import PreparedData, row_tokens
+from tasks.prepare.stage import PreparedData
 from tasks.train.report import ERROR_MARKER
 from tasks.validate import DataReport, histogram_png
 from tessera.core import runs
-from tessera.core.catalog import ResolvedModel, resolve_model
+from tessera.core.catalog import ResolvedModel
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
 from tessera.core.paths import mlflow_tracking_uri
-from tessera.core.processes import stop_tree
+from tessera.core.processes import free_port, stop_tree
 from tessera.core.tracking import experiment_id, mlflow_client
-from tessera.core.run_plan import RunPlan, plan_run
+from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
 
 
@@ -34,19 +36,25 @@ class TrainedModel(BaseModel):
     mlflow_run_id: str
 
 
-def torchrun_command(job_file: str, nproc: int) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "tasks.train.worker", job_file,
-    ]
+def worker_command(job_file: str, nproc: int) -> tuple[list[str], dict[str, str]]:
+    """How the worker processes start, and their environment. Several go through torchrun, which starts and
+    watches them; a lone one is started directly, with the environment torchrun would give it (a group of one on
+    a free local port): torchrun's own start costs seconds and has nothing to coordinate."""
+    worker = ["-m", "tasks.train.worker", job_file]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker], dict(os.environ)
+    group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [sys.executable, *worker], dict(os.environ, **group_of_one)
 
 
 def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
-    """The one message for a failed torchrun: the worker's own, else what the exit says (the OOM killer's SIGKILL)."""
+    """The one message for failed workers: the worker's own, else what the exit says (the OOM killer's SIGKILL)."""
     for line in output:
         if ERROR_MARKER in line:
             return line.split(ERROR_MARKER, 1)[1]
-    if any(re.search(r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", line) for line in output):
+    killed = returncode == -signal.SIGKILL or any(re.search(r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", line) for line in output)
+    if killed:  # the lone worker's own exit, or torchrun's report of one of its workers
         s = plan.settings
         return (
             "a training process was killed (SIGKILL), most likely by the out-of-memory killer: the run needed more "
@@ -56,7 +64,7 @@ def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
             f"(nproc_per_node, now {s.nproc_per_node}) or a shorter context_length (now {plan.context_length})"
         )
     raised = [line.strip() for line in output if re.match(r"^\w+(Error|Exception|Interrupt)\b", line.strip())]
-    cause = raised[0] if raised else f"torchrun exit code {returncode}"
+    cause = raised[0] if raised else f"the training process exited with code {returncode}"
     return f"training failed: {cause} (the whole output is in the train stage's log)"
 
 
@@ -83,23 +91,32 @@ class ProgressArtifact:
 
 
 def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
-    """Run the job under torchrun, relaying its output to `log`; raise TesseraError with the reason if it fails."""
+    """Run the job's worker processes, relaying their output to `log`; raise TesseraError with the reason if they fail."""
     job_file.write_text(job.model_dump_json(indent=2))
-    cmd = torchrun_command(str(job_file), job.settings.nproc_per_node)
+    cmd, env = worker_command(str(job_file), job.settings.nproc_per_node)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     progress = ProgressArtifact(job.run_name)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
             for line in proc.stdout:
                 tail.append(line.rstrip())
                 log.info(line.rstrip())
                 progress.update(line)
         except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
-            stop_tree(proc.pid, grace=30, popen=proc)  # torchrun and its workers, which a killed torchrun would leave
+            stop_tree(proc.pid, grace=30, popen=proc)  # the workers (and torchrun), which a killed torchrun would leave
             raise
     if proc.returncode != 0:
         raise TesseraError(failure_reason(list(tail), proc.returncode, plan))
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Every param in a few batched writes (MLflow takes up to 100 a batch), not one store write each."""
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
 
 
 def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: PreparedData,
@@ -115,15 +132,15 @@ def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: 
     )
 
 
-def train(
-    config: RunConfig, prepared: PreparedData, report: DataReport | None = None, eval_prepared: PreparedData | None = None
+@task(name="train")
+def train_model(
+    run: ResolvedRun, prepared: PreparedData, report: DataReport, eval_prepared: PreparedData | None = None
 ) -> TrainedModel:
-    model = resolve_model(config.model, config.context_length)
-    plan = plan_run(config, model, row_tokens(prepared.path), prepared.stats.context_length)
+    """Train on `prepared` by the plan in `report`; the trained model is written in the base model's format."""
+    config, model, plan = run.config, run.model, report.plan
     client = mlflow_client()
     exp_id = experiment_id(client, config.experiment)
-    run = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name})
-    run_id = run.info.run_id
+    run_id = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id
     runs.update(config.name, experiment_id=exp_id, run_id=run_id)
     params = {
         "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
@@ -134,12 +151,10 @@ def train(
         **prepared.lineage,
         **plan.effective(),
     }
-    for key, value in params.items():
-        client.log_param(run_id, key, value)
-    if report is not None:
-        client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
-        client.log_text(run_id, report.render(), "data_report/report.txt")
-        client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
+    log_params(client, run_id, params)
+    client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
+    client.log_text(run_id, report.render(), "data_report/report.txt")
+    client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
 
     log = stage_logger()
     log.info(plan.memory.decided)
@@ -155,6 +170,3 @@ def train(
         client.set_terminated(run_id, "KILLED")
         raise
     return TrainedModel(model_dir=str(out_dir), experiment_id=exp_id, mlflow_run_id=run_id)
-
-
-train_model = task(train, name="train")

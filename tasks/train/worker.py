@@ -1,4 +1,5 @@
-"""The training loop `torchrun` starts, one process per rank. Imports no Prefect.
+"""The training loop `torchrun` starts, one process per rank. Imports no Prefect and no `datasets` (the rows are read
+with pyarrow), and MLflow only on rank 0 when the run logs to it (tasks/train/report.py): each rank starts fast.
 
 Read top to bottom: setup, the step, evaluation, saving. The train stage has already decided
 everything (tessera.core.training.TrainJob: the exact step plan, micro-batch, precision, checkpointing);

@@ -3,7 +3,7 @@ end-of-turn token. One implementation for the served endpoint and the trainer's 
 
 The end-of-turn token is read from the template itself (stop_token_ids): it is often not the tokenizer's
 EOS (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`), and a model that is only stopped at EOS never stops.
-Data prep trains the same token at the end of every assistant turn (tasks.prepare.stage.assistant_spans).
+Data prep trains the same token at the end of every assistant turn (tasks.prepare.tokenizing.assistant_spans).
 """
 
 from __future__ import annotations

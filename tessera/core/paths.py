@@ -69,10 +69,8 @@ def resolve_data_path(path: str) -> Path:
 
 def apply_engine_defaults() -> None:
     """Embedded defaults for the engines we start: state in TESSERA_HOME, telemetry off. Users' settings win."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not os.environ.get("PREFECT_API_URL"):  # the embedded server's home (tessera.core.prefect_server)
         os.environ.setdefault("PREFECT_HOME", str(tessera_home() / "prefect"))
-        # Prefect's 20 s default is too short for a first start on a busy 2-core machine
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",

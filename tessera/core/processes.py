@@ -1,4 +1,5 @@
-"""Processes we started: whether a pid is still the very process we started, and stopping it with all it started.
+"""Processes we started: whether a pid is still the very process we started, stopping it with all it started, and
+the free local ports they listen on.
 
 A pid alone names nothing for long: once its process ends and is reaped, the kernel may give the pid to another
 one. So a process is known by its pid and its start time (psutil's create_time), and only a process that still
@@ -7,6 +8,7 @@ matches both is ever signalled.
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import suppress
 from subprocess import Popen, TimeoutExpired
@@ -121,3 +123,23 @@ def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, 
     if popen is not None:
         with suppress(TimeoutExpired):
             popen.wait(timeout=10)
+
+
+# --- ports for the servers and process groups we start, on this host --------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel picks it), for a server or process group about to start."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on `port` of `host` now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -1,6 +1,9 @@
-"""Deciding a run's training settings: from the run's own settings, the model catalog, the hardware, the
-memory plan and the prepared data. The data report and the train stage both call `plan_run`, so what
-the report says is what the trainer runs; MLflow records every value and where it came from."""
+"""A run's decisions, each made once. `resolve_run` checks a run's inputs and resolves them (the base model, each
+table pinned to the version read) into a ResolvedRun, which every later stage receives. `plan_run` decides its
+training settings from the run's own, the model catalog, the hardware, the memory plan and the prepared data;
+the data report makes the plan and carries it, and the train stage runs that very plan, so what the report says
+is what the trainer runs. MLflow records every value and where it came from. `tessera plan` shares the
+hardware-dependent part (`plan_settings`)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from tessera.core.catalog import ResolvedModel
+from tessera.core.catalog import ResolvedModel, resolve_model
 from tessera.core.config import RunConfig, TrainingSettings
 from tessera.core.errors import ConfigError
-from tessera.core.memory import Hardware, MemoryPlan, plan_memory
+from tessera.core.memory import Architecture, Hardware, MemoryPlan, plan_memory
+from tessera.core.sources import resolve_source
 from tessera.core.training import StepPlan, plan_steps
 
 DEFAULT_MIN_STEPS_PER_EPOCH = 8
@@ -50,6 +54,28 @@ def default_rows_per_step(rows: int, context_length: int) -> int:
     cap = max(1, DEFAULT_MAX_GLOBAL_BATCH_TOKENS // context_length)
     return max(1, min(rows // DEFAULT_MIN_STEPS_PER_EPOCH, cap))
 
+class ResolvedRun(BaseModel):
+    """A run whose inputs are checked: its configuration with each table pinned to the version read
+    (`main.sales.chats` -> `main.sales.chats@v3`, so every stage and any re-run sees the same data), and its base
+    model found (where its weights are, its context length). Made once per run; later stages receive it."""
+
+    config: RunConfig
+    model: ResolvedModel
+
+
+def resolve_run(config: RunConfig) -> ResolvedRun:
+    """Everything about a run's inputs that needs no pass over the data: the model and context length, and each
+    data path (it exists, suits the task, has the right columns). The records themselves are checked as data
+    prep streams them."""
+    model = resolve_model(config.model, config.context_length)
+    pinned = {}
+    for field in ("train_data_path", "eval_data_path"):
+        path = getattr(config, field)
+        if path:
+            pinned[field] = resolve_source(path, config.task_type, cluster=config.data_prep_cluster_id).display
+    return ResolvedRun(config=config.model_copy(update=pinned), model=model)
+
+
 class RunPlan(BaseModel):
     """Every training decision of a run, each with where it came from: the job the worker carries out,
     the numbers the data report shows, and the params MLflow records."""
@@ -75,29 +101,43 @@ class RunPlan(BaseModel):
         return params
 
 
+def hardware_settings(settings: TrainingSettings, hardware: Hardware) -> tuple[dict, dict[str, str]]:
+    """The processes and the precision, where the run leaves them to the hardware. Returns (the settings decided,
+    where every setting came from)."""
+    # a value is the run's when it differs from the default (the set-or-not mark does not survive JSON)
+    sources = {k: ("default" if getattr(settings, k) == f.default else "run") for k, f in TrainingSettings.model_fields.items()}
+    updates: dict = {}
+    if settings.nproc_per_node is None:
+        updates["nproc_per_node"], sources["nproc_per_node"] = (hardware.count if hardware.device == "cuda" else 1), "hardware"
+    updates["precision"], why = resolve_precision(settings.precision, hardware.device)
+    sources["precision"] = f"default ({why})" if settings.precision == "auto" else why
+    return updates, sources
+
+
+def plan_settings(settings: TrainingSettings, architecture: Architecture | None, hardware: Hardware,
+                  context_length: int, model_name: str) -> tuple[dict, dict[str, str], MemoryPlan]:
+    """The hardware's part of a plan: the processes, the precision and the memory plan (micro-batch, activation
+    checkpointing) for settings that leave them open. Returns (the settings decided, where every setting came
+    from, the memory plan); ConfigError when the run does not fit."""
+    updates, sources = hardware_settings(settings, hardware)
+    if architecture is None:
+        raise ConfigError(f"model {model_name}: its architecture is unknown, so its memory cannot be planned")
+    memory = plan_memory(
+        architecture, hardware, context_length, precision=updates["precision"],
+        micro_batch_tokens=settings.micro_batch_tokens, activation_checkpointing=settings.activation_checkpointing,
+        nproc=updates.get("nproc_per_node", settings.nproc_per_node),
+    )
+    for key in ("micro_batch_tokens", "activation_checkpointing"):
+        if getattr(settings, key) is None:
+            updates[key], sources[key] = getattr(memory, key), "memory plan"
+    return updates, sources, memory
+
+
 def plan_run(config: RunConfig, model: ResolvedModel, row_tokens: np.ndarray, context_length: int,
              hardware: Hardware | None = None) -> RunPlan:
     """Resolve a run's training settings for this hardware and this prepared data."""
-    hardware = hardware or Hardware.detect()
     s = config.training_config
-    # a value is the run's when it differs from the default (the set-or-not mark does not survive JSON)
-    sources = {k: ("default" if getattr(s, k) == f.default else "run") for k, f in TrainingSettings.model_fields.items()}
-    updates: dict = {}
-    if s.nproc_per_node is None:
-        updates["nproc_per_node"], sources["nproc_per_node"] = (hardware.count if hardware.device == "cuda" else 1), "hardware"
-    updates["precision"], why = resolve_precision(s.precision, hardware.device)
-    if s.precision == "auto":
-        sources["precision"] = f"default ({why})"
-    if model.architecture is None:
-        raise ConfigError(f"model {model.name}: its architecture is unknown, so its memory cannot be planned")
-    memory = plan_memory(
-        model.architecture, hardware, context_length, precision=updates["precision"],
-        micro_batch_tokens=s.micro_batch_tokens, activation_checkpointing=s.activation_checkpointing,
-        nproc=updates.get("nproc_per_node", s.nproc_per_node),
-    )
-    for key in ("micro_batch_tokens", "activation_checkpointing"):
-        if getattr(s, key) is None:
-            updates[key], sources[key] = getattr(memory, key), "memory plan"
+    updates, sources, memory = plan_settings(s, model.architecture, hardware or Hardware.detect(), context_length, model.name)
     if s.global_batch_tokens is None:
         rows_per_step = default_rows_per_step(len(row_tokens), context_length)
         updates["global_batch_tokens"], sources["global_batch_tokens"] = rows_per_step * context_length, "data"

@@ -17,6 +17,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
+from tessera.core.catalog import ResolvedModel
 from tessera.core.config import RunConfig, RunParameters, new_run_name
 from tessera.core.errors import TesseraError
 from tessera.core.paths import file_lock, runs_dir, write_atomic
@@ -52,6 +53,8 @@ class RunRecord(BaseModel):
     pid_create_time: float | None = None
     host: str | None = None
     prefect_flow_run_id: str | None = None
+    work_pool: str | None = None  # set when a worker of this Prefect work pool executes the run (TESSERA_WORK_POOL)
+    resolved_model: ResolvedModel | None = None  # the base model as the one check of the run's inputs found it
     experiment_id: str | None = None
     run_id: str | None = None
     registered_version: str | None = None
