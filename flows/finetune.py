@@ -13,8 +13,7 @@ from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
-from tessera.core.config import RunParameters, TaskType, TrainingSettings
-from tessera.core.forms import described
+from tessera.core.forms import run_flow
 
 
 @flow(
@@ -25,27 +24,10 @@ from tessera.core.forms import described
     on_crashed=[runs.on_failure],
     on_cancellation=[runs.on_cancellation],
 )
-@described(RunParameters, run_name="the run's name (default: made from the model's, unique)")
-def finetune(
-    model: str,
-    train_data_path: str,
-    register_to: str,
-    task_type: TaskType = TaskType.CHAT_COMPLETION,
-    eval_data_path: str | None = None,
-    eval_prompts: list[str] | None = None,
-    custom_weights_path: str | None = None,
-    training_duration: str = "1ep",
-    learning_rate: float | None = None,
-    context_length: int | None = None,
-    validate_inputs: bool = True,
-    data_prep_cluster_id: str | None = None,
-    experiment_path: str | None = None,
-    training_config: TrainingSettings | None = None,
-    serve_to: str | None = None,
-    run_name: str | None = None,
-) -> str | State:
+@run_flow(run_name="the run's name (default: made from the model's, unique)")
+def finetune(run_name: str | None = None, **run_parameters) -> str | State:
     """Fine-tune `model` on `train_data_path` and register it to `register_to`; returns the model URI.
-    The parameters are tessera.core.config.RunParameters (tests/test_run_parameters.py keeps them equal)."""
+    The parameters are tessera.core.config.RunParameters' (tessera.core.forms.run_flow), and the run's name."""
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
     record = runs.ensure_record(name, runtime.flow_run.parameters)
     if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing

@@ -19,8 +19,7 @@ from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
-from tessera.core.config import RunParameters, TaskType, TrainingSettings
-from tessera.core.forms import described
+from tessera.core.forms import run_flow
 
 
 @flow(
@@ -31,8 +30,7 @@ from tessera.core.forms import described
     on_crashed=[run_record.on_failure],
     on_cancellation=[run_record.on_cancellation],
 )
-@described(
-    RunParameters,
+@run_flow(
     register_to="catalog.schema.model: every retrain is a new version of this one model",
     eval_data_path="held-out data, the same for every retrain: the new version and the champion are scored on it "
     "(refused when it is the training data: the same path, content or table version)",
@@ -48,31 +46,19 @@ from tessera.core.forms import described
     run_name="the run's name (default: derived from the model and the flow run)",
 )
 def retrain(
-    model: str,
-    train_data_path: str,
-    register_to: str,
     eval_data_path: str,
-    task_type: TaskType = TaskType.CHAT_COMPLETION,
-    eval_prompts: list[str] | None = None,
-    custom_weights_path: str | None = None,
-    training_duration: str = "1ep",
-    learning_rate: float | None = None,
-    context_length: int | None = None,
-    validate_inputs: bool = True,
-    data_prep_cluster_id: str | None = None,
-    experiment_path: str | None = None,
-    training_config: TrainingSettings | None = None,
-    serve_to: str | None = None,
     metric: Metric = "eval_loss",
     promotion_margin: float = 0.0,
     margin_mode: MarginMode = "relative",
     source_version: int | None = None,
     force: bool = False,
     run_name: str | None = None,
+    **run_parameters,
 ) -> RetrainResult | State:
     """Retrain `model` on the latest `train_data_path` into the three-part `register_to`, and promote the new version
     to @champion only if it beats the current one on `eval_data_path`. The run's parameters are RunParameters'
-    (tests/test_run_parameters.py keeps them equal); the form's descriptions come from it, and from the gate's own below."""
+    (tessera.core.forms.run_flow: eval_data_path required here), then the gate's own; the form's descriptions come
+    from RunParameters, and from the gate's below."""
     parameters = run_record.run_parameters(runtime.flow_run.parameters)
     name = run_name or runs.flow_run_name(runtime.flow_run.parameters, runtime.flow_run.id)
     record = runs.ensure_record(name, parameters)

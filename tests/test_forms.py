@@ -28,12 +28,32 @@ def test_enumerations_are_dropdowns():
 
 
 def test_a_parameter_without_a_description_is_refused():
-    from pydantic import BaseModel
+    from tessera.core.forms import run_flow
 
-    from tessera.core.forms import described
+    def flow_with_an_undescribed_parameter(extra: int = 0, **run_parameters):
+        """A flow."""
 
-    class Known(BaseModel):
-        a: int
+    with pytest.raises(TypeError, match="'extra' has no description"):
+        run_flow()(flow_with_an_undescribed_parameter)
 
-    with pytest.raises(TypeError, match="'b' has no description"):
-        described(Known, a="the a")(lambda a, b: None)
+
+def test_a_flow_takes_the_run_parameters_by_keyword_with_its_own_in_their_place():
+    """The derived signature is the one Prefect binds a call with: run parameters by keyword, a flow's own
+    declaration replacing a run parameter's (retrain requires eval_data_path), unknown names refused."""
+    import inspect
+
+    from prefect.utilities.callables import parameters_to_args_kwargs
+
+    from tessera.core.forms import run_flow
+
+    @run_flow(eval_data_path="required here", run_name="its name")
+    def body(eval_data_path: str, run_name: str | None = None, **run_parameters):
+        """A flow body."""
+        return eval_data_path, run_name, run_parameters
+
+    sig = inspect.signature(body).parameters
+    assert sig["eval_data_path"].default is inspect.Parameter.empty and sig["training_duration"].default == "1ep"
+    args, kwargs = parameters_to_args_kwargs(body, {"model": "m", "eval_data_path": "e", "run_name": "r"})
+    assert args == () and body(*args, **kwargs) == ("e", "r", {"model": "m"})
+    with pytest.raises(Exception, match="nonsense"):
+        parameters_to_args_kwargs(body, {"nonsense": 1})

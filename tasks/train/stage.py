@@ -1,10 +1,11 @@
-"""Stage: train. Runs the plan the data report made (tessera.core.run_plan.plan_run): opens the run's MLflow run,
-then launches the training worker and follows it. A worker that dies ends the stage with one message
-saying why and what to change, never a torchrun traceback."""
+"""Stage: train. Runs the plan the data report made (tessera.core.run_plan.plan_run): starts the training worker
+processes, opens the run's MLflow run while they start, then follows them, logging what they report to MLflow. A
+worker that dies ends the stage with one message saying why and what to change, never a torchrun traceback."""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import os
 import re
 import signal
@@ -17,13 +18,12 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
-from tasks.train.report import ERROR_MARKER
+from tasks.train.report import ERROR_MARKER, MlflowRelay
 from tasks.validate import DataReport, histogram_png
 from tessera.core import runs
 from tessera.core.catalog import ResolvedModel
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
-from tessera.core.paths import mlflow_tracking_uri
 from tessera.core.processes import free_port, stop_tree
 from tessera.core.tracking import experiment_id, mlflow_client
 from tessera.core.run_plan import ResolvedRun, RunPlan
@@ -90,8 +90,11 @@ class ProgressArtifact:
             update_progress_artifact(self.id, 100.0 * int(found[1]) / int(found[2]))
 
 
-def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
-    """Run the job's worker processes, relaying their output to `log`; raise TesseraError with the reason if they fail."""
+def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
+           while_starting: Callable[[], None] = lambda: None) -> None:
+    """Run the job's worker processes, relaying their output to `log` and their records to MLflow; raise
+    TesseraError with the reason if they fail. `while_starting` runs once they are started: the seconds a worker
+    spends importing and loading are free for the stage's own work."""
     job_file.write_text(job.model_dump_json(indent=2))
     cmd, env = worker_command(str(job_file), job.settings.nproc_per_node)
     log.info("launching: %s", " ".join(cmd))
@@ -99,7 +102,10 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan) -> None:
     progress = ProgressArtifact(job.run_name)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
+            while_starting()
             for line in proc.stdout:
+                if relay.handle(line):
+                    continue
                 tail.append(line.rstrip())
                 log.info(line.rstrip())
                 progress.update(line)
@@ -120,15 +126,14 @@ def log_params(client, run_id: str, params: dict) -> None:
 
 
 def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: PreparedData,
-              eval_prepared: PreparedData | None, out_dir: Path, mlflow_run_id: str | None = None) -> TrainJob:
-    """What the worker processes carry out (without an MLflow run id they log nothing)."""
+              eval_prepared: PreparedData | None, out_dir: Path) -> TrainJob:
+    """What the worker processes carry out."""
     return TrainJob(
         run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
         task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
         eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
         context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
         learning_rate=plan.learning_rate, settings=plan.settings,
-        mlflow_tracking_uri=mlflow_tracking_uri() if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
     )
 
 
@@ -138,35 +143,37 @@ def train_model(
 ) -> TrainedModel:
     """Train on `prepared` by the plan in `report`; the trained model is written in the base model's format."""
     config, model, plan = run.config, run.model, report.plan
-    client = mlflow_client()
-    exp_id = experiment_id(client, config.experiment)
-    run_id = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id
-    runs.update(config.name, experiment_id=exp_id, run_id=run_id)
-    params = {
-        "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
-        "training_duration": config.training_duration, "context_length": plan.context_length,
-        "register_to": config.register_to,
-        "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
-        **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
-        **prepared.lineage,
-        **plan.effective(),
-    }
-    log_params(client, run_id, params)
-    client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
-    client.log_text(run_id, report.render(), "data_report/report.txt")
-    client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
-
     log = stage_logger()
     log.info(plan.memory.decided)
     runs.append_event(config.name, "train", f"memory plan: {plan.memory.decided}")
     out_dir = runs.run_dir(config.name) / "final_model"
-    job = train_job(config, model, plan, prepared, eval_prepared, out_dir, mlflow_run_id=run_id)
+    relay = MlflowRelay()
+
+    def open_mlflow_run() -> None:
+        """The run's MLflow run, its params and the data report, while the workers start (their records wait in
+        the pipe until the relay reads them)."""
+        client = mlflow_client()
+        exp_id = experiment_id(client, config.experiment)
+        run_id = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id
+        relay.open(client, exp_id, run_id)
+        runs.update(config.name, experiment_id=exp_id, run_id=run_id)
+        log_params(client, run_id, {
+            "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
+            "training_duration": config.training_duration, "context_length": plan.context_length,
+            "register_to": config.register_to,
+            "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
+            **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
+            **prepared.lineage,
+            **plan.effective(),
+        })
+        client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
+        client.log_text(run_id, report.render(), "data_report/report.txt")
+        client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
+
+    job = train_job(config, model, plan, prepared, eval_prepared, out_dir)
     try:
-        launch(job, runs.run_dir(config.name) / "train_job.json", log, plan)
-    except TesseraError:
-        client.set_terminated(run_id, "FAILED")
+        launch(job, runs.run_dir(config.name) / "train_job.json", log, plan, relay, while_starting=open_mlflow_run)
+    except BaseException as exc:
+        relay.end("FAILED" if isinstance(exc, TesseraError) else "KILLED")
         raise
-    except BaseException:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    return TrainedModel(model_dir=str(out_dir), experiment_id=exp_id, mlflow_run_id=run_id)
+    return TrainedModel(model_dir=str(out_dir), experiment_id=relay.experiment_id, mlflow_run_id=relay.run_id)

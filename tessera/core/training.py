@@ -110,7 +110,7 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 
 class TrainJob(BaseModel):
     """Everything one training run needs, written by the train stage for every rank to read.
-    `settings` are resolved: no field is None. Without `mlflow_run_id` nothing is logged to MLflow."""
+    `settings` are resolved: no field is None."""
 
     run_name: str
     model_path: str
@@ -125,5 +125,3 @@ class TrainJob(BaseModel):
     plan: StepPlan
     learning_rate: float
     settings: TrainingSettings
-    mlflow_tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
