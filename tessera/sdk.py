@@ -367,14 +367,6 @@ def _stop_when_cancelled_in_prefect(name: str, poll: float = 2.0) -> None:
             return
 
 
-def _import_later_stages() -> None:
-    """Import what the train and register stages need (MLflow, transformers' pipelines: seconds of imports) while
-    the first stages run, mostly waiting on the Prefect server and the disk. A stage that gets there first waits
-    for the import under way instead of starting another."""
-    import mlflow.transformers  # noqa: F401
-    import transformers.pipelines  # noqa: F401
-
-
 def _execute(name: str) -> int:
     """Body of the detached process fm.create starts: run the flow for a recorded run, recorded by the Prefect server
     fm.create chose (PREFECT_API_URL, inherited)."""
@@ -385,7 +377,6 @@ def _execute(name: str) -> int:
     from flows.finetune import finetune
 
     threading.Thread(target=_stop_when_cancelled_in_prefect, args=(name,), daemon=True).start()
-    threading.Thread(target=_import_later_stages, daemon=True).start()
     try:
         finetune(run_name=name, **runs.load(name).config.parameters)
     except BaseException as exc:  # the flow's hooks recorded the reason; make sure nothing stays RUNNING

@@ -44,7 +44,7 @@ def table(home, name: str = "main.sales.docs", *texts: str) -> tuple[str, str]:
 
 
 def check(emitted: Emitted, clock: Clock | None = None, quiet: float = 0, **kwargs):
-    return check_sources(quiet_seconds=quiet, emit=emitted, now=clock or Clock(), **kwargs)
+    return check_sources.fn(quiet_seconds=quiet, emit=emitted, now=clock or Clock(), **kwargs)
 
 
 def test_append_emits_one_event_then_nothing_when_unchanged(home):
@@ -197,7 +197,7 @@ def test_a_change_with_no_events_api_to_send_it_to_stays_pending_for_the_next_ch
     clock = Clock()
     with temporary_settings({PREFECT_API_URL: None, PREFECT_API_KEY: "a-key"}):  # no server, no ephemeral API
         assert prefect_emitter(event="probe", resource={"prefect.resource.id": "probe"}) is None
-        assert check_sources(quiet_seconds=0, emit=prefect_emitter, now=clock) == []  # nothing was sent
+        assert check_sources.fn(quiet_seconds=0, emit=prefect_emitter, now=clock) == []  # nothing was sent
 
     clock.t += 30
     emitted = Emitted()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from prefect import task
 from pydantic import BaseModel
 
 from tasks import stage_logger
@@ -61,6 +62,7 @@ def prefect_emitter(**event: Any) -> Any:
     return emit_event(**event)
 
 
+@task(name="check-sources")
 def check_sources(
     paths: Iterable[str] | None = None,
     *,

@@ -48,7 +48,7 @@ def _type(value) -> str:
 
 
 def chat_errors(data: dict, allow_system: bool = True) -> list[str]:
-    """Every way a `{"messages": [...]}` record breaks the chat rules (DESIGN §4)."""
+    """Every way a `{"messages": [...]}` record breaks the chat rules (the managed service's, in ../shared/DESIGN.md, "Inputs")."""
     if "messages" not in data:
         return [f"missing field 'messages' (found: {', '.join(sorted(data)) or 'nothing'})"]
     messages = data["messages"]
