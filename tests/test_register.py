@@ -129,7 +129,7 @@ def test_a_flow_run_without_run_name_is_named_after_its_model():
 
 
 @pytest.mark.slow
-def test_a_remote_tracking_server_registers_and_serves(home, tiny_model_dir, mlflow_server, monkeypatch):
+def test_a_remote_tracking_server_registers_and_serves(home, tiny_model_dir, mlflow_server, monkeypatch, mlflow_store):
     from tasks.serve.loading import load_registered
     from tessera.core.tracking import mlflow_client
 
@@ -140,7 +140,8 @@ def test_a_remote_tracking_server_registers_and_serves(home, tiny_model_dir, mlf
     client = mlflow_client()
     assert client.tracking_uri == mlflow_server
     assert client.get_run(second[1]).info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
-    assert not (home / "mlflow").exists()  # nothing went to the embedded store
+    # nothing went to the embedded store: the home's copy of the empty store is as it was
+    assert (home / "mlflow" / "mlflow.db").read_bytes() == mlflow_store.read_bytes()
     check_requirements(f"models:/{name}@challenger")
 
     loaded = load_registered(f"models:/{name}@challenger")
