@@ -51,6 +51,18 @@ def test_promotes_only_when_strictly_better_by_the_margin():
     assert worse.reason.startswith("eval_perplexity 1.5 is not below 1 (models:/m/1 1")
 
 
+def test_a_challenger_that_stops_ending_its_turns_never_wins():
+    """A lower loss does not make up for a model that loops: a stop rate more than the margin below the incumbent's
+    refuses the challenger; within the margin, or unknown on either side, the loss alone decides."""
+    from tasks.promote.decision import STOP_RATE_MARGIN
+
+    looping = decide("models:/m/2", 0.5, "models:/m/1", 1.0, challenger_stop_rate=0.25, incumbent_stop_rate=1.0)
+    assert not looping.promote and "end their turn 25% of the time, models:/m/1's 100%" in looping.reason
+    within = 1.0 - STOP_RATE_MARGIN
+    assert decide("c", 0.5, "i", 1.0, challenger_stop_rate=within, incumbent_stop_rate=1.0).promote
+    assert decide("c", 0.5, "i", 1.0, challenger_stop_rate=0.0, incumbent_stop_rate=None).promote
+
+
 def test_a_value_that_is_not_finite_never_wins_and_bad_margins_are_refused():
     assert not decide("c", math.nan, "i", 1.0).promote and not decide("c", math.inf, "i", 1.0).promote
     for margin, mode in ((-0.1, "relative"), (1.0, "relative"), (math.nan, "absolute")):

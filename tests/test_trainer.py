@@ -175,6 +175,20 @@ def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_ther
     new, finish = generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}]), 40)
     assert (tokenizer.decode(new, skip_special_tokens=True), finish) == ("it is four", "stop")
     assert len(new) < 10  # stopped at the turn's end, well before max_tokens
+    # the stage's own check says so: every greedy answer to the data's prompts ended its turn, without repeating
+    assert metric(trained.mlflow_run_id, "eval_stop_rate") == [1.0]
+    assert metric(trained.mlflow_run_id, "eval_repetition")[0] < 0.2
+    assert len(metric(trained.mlflow_run_id, "base_stop_rate")) == 1
+
+
+def test_a_model_trained_never_to_end_its_turn_gets_a_stop_rate_of_zero(trainer_home, eot_model_dir):
+    """Answers cut by the context length teach the model to go on: its greedy answers run to the budget, looping."""
+    home, _ = trainer_home
+    endless = "one two three four " * 40  # longer than the context: no end-of-turn token is ever trained
+    data = write_jsonl(home / "endless.jsonl", [chat("count", endless), chat("count again", endless)])
+    _, _, trained = run_stage(data, "150ep", {"log_every": 50}, model=str(eot_model_dir), learning_rate=1e-2)
+    assert metric(trained.mlflow_run_id, "eval_stop_rate") == [0.0]
+    assert metric(trained.mlflow_run_id, "eval_repetition")[0] > 0.5
 
 
 def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_replaces_its_output(

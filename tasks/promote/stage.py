@@ -92,16 +92,21 @@ def promote_model(
     name = registered.name
     champion = current_champion(client, name)
     challenger = registered_score(registered.uri, eval_prepared)
+    # the stop rates each model's train stage logged: the challenger's, and the champion's own or the base model's
+    # (measured by the challenger's run before its first step)
+    challenger_run = client.get_model_version(name, registered.version).run_id
     fault_point("before-incumbent")
     if champion is not None and str(champion.version) != registered.version:
         incumbent = f"models:/{name}/{champion.version}"
         theirs = eval_set_for(config, champion.tags.get("base_model") or config.model, eval_prepared)
         incumbent_score = registered_score(incumbent, theirs)
         incumbent_label = f"{incumbent} (@{CHAMPION})"
+        incumbent_stops = logged_metric(client, champion.run_id, "eval_stop_rate")
     else:
         weights = config.custom_weights_path or resolve_model(config.model, config.context_length).path
         theirs, incumbent_score = eval_prepared, base_score(weights, eval_prepared)
         incumbent = incumbent_label = f"base model {config.custom_weights_path or config.model}"
+        incumbent_stops = logged_metric(client, challenger_run, "base_stop_rate")
     # the same rows (cache key) mean the same tokens: per token; else per byte of the text both were scored on
     same_tokens = theirs.cache_key == eval_prepared.cache_key
     text_bytes = None if same_tokens else trained_text_bytes(config, config.eval_data_path)
@@ -109,6 +114,8 @@ def promote_model(
     decision = decide(
         registered.uri, challenger_value, incumbent_label, incumbent_value,
         metric=measure, margin=margin, margin_mode=margin_mode,
+        challenger_stop_rate=logged_metric(client, challenger_run, "eval_stop_rate"),
+        incumbent_stop_rate=incumbent_stops,
     )
     decision = decision.model_copy(update={"incumbent": incumbent})
     record_on_version(client, registered, retrain, decision, config.eval_data_path, per_byte=text_bytes is not None)
@@ -121,6 +128,14 @@ def promote_model(
     runs.update(config.name, details=message)
     record_decision(decision, name, registered.version)
     return decision
+
+
+def logged_metric(client, run_id: str | None, key: str) -> float | None:
+    """The last value of a metric an MLflow run logged, or None (no run, or never logged: not a chat run, or one
+    trained before the stop check existed)."""
+    if run_id is None:
+        return None
+    return client.get_run(run_id).data.metrics.get(key)
 
 
 def record_decision(decision: Decision, name: str, version: str) -> None:

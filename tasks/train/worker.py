@@ -23,12 +23,14 @@ import torch.distributed as dist
 
 from tasks.train import distributed
 from tasks.train.data import PackedRows, Step, steps
-from tasks.train.evaluation import summed_loss
+from tasks.train.evaluation import (
+    STOP_CHECK_PROMPTS, STOP_CHECK_TOKENS, data_prompts, greedy_answers, repetition, stop_rate, summed_loss,
+)
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import Reporter, fail, progress_line
 from tessera.core.config import TaskType
-from tessera.core.generation import generate, prompt_ids, stop_token_ids
+from tessera.core.generation import prompt_ids, stop_token_ids
 from tessera.core.paths import replacing_dir
 from tessera.core.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
 
@@ -104,17 +106,22 @@ def evaluate(model, rows: PackedRows, job: TrainJob, pad_id: int, dtype, device,
     return float(distributed.sum_over_ranks([total], device)[0]) / max(1, int(rows.trained.sum()))
 
 
+def eval_prompt_ids(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    """The run's eval prompts as the endpoint renders them (a user turn for chat models)."""
+    return [prompt_ids(tokenizer, [{"role": "user", "content": p}] if chat else p) for p in prompts]
+
+
 def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_tokens: int = 64) -> list[dict]:
-    """Greedy answers to the run's eval prompts (a user turn for chat models), as the endpoint gives them."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for prompt in prompts:
-        ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}] if chat else prompt)
-        new, finish = generate(model, tokenizer, ids, max_tokens)
-        out.append({"prompt": prompt, "response": tokenizer.decode(new, skip_special_tokens=True), "finish_reason": finish})
-    model.train(was_training)
-    return out
+    """Greedy answers to the run's eval prompts, as the endpoint gives them."""
+    answers = greedy_answers(model, tokenizer, eval_prompt_ids(tokenizer, prompts, chat), max_tokens)
+    return [{"prompt": p, "response": tokenizer.decode(new, skip_special_tokens=True), "finish_reason": finish}
+            for p, (new, finish) in zip(prompts, answers)]
+
+
+def stop_check(model, tokenizer, prompts: list[list[int]]) -> dict[str, float]:
+    """Whether the model still ends its turns: the stop rate and repetition of its greedy answers."""
+    answers = greedy_answers(model, tokenizer, prompts, STOP_CHECK_TOKENS)
+    return {"stop_rate": stop_rate(answers), "repetition": repetition(answers)}
 
 
 # --- saving -----------------------------------------------------------------------------------------
@@ -143,6 +150,7 @@ def main(job: TrainJob) -> None:
     torch.manual_seed(job.settings.seed)
     s, plan, report = job.settings, job.plan, Reporter(job, rank)
     dtype = compute_dtype(s.precision, device)
+    chat = job.task_type is TaskType.CHAT_COMPLETION
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -152,8 +160,16 @@ def main(job: TrainJob) -> None:
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=s.weight_decay, fused=True)
     data = PackedRows(job.prepared_path)
     eval_rows = PackedRows(job.eval_prepared_path) if job.eval_prepared_path else None
-    chat = job.task_type is TaskType.CHAT_COMPLETION
     report.params(world_size=world, device=device.type)
+    # A chat model that stops ending its turns loops under greedy decoding, which loss alone does not show: the
+    # same prompts (the run's eval prompts, else a few from the held-out data, else from the training data) are
+    # answered with the base weights now and with the saved ones at the end.
+    stop_prompts = []
+    if chat and rank == 0:
+        stop_prompts = (eval_prompt_ids(tokenizer, job.eval_prompts, chat) if job.eval_prompts
+                        else data_prompts(eval_rows or data, STOP_CHECK_PROMPTS))
+        base = stop_check(model, tokenizer, stop_prompts)
+        report.metrics(0, **{f"base_{k}": v for k, v in base.items()})
     report.say(
         "train",
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.rows_per_step} rows of {job.context_length} "
@@ -205,10 +221,19 @@ def main(job: TrainJob) -> None:
     out = Path(job.output_dir)
     if rank == 0:
         save(model, tokenizer, out, stored_dtype)
+        saved_tokenizer = AutoTokenizer.from_pretrained(out)
         if job.eval_prompts:
-            generations = eval_generations(model, AutoTokenizer.from_pretrained(out), job.eval_prompts, chat)
+            generations = eval_generations(model, saved_tokenizer, job.eval_prompts, chat)
             report.artifact({"step": plan.total_steps, "generations": generations}, f"eval_prompts/step_{plan.total_steps:06d}.json")
             report.say("eval", "eval prompts (saved model): " + " | ".join(g["response"] for g in generations))
+        if stop_prompts:
+            final = stop_check(model, saved_tokenizer, stop_prompts)
+            report.metrics(plan.total_steps, **{f"eval_{k}": v for k, v in final.items()})
+            if final["stop_rate"] < base["stop_rate"]:
+                report.say("eval", f"warning: the fine-tuned model ended {final['stop_rate']:.0%} of its greedy answers to "
+                           f"{len(stop_prompts)} prompts within {STOP_CHECK_TOKENS} tokens, the base model "
+                           f"{base['stop_rate']:.0%}: it may loop under greedy decoding (temperature 0); try a lower "
+                           "learning_rate or fewer epochs")
     dist.barrier()
     dist.destroy_process_group()
 
