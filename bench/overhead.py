@@ -104,6 +104,10 @@ def main() -> None:
     medians = {k: statistics.median(p[k] for p in table) for k in table[0]}
     print("median:   " + "  ".join(f"{k} {v:4.1f}" for k, v in medians.items()))
     hit = statistics.median(prepare_hit(data) for _ in range(3))
+    if args.home is None:  # the bench's own home: its embedded Prefect server goes with it
+        from tessera.core import prefect_server
+
+        prefect_server.stop()
     print(f"overhead total_s={statistics.median(walls):.1f} prepare_hit_s={hit:.2f}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,28 +33,45 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     """One embedded Prefect server for the whole session, as a user's TESSERA_HOME has one for all its runs
-    (tessera.core.prefect_server): every test's runs are recorded there, through PREFECT_API_URL. Set before any
-    test module imports Prefect, which reads its settings once per process."""
+    (tessera.core.prefect_server): every test's runs are recorded there, through PREFECT_API_URL, set here before
+    any test module imports Prefect (which reads its settings once per process). It starts while pytest collects
+    the tests; the first test waits for it (prefect_server_ready)."""
     import tempfile
 
     from tessera.core import prefect_server
 
     config.prefect_home = tempfile.mkdtemp(prefix="tessera-test-prefect-")
-    os.environ["TESSERA_HOME"] = config.prefect_home
-    os.environ["PREFECT_API_URL"] = prefect_server.ensure_running().url
-    del os.environ["TESSERA_HOME"]
+    with _tessera_home(config.prefect_home):
+        config.prefect_server = prefect_server.spawn()
+    os.environ["PREFECT_API_URL"] = config.prefect_server[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server_ready(pytestconfig):
+    from tessera.core import prefect_server
+
+    with _tessera_home(pytestconfig.prefect_home):
+        prefect_server.wait_ready(*pytestconfig.prefect_server)
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    from tessera.core import prefect_server
+    from tessera.core.processes import stop_tree
 
     if getattr(config, "prefect_home", None):
-        os.environ["TESSERA_HOME"] = config.prefect_home
-        prefect_server.stop()
-        del os.environ["TESSERA_HOME"]
+        process = config.prefect_server[0]
+        stop_tree(process.pid, grace=10, popen=process)
         shutil.rmtree(config.prefect_home, ignore_errors=True)
+
+
+@contextmanager
+def _tessera_home(path: str):
+    os.environ["TESSERA_HOME"] = path
+    try:
+        yield
+    finally:
+        del os.environ["TESSERA_HOME"]
 
 
 @pytest.fixture(scope="session")

@@ -60,24 +60,31 @@ def running() -> EmbeddedServer | None:
     return server if process_alive(server.pid, server.pid_create_time) and _healthy(server.url) else None
 
 
-def _start() -> EmbeddedServer:
+def spawn() -> tuple[subprocess.Popen, str]:
+    """Start this home's server process on a free port, without waiting for it: (the process, its API's URL)."""
+    prefect_dir().mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    log_path = prefect_dir() / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(prefect_dir()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_API_URL": url}
-    with open(log_path, "ab") as log:
+    with open(prefect_dir() / "server.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # outlives the command that started it; stopped as one tree
         )
+    return process, url
+
+
+def wait_ready(process: subprocess.Popen, url: str) -> EmbeddedServer:
+    """Wait until a spawned server answers, and record it as this home's; one that exits or never answers is
+    stopped, and a TesseraError says where its log is."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _healthy(url):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_tree(process.pid, grace=5, popen=process)
-            raise TesseraError(f"the embedded Prefect server did not start (see {log_path}); "
+            raise TesseraError(f"the embedded Prefect server did not start (see {prefect_dir() / 'server.log'}); "
                                "or set PREFECT_API_URL to a Prefect server of your own")
         time.sleep(0.2)
     server = EmbeddedServer(pid=process.pid, pid_create_time=create_time(process.pid), url=url)
@@ -90,7 +97,7 @@ def ensure_running() -> EmbeddedServer:
     start one server, not one each."""
     prefect_dir().mkdir(parents=True, exist_ok=True)
     with file_lock(prefect_dir() / "server.lock"):
-        return running() or _start()
+        return running() or wait_ready(*spawn())
 
 
 def use_prefect_api() -> str:
