@@ -19,9 +19,10 @@ The sides (each trainer in a fresh process, so its peak RSS is its own):
         --work/trl-model for the measures.
   ours  the product's train stage as bench/train.py runs it (prepare, data report, tasks.train.stage.train_model:
         plan_run, MLflow in the bench's own TESSERA_HOME, the training worker), with the run's defaults: the model
-        catalog's learning rate, the memory plan's batch, loss on the assistant turns only. --learning-rate and
+        catalog's learning rate, the memory plan's batch, loss on the assistant turns only. --learning-rate,
         --training-config (TrainingSettings as JSON: global_batch_tokens, micro_batch_tokens, warmup_ratio, ...)
-        make a variant without code changes. Its fine-tuned model (the run's final_model) is measured, then deleted.
+        and --training-duration make a variant without code changes. Its fine-tuned model (the run's final_model,
+        stored in the base model's dtype) is measured, then deleted.
 
 The measures, all on eval.jsonl with plain transformers in fp32 (use_cache off for the loss):
   loss        mean negative log-likelihood per assistant token (the answer's tokens and the template's end-of-turn
@@ -127,7 +128,7 @@ def side_ours(spec: dict) -> dict:
     config = build_run_config(
         model=spec["model"], train_data_path=spec["data"], register_to="bench.quality.m",
         context_length=spec["context_length"], learning_rate=spec["learning_rate"],
-        training_config=spec["training_config"] or None,
+        training_duration=spec["training_duration"], training_config=spec["training_config"] or None,
     )
     runs.save(runs.RunRecord(config=config, created_at=runs.now()))
     run = resolve_run(config)
@@ -252,6 +253,7 @@ def main() -> None:
     ap.add_argument("--sides", default="base,trl,ours", help="any of base,trl,ours (default: all three)")
     ap.add_argument("--learning-rate", type=float, help="ours: peak learning rate (default: the run's, the catalog's)")
     ap.add_argument("--training-config", default="{}", help="ours: JSON of tessera training_config settings")
+    ap.add_argument("--training-duration", help="ours: e.g. 2ep (default: the run's, one epoch)")
     ap.add_argument("--generate", type=int, default=GENERATE, help=f"held-out prompts to answer greedily (default {GENERATE})")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"each answer's budget (default {MAX_NEW_TOKENS})")
     ap.add_argument("--reuse", action="store_true", help="keep the numbers of sides already run with the same settings")
@@ -293,8 +295,10 @@ def main() -> None:
               REAL_CONTEXT, args.generate, args.max_new_tokens]
     training_config = json.loads(args.training_config)
     ours_settings = {"learning_rate": args.learning_rate, "training_config": training_config}
+    if args.training_duration:  # only when set, so that earlier results' fingerprints still match
+        ours_settings["training_duration"] = args.training_duration
     spec = {"model": model_name, "model_dir": model_dir, "data": str(train_data), "context_length": REAL_CONTEXT,
-            "work": str(work), "model_out": str(work / "trl-model"), **ours_settings}
+            "work": str(work), "model_out": str(work / "trl-model"), "training_duration": None, **ours_settings}
     sides = args.sides.split(",")
     results = {}
     for name in ["base"] + [s for s in ("trl", "ours") if s in sides]:  # base always: every loss_drop needs it

@@ -156,6 +156,17 @@ def test_fm_create_with_a_server_submits_to_the_deployment_and_waits_for_a_worke
     (Path(deployed["TESSERA_HOME"]) / "sdk-run").write_text(name)  # picked up once the next test starts the worker
 
 
+def test_fm_create_refuses_a_work_pool_that_is_not_the_deployments(deployed):
+    """TESSERA_WORK_POOL names where a run executes: a pool the finetune deployment is not on is one message naming
+    both, and the run is recorded FAILED, never queued anywhere."""
+    env = dict(deployed, TESSERA_WORK_POOL="gpu")
+    done = subprocess.run([sys.executable, "-m", "tessera.cli", "create", "--model", "tessera/tiny-chat",
+                           "--train-data-path", "tessera/assets/demo_chat.jsonl", "--register-to", "main.sdk.elsewhere",
+                           "--training-duration", "2ba"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "the deployment's work pool is 'tessera', not TESSERA_WORK_POOL's 'gpu'" in done.stderr, done.stderr
+
+
 CANCELLED_QUEUED = "main.sdk.cancelled"  # the register_to of the run the next test cancels while it is queued
 
 

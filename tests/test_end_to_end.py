@@ -65,6 +65,17 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
         capture_output=True, text=True, env=os.environ.copy(), check=True,
     )
     assert seen.stdout.strip() == "COMPLETED"
+    # and the Prefect server that records the runs (the session's, as a home's embedded one) shows the run's DAG
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tessera.core import runs as run_records
+
+    flow_run_id = run_records.load(run.name).prefect_flow_run_id
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).state.type.value == "COMPLETED"
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert {t.name.rsplit("-", 1)[0] for t in tasks} == {"resolve-inputs", "prepare-data", "data-report", "train", "register-model"}
     assert [r.name for r in fm.list()] == [run.name]
     stages = {e["stage"] for e in fm.get_events(run.name)}
     assert {"run", "prepare", "train", "register"} <= stages
