@@ -1,7 +1,7 @@
 """Model-quality benchmark: what one epoch of fine-tuning does to SmolLM2-135M-Instruct on held-out conversations,
 our trainer (the train stage itself) side by side with TRL's SFTTrainer, and how long each took.
 
-    python bench/quality.py                                   # base, trl, ours (~25 min: TRL ~12, ours ~4, measures)
+    python bench/quality.py                                   # base, trl, ours (~25 min: TRL ~14, ours ~4, measures)
     python bench/quality.py --reuse --sides base,trl,ours     # base and TRL from an earlier run: only ours trains
     python bench/quality.py --reuse --learning-rate 3e-5 --training-config '{"warmup_ratio": 0.05}'
     python bench/quality.py --model /path/to/model-dir        # another base model (default: the catalog's SmolLM2)
@@ -42,7 +42,7 @@ Each side's generated answers are written to --work/answers-<side>.jsonl for rea
 
 --reuse keeps finished sides: each side's numbers are saved to --work/results/<side>-<fingerprint>.json (the
 fingerprint covers the data, the model, the measures' settings and the side's own settings), and a side whose
-file exists is not run again. TRL takes ~12 minutes here; ours ~4.
+file exists is not run again. TRL takes ~14 minutes here; ours ~4.
 
 One line per side, then the summary:
 `quality ours/trl loss_drop=<our drop / TRL's> eot=<our eot / TRL's> stops=<ours>/<n> trl_stops=<TRL's>/<n>
@@ -234,7 +234,7 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def line(name: str, r: dict, base_loss: float) -> str:
+def side_line(name: str, r: dict, base_loss: float) -> str:
     m = r["measures"]
     drop = (base_loss - m["loss"]) / base_loss
     text = (f"{name:<6} loss={m['loss']:.4f} loss_drop={drop:+.3f} eot={m['eot']:.3f} stops={m['stops']}/{m['generated']} "
@@ -326,7 +326,7 @@ def main() -> None:
     base_loss = results["base"]["measures"]["loss"]
     for name, r in results.items():
         if name in sides:
-            print(line(name, r, base_loss), flush=True)
+            print(side_line(name, r, base_loss), flush=True)
     print(f"({time.perf_counter() - t0:.0f} s in all; logs, answers and numbers in {work})")
     if "ours" in results and "trl" in results:
         ours, trl, base = (results[k]["measures"] for k in ("ours", "trl", "base"))
