@@ -281,12 +281,14 @@ def main() -> None:
     from bench.quality_data import write_quality_data
 
     train_data, eval_data = write_quality_data(work / "data")  # deterministic: the same files every time
+    catalog_lr = None  # the rate ours trains at when --learning-rate is not given: part of its results' fingerprint
     if Path(args.model).is_dir():
         model_name = model_dir = str(plain_model_dir(Path(args.model).resolve(), work))
     else:
         from tessera.core.catalog import resolve_model
 
-        model_name, model_dir = args.model, str(resolve_model(args.model, REAL_CONTEXT).path)
+        resolved = resolve_model(args.model, REAL_CONTEXT)
+        model_name, model_dir, catalog_lr = args.model, str(resolved.path), resolved.learning_rate
     for path in (train_data, eval_data):
         n, tokens, longest = count_tokens(path, model_dir)
         print(f"{path.name}: {n} conversations, {tokens:,} tokens with the chat template (longest {longest:,})", flush=True)
@@ -303,7 +305,9 @@ def main() -> None:
     results = {}
     for name in ["base"] + [s for s in ("trl", "ours") if s in sides]:  # base always: every loss_drop needs it
         settings = ours_settings if name == "ours" else {}
-        cached = work / "results" / f"{name}-{fingerprint(*common, settings)}.json"
+        # a default run's results are stale once the catalog's rate changes
+        keyed = {**settings, "catalog_learning_rate": catalog_lr} if name == "ours" and args.learning_rate is None else settings
+        cached = work / "results" / f"{name}-{fingerprint(*common, keyed)}.json"
         if args.reuse and cached.exists():
             results[name] = json.loads(cached.read_text())
             print(f"{name}: reusing {cached}", flush=True)
