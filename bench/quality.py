@@ -67,11 +67,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.train import OFFLINE_ENV, REAL_CONTEXT, Clock, count_tokens, plain_model_dir, rss_mb  # noqa: E402
+from tasks.train.evaluation import repeated_share  # noqa: E402  the trainer's stop check measures the same way
 
 DEFAULT_MODEL = "tessera/smollm2-135m-instruct"
 GENERATE = 12
 MAX_NEW_TOKENS = 400
-NGRAM = 4
 
 
 # --- the trainers, each in its own process ------------------------------------------------------------------
@@ -171,11 +171,6 @@ def run_trainer(name: str, spec: dict, work: Path) -> dict:
 
 
 # --- the measures -------------------------------------------------------------------------------------------
-
-
-def repeated_share(ids: list[int], n: int = NGRAM) -> float:
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def measure(model_dir: str, tokenizer_dir: str, eval_data: Path, generate: int, max_new_tokens: int, answers: Path) -> dict:

@@ -66,11 +66,13 @@ def stop_rate(answers: list[tuple[list[int], str]]) -> float:
     return sum(finish == "stop" for _, finish in answers) / max(1, len(answers))
 
 
+def repeated_share(ids: list[int]) -> float:
+    """The share of an answer's token 4-grams that already occurred earlier in it: 0 for varied text, near 1 for a
+    loop (bench/quality.py measures with it too)."""
+    grams = [tuple(ids[i:i + REPEAT_NGRAM]) for i in range(len(ids) - REPEAT_NGRAM + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def repetition(answers: list[tuple[list[int], str]]) -> float:
-    """The mean share of an answer's token 4-grams that already occurred earlier in it: 0 for varied text, near 1
-    for a loop."""
-    shares = []
-    for ids, _ in answers:
-        grams = [tuple(ids[i:i + REPEAT_NGRAM]) for i in range(len(ids) - REPEAT_NGRAM + 1)]
-        shares.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-    return sum(shares) / max(1, len(shares))
+    """The mean repeated share (repeated_share) of the answers."""
+    return sum(repeated_share(ids) for ids, _ in answers) / max(1, len(answers))
