@@ -13,7 +13,7 @@ EXIT_USAGE = 2
 
 def _print_run(run) -> None:
     fields = ["name", "status", "model", "task_type", "train_data_path", "register_to", "training_duration",
-              "training_config", "created_at", "started_at", "completed_at", "experiment_id", "run_id",
+              "training_config", "created_at", "started_at", "estimated_end_time", "completed_at", "experiment_id", "run_id",
               "registered_model_version", "save_folder", "details"]
     shown = run.model_dump(mode="json")  # enumerations as their names, settings as a dict
     for f in fields:
@@ -88,7 +88,8 @@ def cmd_runs(args) -> int:
 
     if args.action == "list":
         for run in sdk.list():
-            print(f"{run.name:36} {run.status.value:11} {run.model:32} {run.created_at:%Y-%m-%d %H:%M}")
+            what = run.details if run.status.value == "UNKNOWN" else run.model
+            print(f"{run.name:36} {run.status.value:11} {what:32} {run.created_at:%Y-%m-%d %H:%M}")
         return 0
     if not args.name:
         raise SystemExit(f"tessera runs {args.action}: a run name is required")
@@ -97,6 +98,20 @@ def cmd_runs(args) -> int:
     elif args.action == "cancel":
         sdk.cancel(args.name)
         print(f"run {args.name} stopped")
+    elif args.action == "checkpoints":
+        found = sdk.get_checkpoints(args.name)
+        if not found:
+            print(f"run {args.name} has no complete checkpoint")
+        for c in found:
+            train = f"{c.train_loss:.4f}" if c.train_loss is not None else "-"
+            evaluated = f"{c.eval_loss:.4f}" if c.eval_loss is not None else "-"
+            print(f"step {c.step:<7} epoch {c.epoch:<6.2f} tokens {c.tokens_seen:<11} train_loss {train:8} "
+                  f"eval_loss {evaluated:8} {c.reason:9} {c.path}")
+    elif args.action == "resume":
+        run = sdk.resume(args.name)
+        print(f"run {run.name} resumed ({run.status.value}); follow it: tessera runs events {run.name} --follow")
+        if args.follow:
+            return sdk.print_until_done(run.name)
     elif args.action == "events":
         if args.follow:
             return sdk.print_until_done(args.name)
@@ -341,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="follow the run; exit non-zero if it fails")
     c.set_defaults(func=cmd_create)
 
-    r = sub.add_parser("runs", help="list, inspect, follow or cancel runs")
-    r.add_argument("action", choices=["list", "get", "cancel", "events"])
+    r = sub.add_parser("runs", help="list, inspect, follow, cancel or resume runs, and list their checkpoints")
+    r.add_argument("action", choices=["list", "get", "cancel", "events", "checkpoints", "resume"])
     r.add_argument("name", nargs="?")
-    r.add_argument("--follow", action="store_true", help="with events: keep printing until the run ends")
+    r.add_argument("--follow", action="store_true", help="with events or resume: keep printing until the run ends")
     r.set_defaults(func=cmd_runs)
 
     v = sub.add_parser("validate", help="check training data and estimate tokens and cost, before training")

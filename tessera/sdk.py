@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tessera.core import runs
 from tessera.core.catalog import ModelSpec, catalog
+from tessera.core.checkpoints import CheckpointInfo, list_checkpoints, resumable_note
 from tessera.core.config import RunConfig, RunParameters, build_run_config
 from tessera.core.errors import TesseraError
 from tessera.core.paths import apply_engine_defaults, tessera_home
@@ -51,8 +52,16 @@ class TrainingRun(RunConfig):
             **record.config.model_dump(), status=record.status, created_at=record.created_at,
             started_at=record.started_at, completed_at=record.completed_at,
             estimated_end_time=record.estimated_end_time, experiment_id=record.experiment_id, run_id=record.run_id,
-            save_folder=str(runs.run_dir(record.config.name)), registered_model_version=record.registered_version,
-            details=record.details,
+            save_folder=record.checkpoint_dir or str(runs.run_dir(record.config.name)),
+            registered_model_version=record.registered_version, details=record.details,
+        )
+
+    @classmethod
+    def unknown(cls, record: runs.UnreadableRecord) -> TrainingRun:
+        """A run whose record cannot be read: its name, UNKNOWN, and why."""
+        return cls.model_construct(
+            name=record.name, status=RunStatus.UNKNOWN, created_at=record.created_at, details=record.reason,
+            model="", train_data_path="", register_to="", save_folder=str(runs.run_dir(record.name)),
         )
 
     def refresh(self) -> TrainingRun:
@@ -84,7 +93,8 @@ def _current(record: RunRecord) -> RunRecord:
                            details=record.details or "cancelled")
     return runs.update(
         name, only_if=same_process_unfinished, status=RunStatus.FAILED, completed_at=runs.now(),
-        details=f"the run's process ({pid}) exited unexpectedly; see {runs.run_dir(name) / 'run.log'}",
+        details=f"the run's process ({pid}) exited unexpectedly; see {runs.run_dir(name) / 'run.log'}"
+        + resumable_note(record.checkpoint_dir, name),
     )
 
 
@@ -122,6 +132,12 @@ def create(
         config = resolved.config
     use_prefect_api()  # the server that records it, started here (once per home) so the run's process finds it
     runs.save(RunRecord(config=config, created_at=runs.now(), resolved_model=resolved and resolved.model))
+    runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
+    return _start(config)
+
+
+def _start(config: RunConfig) -> TrainingRun:
+    """Run the recorded run's flow: on a worker of TESSERA_WORK_POOL's pool, else in a detached process here."""
     if os.environ.get("TESSERA_WORK_POOL"):
         return _submit(config, os.environ["TESSERA_WORK_POOL"])
     log = open(runs.run_dir(config.name) / "run.log", "ab")
@@ -131,9 +147,37 @@ def create(
         env=dict(os.environ, TESSERA_HOME=str(tessera_home())),
     )
     runs.update(config.name, **runs.process_identity(process.pid))
-    runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
     return get(config.name)
 
+
+def resume(run_or_name: TrainingRun | str) -> TrainingRun:
+    """Continue a FAILED or STOPPED run from its last checkpoint, in the same MLflow run, on the data version it
+    pinned when it was created (no newer data); a run with no checkpoint starts its training over. The only way a
+    STOPPED run is reopened."""
+    run = get(run_or_name)
+    if run.status not in (RunStatus.FAILED, RunStatus.STOPPED):
+        raise TesseraError(f"run {run.name} is {run.status.value}: only a FAILED or STOPPED run can be resumed")
+    record = runs.load(run.name)
+    if runs.on_other_host(record) and record.work_pool is None:
+        raise TesseraError(f"run {run.name} ran on host {record.host}: resume it there (its checkpoints are in {run.save_folder})")
+    use_prefect_api()
+    found = list_checkpoints(record.checkpoint_dir)
+    runs.update(run.name, status=RunStatus.PENDING, completed_at=None, details=None, pid=None, pid_create_time=None,
+                prefect_flow_run_id=None)
+    where = f"the checkpoint at {found[-1].label}" if found else "the start of training (no checkpoint)"
+    runs.append_event(run.name, "run", f"reopened: it continues from {where}")
+    return _start(record.config)
+
+
+def get_checkpoints(run_or_name: TrainingRun | str) -> list[CheckpointInfo]:
+    """The run's complete checkpoints, oldest first: step, epoch, tokens seen, train and eval loss, path."""
+    name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
+    return list_checkpoints(runs.load(name).checkpoint_dir)
+
+
+# a SIGTERM that reaches the flow while Python runs a finalizer is lost (tessera.core.processes.stop_tree): it is sent
+# again this often; once the train stage is stopping its workers, it ignores the repeats (tasks.train.stage.launch)
+FLOW_SIGTERM_RESEND_S = 5.0
 
 DEPLOYMENT = "finetune/finetune"  # prefect.yaml's; `prefect deploy --all` makes it
 
@@ -215,7 +259,8 @@ def list(  # noqa: A001 - the SDK's name
     created_after: dt.datetime | None = None, created_before: dt.datetime | None = None,
 ) -> list[TrainingRun]:
     """Runs, as list_records orders them, of the given statuses and created in the given window (naive times are UTC)."""
-    found = [TrainingRun.from_record(_current(r)) for r in runs.list_records()]
+    found = [TrainingRun.unknown(r) if isinstance(r, runs.UnreadableRecord) else TrainingRun.from_record(_current(r))
+             for r in runs.list_records()]
     if statuses:
         found = [r for r in found if r.status.value in {s.upper() for s in statuses}]
     utc = lambda t: t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t  # noqa: E731
@@ -272,7 +317,7 @@ def cancel(run_or_name: TrainingRun | str) -> None:
     if flow_run is not None:
         _cancel_flow_run(flow_run.id)
     elif record.pid:  # its SIGTERM reaches the flow as a crash, torchrun and its workers as a stop
-        stop_tree(record.pid, record.pid_create_time, grace=60)
+        stop_tree(record.pid, record.pid_create_time, grace=60, resend_every=FLOW_SIGTERM_RESEND_S)
     runs.stop(run.name, "cancelled by the user")
 
 

@@ -82,8 +82,9 @@ def mlflow_store(tmp_path_factory) -> Path:
     import sys
 
     template = tmp_path_factory.mktemp("mlflow-template")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # a module's own store, set by MLflow
     subprocess.run([sys.executable, "-c", "from tessera.core.tracking import mlflow_client; mlflow_client()"],
-                   check=True, env={**os.environ, "TESSERA_HOME": str(template)}, capture_output=True)
+                   check=True, env={**env, "TESSERA_HOME": str(template)}, capture_output=True)
     return template / "mlflow" / "mlflow.db"
 
 

@@ -91,12 +91,13 @@ def test_chat_data_in_a_volume_becomes_a_served_model(home):
     assert client.get_metric_history(run.run_id, "eval_perplexity")
     artifacts = {a.path for a in client.list_artifacts(run.run_id, "data_report")}
     assert artifacts == {"data_report/report.json", "data_report/report.txt", "data_report/token_lengths.png"}
-    generations = {a.path for a in client.list_artifacts(run.run_id, "eval_prompts")}
-    assert generations == {f"eval_prompts/step_{n:06d}.json" for n in (50, 100, 150)}
-    final = json.loads((Path(client.download_artifacts(run.run_id, "eval_prompts/step_000150.json"))).read_text())
-    assert [(g["prompt"], g["response"], g["finish_reason"]) for g in final["generations"]] == [
+    table = json.loads(Path(client.download_artifacts(run.run_id, "eval_prompts.json")).read_text())  # MLflow's table
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["step"] for r in rows] == [50, 50, 100, 100, 150, 150]  # each evaluation and checkpoint, and the end
+    assert [(r["prompt"], r["response"], r["finish_reason"]) for r in rows if r["step"] == 150] == [
         ("What is Tessera?", "Tessera trains models on your data.", "stop"), ("Say hello.", "Hello from the test!", "stop"),
     ]
+    assert [c.step for c in fm.get_checkpoints(run.name)] == [50, 100, 150]  # short epochs: one per eval_every steps
     params = client.get_run(run.run_id).data.params
     assert params["data.examples"] == "4" and params["source.kind"] == "jsonl"
     version = client.get_model_version("main.finetuning.support_bot", "1")

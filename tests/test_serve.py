@@ -302,8 +302,8 @@ def test_instruction_model_answers_on_completions_as_the_trainer_did(home):
     run = _wait(run.name)
     assert run.status.value == "COMPLETED", run.details
     mlflow = tracking_client()
-    final = sorted(a.path for a in mlflow.list_artifacts(run.run_id, "eval_prompts"))[-1]
-    trained = json.loads(Path(mlflow.download_artifacts(run.run_id, final)).read_text())["generations"]
+    table = json.loads(Path(mlflow.download_artifacts(run.run_id, "eval_prompts.json")).read_text())
+    trained = [row for row in (dict(zip(table["columns"], r)) for r in table["data"]) if row["step"] == 40]
     assert len(trained) == len(pairs)
 
     with start_endpoint(run.registered_model_version, log_file=home / "endpoint.log") as endpoint:

@@ -16,7 +16,7 @@ def job_for(model_dir, **settings):
     plan = StepPlan(rows=1, rows_per_step=1, steps_per_epoch=1, total_steps=1, seed=0, tokens=1)
     return TrainJob(
         run_name="precision", model_path=str(model_dir), task_type=TaskType.CHAT_COMPLETION, prepared_path="-",
-        output_dir="-", context_length=128, micro_rows=1, plan=plan, learning_rate=1e-5,
+        output_dir="-", checkpoint_dir="-", context_length=128, micro_rows=1, plan=plan, learning_rate=1e-5,
         settings=TrainingSettings(**settings),
     )
 

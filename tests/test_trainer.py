@@ -1,8 +1,9 @@
 """The train stage for real: plan_run, torchrun and its worker processes (gloo on CPU), an MLflow store.
 
 Pins the loss for batch splits: 1 process x 1 micro-batch of 8 rows, 1 process x 4 micro-batches of 2,
-and 2 processes x 1 micro-batch of 4 all train the same steps and give the same loss curve. A worker
-killed with SIGKILL (what the OOM killer does) and a bad weights file each end in one message.
+and 2 processes x 1 micro-batch of 4 all train the same steps and give the same loss curve; and for a resume: a
+worker killed (SIGKILL) or preempted (SIGTERM) mid-epoch is restarted from its checkpoint, and the run's losses are
+an uninterrupted run's. A bad weights file and an out-of-memory kill each end in one message.
 """
 
 from __future__ import annotations
@@ -109,36 +110,102 @@ def test_the_data_report_states_what_the_trainer_runs(trainer_home):
     assert len(metric(trained.mlflow_run_id, "eval_loss")) == 1  # at the end
 
 
-def test_a_killed_worker_ends_the_stage_with_one_message(trainer_home):
-    from tessera.core.errors import TesseraError
+def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:
+    """A thread that sends `sig` to the training worker (a child of this process) once the run it trains has a
+    complete checkpoint, while it trains on: mid-run, and (with checkpoint_every off the epoch length) mid-epoch."""
+    import json
 
-    _, data = trainer_home
-    killed: list[int] = []
+    from tessera.core import checkpoints
 
-    def kill_the_worker():
+    def watch():
         deadline = time.time() + 120
-        while time.time() < deadline and not killed:
+        while time.time() < deadline and not stopped:
             for p in psutil.Process().children(recursive=True):
                 try:
-                    if "tasks.train.worker" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline()):
-                        time.sleep(3)  # let it start training
-                        os.kill(p.pid, signal.SIGKILL)
-                        killed.append(p.pid)
-                        return
-                except psutil.NoSuchProcess:
+                    cmd = p.cmdline()
+                    if "tasks.train.worker" in cmd:
+                        root = json.loads(open(cmd[-1]).read())["checkpoint_dir"]
+                        if checkpoints.latest(root) is not None:
+                            os.kill(p.pid, sig)
+                            stopped.append(checkpoints.latest(root))
+                            return
+                except (psutil.Error, OSError, ValueError):
                     pass
-            time.sleep(0.2)
+            time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_the_worker)
-    killer.start()
-    with pytest.raises(TesseraError) as failure:
-        run_stage(data, "2000ba", {"global_batch_tokens": CTX})
-    killer.join()
-    assert killed
-    message = str(failure.value)
-    assert "killed (SIGKILL)" in message and "out-of-memory" in message
-    assert "micro_batch_tokens" in message and "activation_checkpointing" in message
-    assert "Traceback" not in message and "\n" not in message
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+RESUME_SETTINGS = {"global_batch_tokens": 4 * CTX, "checkpoint_every": 7, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trainer_home):
+    """The reference: the same run as the interrupted ones below, never interrupted."""
+    _, data = trainer_home
+    config, prepared, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
+    return prepared, metric(trained.mlflow_run_id, "loss")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_uninterrupted(trainer_home, uninterrupted, sig):
+    """SIGKILL (a crash; no out-of-memory evidence) or SIGTERM (a preemption: the worker saves a checkpoint first)
+    after a checkpoint, mid-epoch: the stage restarts the worker from the last checkpoint, in the same MLflow run;
+    every step runs once, and the losses after the resume point are the uninterrupted run's."""
+    from tessera.core import checkpoints, runs
+    from tessera.core.tracking import mlflow_client
+
+    _, data = trainer_home
+    prepared, reference = uninterrupted
+    stopped: list = []
+    watcher = stop_the_worker_after_a_checkpoint(sig, stopped)
+    config, _, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
+    watcher.join()
+    assert stopped, "the worker finished before it could be stopped"
+    steps_per_epoch = -(-prepared.stats.rows // 4)
+    assert stopped[0].step % steps_per_epoch != 0  # mid-epoch
+
+    losses = metric(trained.mlflow_run_id, "loss")
+    assert len(losses) == 60  # each step once in MLflow's history: none skipped, none logged twice
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    record = runs.load(config.name)
+    events = [e["message"] for e in runs.read_events(config.name)]
+    restarts = [m for m in events if "restarting from the checkpoint at step" in m]
+    assert len(restarts) == 1, events
+    resumed = [m for m in events if m.startswith("resumed from the checkpoint at step")]
+    assert len(resumed) == 1 and record.checkpoint_dir in resumed[0]
+    if sig == signal.SIGTERM:  # the worker saved where it stopped, and the restart continued from there
+        assert "stopped by SIGTERM" in restarts[0]
+        assert any(m.startswith("stopped by SIGTERM after step") for m in events)
+        preempted = [c for c in checkpoints.list_checkpoints(record.checkpoint_dir) if c.reason == "preempted"]
+        assert preempted or any("(preempted)" in m for m in events)
+    # one MLflow run, with its checkpoints in its artifacts; the last K kept, plus the final one
+    client = mlflow_client()
+    assert len(client.search_runs([trained.experiment_id], f"tags.`tessera.run_name` = '{config.name}'")) == 1
+    kept = checkpoints.list_checkpoints(record.checkpoint_dir)
+    assert record.checkpoint_dir.endswith("/artifacts/checkpoints") and trained.mlflow_run_id in record.checkpoint_dir
+    assert kept[-1].step == 60 and kept[-1].reason == "final" and len(kept) <= 3 + 1
+    assert kept[-1].tokens_seen > 0 and kept[-1].eval_loss is not None
+    assert record.estimated_end_time is not None
+
+
+def test_an_out_of_memory_kill_is_told_by_evidence_and_never_retried():
+    """The cgroup's count of out-of-memory kills decides, not the signal alone."""
+    from tasks.train.stage import WorkersDied, failure
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(micro_batch_tokens=4096, activation_checkpointing=False, nproc_per_node=2)
+    plan = SimpleNamespace(settings=settings, memory=SimpleNamespace(total_bytes=9e9, budget_bytes=8e9), context_length=2048)
+    oom = failure(["torchrun: exitcode  : -9"], 1, plan, out_of_memory=True)
+    assert not isinstance(oom, WorkersDied)
+    message = str(oom)
+    assert "out-of-memory killer" in message and "micro_batch_tokens (now 4096)" in message and "\n" not in message
+    crash = failure([], -signal.SIGKILL, plan, out_of_memory=False)
+    assert isinstance(crash, WorkersDied) and "not by the out-of-memory killer" in str(crash)
+    said = failure(["TESSERA_TRAIN_ERROR: could not load the model weights"], 1, plan, out_of_memory=False)
+    assert not isinstance(said, WorkersDied) and str(said) == "could not load the model weights"
 
 
 def test_a_bad_weights_file_ends_the_stage_with_one_message(trainer_home, tiny_model_dir, tmp_path):
@@ -225,7 +292,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     for stale in (out, tmp_path / "final_model.partial"):  # an earlier execution's output, and a killed one's staging
         stale.mkdir()
         (stale / "stale.txt").write_text("from an earlier execution")
-    job = train_job(config, model, plan, prepared, prepared, out)
+    job = train_job(config, model, plan, prepared, prepared, out, tmp_path / "checkpoints")
 
     seen: list[torch.device] = []
     real_all_reduce = dist.all_reduce
@@ -236,7 +303,11 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     port = free_port()
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
-    worker.main(job)
+    pytests_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert worker.main(job) == 0
+    finally:
+        signal.signal(signal.SIGTERM, pytests_sigterm)
 
     device = distributed.training_device()
     assert len(seen) >= 3 + 2 and set(seen) == {device}  # a logging window per step, an eval at step 2 and the end

@@ -57,6 +57,7 @@ class Step:
     micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # this rank's, on the device
     trained_tokens: int  # over all ranks: the step's loss normalizer
     input_tokens: int  # this rank's real (non-padding) tokens
+    all_input_tokens: int  # over all ranks: what the run has trained on, counted in checkpoints
 
 
 def rank_micro_batches(rows: np.ndarray, rank: int, world: int, micro_rows: int) -> list[np.ndarray]:
@@ -74,7 +75,8 @@ def steps(data: PackedRows, plan: StepPlan, first: int, rank: int, world: int, m
         rows = plan.step_rows(index)
         parts = rank_micro_batches(rows, rank, world, micro_rows)
         batches = [tuple(t.pin_memory() if pin else t for t in data.batch(part, pad_id)) for part in parts]
-        return Step(index, batches, int(data.trained[rows].sum()), int(sum(data.tokens[part].sum() for part in parts)))
+        return Step(index, batches, int(data.trained[rows].sum()), int(sum(data.tokens[part].sum() for part in parts)),
+                    int(data.tokens[rows].sum()))
 
     ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_STEPS)
 

@@ -47,3 +47,13 @@ def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> 
     summed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     dist.all_reduce(summed)
     return summed
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank: one all-reduce of a scalar (none in a group of one). The loop asks it once a
+    step, so that a SIGTERM that reached some ranks stops all of them at the same step."""
+    if dist.get_world_size() == 1:
+        return flag
+    found = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(found)
+    return bool(found.item())

@@ -6,21 +6,27 @@ GPU machine with torch and transformers. Both ends of that line format live here
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import sys
 import time
 
-from tessera.core.runs import append_event
+from tessera.core.runs import append_event, update
 from tessera.core.training import TrainJob
 
 ERROR_MARKER = "TESSERA_TRAIN_ERROR: "  # the train stage turns a line starting with this into the run's one message
 RECORD_MARKER = "TESSERA_MLFLOW: "  # a JSON record the train stage logs to the run's MLflow run
+SIGTERM_GRACE_S = 30  # between SIGTERM and SIGKILL, the train stage's and torchrun's: a worker saves a checkpoint in it
+PREEMPTED_EXIT = 143  # a worker's exit code (128 + SIGTERM) once it saved a checkpoint on SIGTERM: resumable
+ETA_EVERY_S = 10.0
+EVAL_TABLE = "eval_prompts.json"  # the eval prompts' answers at each evaluation, checkpoint and the end
 
 
 class Reporter:
     def __init__(self, job: TrainJob, rank: int):
         self.job, self.active = job, rank == 0
+        self._eta_written = -ETA_EVERY_S
 
     def say(self, stage: str, line: str) -> None:
         """A progress line: to stderr (the stage relays it to Prefect's log) and to the run's events."""
@@ -38,8 +44,18 @@ class Reporter:
     def params(self, **values) -> None:
         self._record("params", values={k: str(v) for k, v in values.items()})
 
-    def artifact(self, data: dict, path: str) -> None:
-        self._record("artifact", path=path, data=data)
+    def generations(self, step: int, generations: list[dict]) -> None:
+        """The eval prompts' answers at `step`: rows of the run's table artifact, which MLflow's UI shows."""
+        rows = [{"step": step, **g} for g in generations]
+        self._record("table", path=EVAL_TABLE, data={k: [r[k] for r in rows] for k in (rows[0] if rows else {})})
+
+    def eta(self, seconds: float) -> None:
+        """The run's estimated end, from the throughput measured so far: written to the run's record at most every
+        ETA_EVERY_S (a durable write each, under the record's lock)."""
+        if self.active and time.monotonic() - self._eta_written >= ETA_EVERY_S:
+            self._eta_written = time.monotonic()
+            end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+            update(self.job.run_name, estimated_end_time=end)
 
 
 class MlflowRelay:
@@ -48,9 +64,15 @@ class MlflowRelay:
 
     def __init__(self):
         self.client, self.experiment_id, self.run_id = None, None, None
+        self.logged: dict[str, int] = {}  # each metric's last logged step: a resumed worker's earlier steps are not logged twice
 
-    def open(self, client, experiment_id: str, run_id: str) -> None:
+    def open(self, client, experiment_id: str, run_id: str, resumed: bool = False) -> None:
+        """Log to this MLflow run; `resumed`: a run logged to before (a retry, fm.resume), whose metrics' last steps
+        are read so that each step stays in its history once (MLflow cannot delete a point)."""
         self.client, self.experiment_id, self.run_id = client, experiment_id, run_id
+        if resumed:
+            for key in client.get_run(run_id).data.metrics:
+                self.logged[key] = max(m.step for m in client.get_metric_history(run_id, key))
 
     def end(self, status: str) -> None:
         """The MLflow run ends FAILED or KILLED with the stage (FINISHED is the register stage's to say)."""
@@ -72,12 +94,15 @@ class MlflowRelay:
             logging.getLogger("tessera").warning("skipped an unreadable training record: %.200s", line)
             return True
         if record["kind"] == "metrics":
-            metrics = [Metric(k, v, record["time_ms"], record["step"]) for k, v in record["values"].items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
+            step = record["step"]
+            metrics = [Metric(k, v, record["time_ms"], step) for k, v in record["values"].items() if step > self.logged.get(k, -1)]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
+                self.logged.update({m.key: step for m in metrics})
         elif record["kind"] == "params":
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in record["values"].items()])
-        elif record["kind"] == "artifact":
-            self.client.log_dict(self.run_id, record["data"], record["path"])
+        elif record["kind"] == "table" and record["data"]:
+            self.client.log_table(self.run_id, record["data"], record["path"])
         return True
 
 
@@ -86,10 +111,11 @@ def fail(message: str) -> None:
     print(ERROR_MARKER + message.replace("\n", " "), file=sys.stderr, flush=True)
 
 
-def progress_line(step: int, total: int, loss: float, lr: float, tok_s: float, elapsed: float) -> str:
+def progress_line(step: int, total: int, loss: float, lr: float, tok_s: float, elapsed: float, first: int = 0) -> str:
+    """`elapsed` is the time this process took for steps first..step (a resumed run starts at `first`)."""
     done = step / total
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-    eta = elapsed / done * (1 - done) if done else 0
+    eta = elapsed / (step - first) * (total - step) if step > first else 0
     return (
         f"[{bar}] step {step}/{total} loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s "
         f"elapsed {elapsed:.0f}s eta {eta:.0f}s"

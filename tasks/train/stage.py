@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from prefect import task
@@ -18,13 +19,13 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
-from tasks.train.report import ERROR_MARKER, MlflowRelay
+from tasks.train.report import ERROR_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
-from tessera.core import runs
+from tessera.core import checkpoints, runs
 from tessera.core.catalog import ResolvedModel
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
-from tessera.core.processes import free_port, stop_tree
+from tessera.core.processes import create_time, free_port, oom_kill_count, stop_tree
 from tessera.core.tracking import experiment_id, mlflow_client
 from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
@@ -48,24 +49,35 @@ def worker_command(job_file: str, nproc: int) -> tuple[list[str], dict[str, str]
     return [sys.executable, *worker], dict(os.environ, **group_of_one)
 
 
-def failure_reason(output: list[str], returncode: int, plan: RunPlan) -> str:
-    """The one message for failed workers: the worker's own, else what the exit says (the OOM killer's SIGKILL)."""
+class WorkersDied(TesseraError):
+    """The training processes died of something a restart from the last checkpoint may get past (a signal, a lost
+    node, a preemption), as opposed to what they said is wrong (data, weights, out of memory)."""
+
+
+def failure(output: list[str], returncode: int, plan: RunPlan, out_of_memory: bool) -> TesseraError:
+    """The one message for failed workers, as the error to raise: the worker's own (never retried), an out-of-memory
+    kill (never retried: told from other deaths by the cgroup's count of them, `out_of_memory`, not by the signal
+    alone), else a death a retry may get past (WorkersDied)."""
     for line in output:
         if ERROR_MARKER in line:
-            return line.split(ERROR_MARKER, 1)[1]
+            return TesseraError(line.split(ERROR_MARKER, 1)[1].strip())
     killed = returncode == -signal.SIGKILL or any(re.search(r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", line) for line in output)
-    if killed:  # the lone worker's own exit, or torchrun's report of one of its workers
+    if killed and out_of_memory:  # the lone worker's own exit, or torchrun's report of one of its workers
         s = plan.settings
-        return (
-            "a training process was killed (SIGKILL), most likely by the out-of-memory killer: the run needed more "
-            f"memory than this machine had (planned {plan.memory.total_bytes / 1e9:.1f} GB per process of "
+        return TesseraError(
+            "a training process was killed by the out-of-memory killer: the run needed more memory than this "
+            f"machine had (planned {plan.memory.total_bytes / 1e9:.1f} GB per process of "
             f"{plan.memory.budget_bytes / 1e9:.1f} GB). Lower training_config micro_batch_tokens (now {s.micro_batch_tokens}), "
             f"set activation_checkpointing: true (now {str(s.activation_checkpointing).lower()}), use fewer processes "
             f"(nproc_per_node, now {s.nproc_per_node}) or a shorter context_length (now {plan.context_length})"
         )
+    if killed:
+        return WorkersDied("a training process was killed (SIGKILL, and not by the out-of-memory killer)")
+    if returncode == PREEMPTED_EXIT:
+        return WorkersDied("the training processes were stopped by SIGTERM (a preemption?) after saving a checkpoint")
     raised = [line.strip() for line in output if re.match(r"^\w+(Error|Exception|Interrupt)\b", line.strip())]
     cause = raised[0] if raised else f"the training process exited with code {returncode}"
-    return f"training failed: {cause} (the whole output is in the train stage's log)"
+    return WorkersDied(f"training failed: {cause} (the whole output is in the train stage's log)")
 
 
 class ProgressArtifact:
@@ -90,30 +102,63 @@ class ProgressArtifact:
             update_progress_artifact(self.id, 100.0 * int(found[1]) / int(found[2]))
 
 
+def ignore_repeated_sigterms() -> None:
+    """While the workers are being stopped, a SIGTERM sent again (fm.cancel repeats it: tessera.sdk) must not cut that
+    short; the flow ends once it is done, with the first one's exception. Only the main thread may set handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
            while_starting: Callable[[], None] = lambda: None) -> None:
     """Run the job's worker processes, relaying their output to `log` and their records to MLflow; raise
     TesseraError with the reason if they fail. `while_starting` runs once they are started: the seconds a worker
-    spends importing and loading are free for the stage's own work."""
+    spends importing and loading are free for the stage's own work (their output waits in the pipe meanwhile).
+
+    The output is read on a thread of its own, never where a cancel's SIGTERM lands (the flow's exception comes in
+    this thread, at any point: one inside a read would lose the records read with it), so every record is relayed,
+    those the workers print while they stop too."""
     job_file.write_text(job.model_dump_json(indent=2))
     cmd, env = worker_command(str(job_file), job.settings.nproc_per_node)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     progress = ProgressArtifact(job.run_name)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    oom_kills = oom_kill_count()
+    started, failures = threading.Event(), []
+
+    def relay_output() -> None:
+        started.wait()
         try:
-            while_starting()
             for line in proc.stdout:
                 if relay.handle(line):
                     continue
                 tail.append(line.rstrip())
                 log.info(line.rstrip())
                 progress.update(line)
+        except Exception as exc:  # noqa: BLE001 - raised again in the stage's thread
+            failures.append(exc)
+            stop_tree(proc.pid, grace=SIGTERM_GRACE_S, popen=proc)
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        reader = threading.Thread(target=relay_output, name="worker-output", daemon=True)
+        reader.start()
+        try:
+            try:
+                while_starting()
+            finally:
+                started.set()
+            proc.wait()
+            reader.join()
         except BaseException:  # cancelled (SIGTERM reaches the flow as an exception) or crashed
-            stop_tree(proc.pid, grace=30, popen=proc)  # the workers (and torchrun), which a killed torchrun would leave
+            ignore_repeated_sigterms()
+            # the workers (and torchrun, which a killed torchrun would leave) stop within the grace, saving a checkpoint
+            stop_tree(proc.pid, grace=SIGTERM_GRACE_S, popen=proc)
+            reader.join(timeout=10)
             raise
+    if failures:
+        raise failures[0]
     if proc.returncode != 0:
-        raise TesseraError(failure_reason(list(tail), proc.returncode, plan))
+        raise failure(list(tail), proc.returncode, plan, out_of_memory=oom_kill_count() > oom_kills)
 
 
 def log_params(client, run_id: str, params: dict) -> None:
@@ -126,54 +171,85 @@ def log_params(client, run_id: str, params: dict) -> None:
 
 
 def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: PreparedData,
-              eval_prepared: PreparedData | None, out_dir: Path) -> TrainJob:
-    """What the worker processes carry out."""
+              eval_prepared: PreparedData | None, out_dir: Path, checkpoint_dir: Path) -> TrainJob:
+    """What the worker processes carry out: from the run's last checkpoint, when it has one."""
     return TrainJob(
         run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
         task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
         eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
         context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
-        learning_rate=plan.learning_rate, settings=plan.settings,
+        learning_rate=plan.learning_rate, settings=plan.settings, checkpoint_dir=str(checkpoint_dir),
+        resume_from=checkpoints.latest(checkpoint_dir), owner_pid=os.getpid(), owner_started=create_time(os.getpid()),
     )
+
+
+def checkpoint_root(config: RunConfig, artifact_uri: str) -> Path:
+    """Where the run's checkpoints go: under the training_config's checkpoint_dir, else in the MLflow run's artifacts
+    when they are on a file system here, else beside the run's record."""
+    if config.training_config.checkpoint_dir:
+        return Path(config.training_config.checkpoint_dir).expanduser().resolve() / config.name
+    if artifact_uri.startswith("file://") or "://" not in artifact_uri:
+        return Path(artifact_uri.removeprefix("file://")) / "checkpoints"
+    return runs.run_dir(config.name) / "checkpoints"
 
 
 @task(name="train")
 def train_model(
     run: ResolvedRun, prepared: PreparedData, report: DataReport, eval_prepared: PreparedData | None = None
 ) -> TrainedModel:
-    """Train on `prepared` by the plan in `report`; the trained model is written in the base model's format."""
+    """Train on `prepared` by the plan in `report`; the trained model is written in the base model's format. Workers
+    that die are restarted from the last checkpoint (training_config train_retries), in the same MLflow run; a run
+    that already has one (fm.resume) continues from its last checkpoint."""
     config, model, plan = run.config, run.model, report.plan
     log = stage_logger()
     log.info(plan.memory.decided)
     runs.append_event(config.name, "train", f"memory plan: {plan.memory.decided}")
     out_dir = runs.run_dir(config.name) / "final_model"
     relay = MlflowRelay()
-
-    def open_mlflow_run() -> None:
-        """The run's MLflow run, its params and the data report, while the workers start (their records wait in
-        the pipe until the relay reads them)."""
-        client = mlflow_client()
+    client = mlflow_client()
+    known_run = runs.load(config.name).run_id
+    if known_run:  # a resumed run goes on in its MLflow run
+        client.update_run(known_run, status="RUNNING")
+        relay.open(client, client.get_run(known_run).info.experiment_id, known_run, resumed=True)
+    else:
         exp_id = experiment_id(client, config.experiment)
-        run_id = client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id
-        relay.open(client, exp_id, run_id)
-        runs.update(config.name, experiment_id=exp_id, run_id=run_id)
-        log_params(client, run_id, {
+        relay.open(client, exp_id, client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id)
+    root = checkpoint_root(config, client.get_run(relay.run_id).info.artifact_uri)
+    runs.update(config.name, experiment_id=relay.experiment_id, run_id=relay.run_id, checkpoint_dir=str(root))
+
+    def log_inputs() -> None:
+        """The run's params and data report, while the workers start (their records wait in the pipe meanwhile)."""
+        client.set_tag(relay.run_id, "tessera.checkpoint_dir", str(root))
+        log_params(client, relay.run_id, {
             "model": config.model, "task_type": config.task_type.value, "train_data_path": config.train_data_path,
             "training_duration": config.training_duration, "context_length": plan.context_length,
-            "register_to": config.register_to,
+            "register_to": config.register_to, "custom_weights_path": config.custom_weights_path,
             "prepared_data.cache_key": prepared.cache_key, "prepared_data.reused": prepared.reused,
             **{f"data.{k}": v for k, v in prepared.stats.model_dump().items()},
             **prepared.lineage,
             **plan.effective(),
         })
-        client.log_dict(run_id, report.model_dump(mode="json"), "data_report/report.json")
-        client.log_text(run_id, report.render(), "data_report/report.txt")
-        client.log_artifact(run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
+        client.log_dict(relay.run_id, report.model_dump(mode="json"), "data_report/report.json")
+        client.log_text(relay.run_id, report.render(), "data_report/report.txt")
+        client.log_artifact(relay.run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
 
-    job = train_job(config, model, plan, prepared, eval_prepared, out_dir)
-    try:
-        launch(job, runs.run_dir(config.name) / "train_job.json", log, plan, relay, while_starting=open_mlflow_run)
-    except BaseException as exc:
-        relay.end("FAILED" if isinstance(exc, TesseraError) else "KILLED")
-        raise
+    retries = plan.settings.train_retries
+    for attempt in range(retries + 1):
+        job = train_job(config, model, plan, prepared, eval_prepared, out_dir, root)
+        try:
+            launch(job, runs.run_dir(config.name) / "train_job.json", log, plan, relay,
+                   while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)
+            break
+        except WorkersDied as died:
+            if attempt == retries:
+                relay.end("FAILED")
+                raise TesseraError(f"{died} (restarted {retries} time(s) already)"
+                                   + checkpoints.resumable_note(root, config.name)) from None
+            last = checkpoints.latest(root)
+            runs.append_event(config.name, "train", f"{died}; restarting from "
+                              f"{'the checkpoint at ' + last.label if last else 'the start'} (retry {attempt + 1} of {retries})")
+            relay.open(client, relay.experiment_id, relay.run_id, resumed=True)
+        except BaseException as exc:
+            relay.end("FAILED" if isinstance(exc, TesseraError) else "KILLED")
+            raise
     return TrainedModel(model_dir=str(out_dir), experiment_id=relay.experiment_id, mlflow_run_id=relay.run_id)

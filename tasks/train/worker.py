@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,16 +24,18 @@ import torch
 import torch.distributed as dist
 
 from tasks.train import distributed
+from tasks.train.checkpoint import Checkpointer, info_now
 from tasks.train.data import PackedRows, Step, steps
 from tasks.train.evaluation import (
     STOP_CHECK_PROMPTS, STOP_CHECK_TOKENS, data_prompts, greedy_answers, repetition, stop_rate, summed_loss,
 )
 from tasks.train.loss import loss_sum
 from tasks.train.precision import autocast, compute_dtype
-from tasks.train.report import Reporter, fail, progress_line
+from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, progress_line
 from tessera.core.config import TaskType
 from tessera.core.generation import prompt_ids, stop_token_ids
 from tessera.core.paths import replacing_dir
+from tessera.core.processes import exit_when_gone
 from tessera.core.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
 
 
@@ -141,10 +145,34 @@ def save(model, tokenizer, out: Path, dtype: torch.dtype) -> None:
         tokenizer.save_pretrained(staging)
 
 
-def main(job: TrainJob) -> None:
+def on_sigterm() -> threading.Event:
+    """Set when this process gets SIGTERM (a preemption notice, a drained node, a cancel): the loop then finishes the
+    step it is on, saves a checkpoint and exits, within the grace that the train stage
+    and torchrun give it before SIGKILL (tasks.train.report.SIGTERM_GRACE_S)."""
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: requested.set())
+    return requested
+
+
+def checkpoint_due(done: int, plan, every: int | None, eval_every: int) -> str | None:
+    """Why a checkpoint is saved after `done` steps, if one is: at the end; every `every` steps when set; else at the
+    end of every epoch, where epochs shorter than `eval_every` steps (a small dataset trained for many epochs)
+    count only at the first epoch end past each multiple of `eval_every`, not a save every step or two."""
+    if done == plan.total_steps:
+        return "final"
+    if every:
+        return "interval" if done % every == 0 else None
+    epoch_end = done % plan.steps_per_epoch == 0
+    return "epoch" if epoch_end and done // eval_every > (done - plan.steps_per_epoch) // eval_every else None
+
+
+def main(job: TrainJob) -> int:
     from transformers import AutoTokenizer
 
     # --- setup: processes, device, model, optimizer, data ---
+    if job.owner_pid:
+        exit_when_gone(job.owner_pid, job.owner_started)  # a killed flow leaves no worker training on
+    stop_requested = on_sigterm()
     device = distributed.training_device()
     rank, world = distributed.init(device)
     torch.manual_seed(job.settings.seed)
@@ -160,16 +188,27 @@ def main(job: TrainJob) -> None:
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=s.weight_decay, fused=True)
     data = PackedRows(job.prepared_path)
     eval_rows = PackedRows(job.eval_prepared_path) if job.eval_prepared_path else None
-    report.params(world_size=world, device=device.type)
+    checkpointer = Checkpointer(Path(job.checkpoint_dir), model, optimizer, rank, s.keep_checkpoints, device,
+                                say=lambda line: report.say("checkpoint", line))
+    first, tokens_seen, base = 0, 0, None
+    if (resumed := job.resume_from) is not None:  # the weights, AdamW states and RNG of the checkpoint; its step
+        checkpointer.load(resumed)
+        first, tokens_seen, base = resumed.step, resumed.tokens_seen, resumed.base_stop_check
+        report.say("train", f"resumed from the checkpoint at {resumed.label}, {resumed.world_size} process(es) then, "
+                   f"{world} now: {resumed.path}")
+    else:
+        report.params(world_size=world, device=device.type)
     # A chat model that stops ending its turns loops under greedy decoding, which loss alone does not show: the
     # same prompts (the run's eval prompts, else a few from the held-out data, else from the training data) are
-    # answered with the base weights now and with the saved ones at the end.
+    # answered with the base weights now (not again on a resume: the checkpoint kept the result) and with the saved
+    # ones at the end.
     stop_prompts = []
     if chat and rank == 0:
         stop_prompts = (eval_prompt_ids(tokenizer, job.eval_prompts, chat) if job.eval_prompts
                         else data_prompts(eval_rows or data, STOP_CHECK_PROMPTS))
-        base = stop_check(model, tokenizer, stop_prompts)
-        report.metrics(0, **{f"base_{k}": v for k, v in base.items()})
+        if base is None:
+            base = stop_check(model, tokenizer, stop_prompts)
+            report.metrics(0, **{f"base_{k}": v for k, v in base.items()})
     report.say(
         "train",
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.rows_per_step} rows of {job.context_length} "
@@ -181,12 +220,14 @@ def main(job: TrainJob) -> None:
     start = window_start = time.time()
     window_loss = torch.zeros((), device=device)
     window_trained = window_tokens = 0
-    for step in steps(data, plan, 0, rank, world, job.micro_rows, pad_id, device):
+    mean_loss = eval_loss = None
+    for step in steps(data, plan, first, rank, world, job.micro_rows, pad_id, device):
         lr = lr_at(step.index, plan.total_steps, job.learning_rate, s.warmup_ratio)
         step_loss, grad_norm = train_step(model, params, optimizer, step, lr, dtype, world, s.max_grad_norm)
         window_loss += step_loss
         window_trained += step.trained_tokens
         window_tokens += step.input_tokens
+        tokens_seen += step.all_input_tokens
         done = step.index + 1
         last = done == plan.total_steps
 
@@ -194,21 +235,36 @@ def main(job: TrainJob) -> None:
             loss_sum_all, tokens_all = distributed.sum_over_ranks([window_loss, window_tokens], device).tolist()
             mean_loss, tok_s = loss_sum_all / max(1, window_trained), tokens_all / (time.time() - window_start)
             report.metrics(done, loss=mean_loss, learning_rate=lr, tokens_per_sec=tok_s, grad_norm=float(grad_norm), **peak_memory(device))
-            report.say("train", progress_line(done, plan.total_steps, mean_loss, lr, tok_s, time.time() - start))
+            elapsed = time.time() - start
+            report.say("train", progress_line(done, plan.total_steps, mean_loss, lr, tok_s, elapsed, first))
+            report.eta(elapsed / (done - first) * (plan.total_steps - done))
             window_loss.zero_()
             window_trained = window_tokens = 0
             window_start = time.time()
 
-        # --- evaluation: at every eval interval and at the end ---
-        if done % s.eval_every == 0 or last:
+        # --- evaluation: at every eval interval, at every checkpoint and at the end ---
+        checkpoint = checkpoint_due(done, plan, s.checkpoint_every, s.eval_every)
+        if done % s.eval_every == 0 or checkpoint:
             if job.eval_prompts and not last:  # the last step's generations come from the saved model, below
-                generations = eval_generations(model, tokenizer, job.eval_prompts, chat) if rank == 0 else []
-                report.artifact({"step": done, "generations": generations}, f"eval_prompts/step_{done:06d}.json")
+                report.generations(done, eval_generations(model, tokenizer, job.eval_prompts, chat) if rank == 0 else [])
             if eval_rows is not None:
                 eval_loss = evaluate(model, eval_rows, job, pad_id, dtype, device, rank, world)
                 report.metrics(done, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
                 report.say("eval", f"eval at step {done}: loss {eval_loss:.4f} perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
             window_start = time.time()  # tokens/s counts training time, not evaluation
+
+        # --- checkpoints: written in the background while the next steps train ---
+        checkpointer.poll()
+        preempted = distributed.any_rank(stop_requested.is_set(), device) and not last
+        if checkpoint or preempted:
+            info = info_now(done, plan, tokens_seen, world, "preempted" if preempted else checkpoint, mean_loss,
+                            eval_loss if checkpoint else None, base)
+            checkpointer.save(info, wait=preempted)
+        if preempted:
+            report.say("train", f"stopped by SIGTERM after step {done}/{plan.total_steps}; the checkpoint to resume from is saved")
+            dist.destroy_process_group()
+            return PREEMPTED_EXIT
+    checkpointer.wait()
 
     # --- save, then answer the eval prompts with the saved weights, as the endpoint will ---
     report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **peak_memory(device))
@@ -224,7 +280,7 @@ def main(job: TrainJob) -> None:
         saved_tokenizer = AutoTokenizer.from_pretrained(out)
         if job.eval_prompts:
             generations = eval_generations(model, saved_tokenizer, job.eval_prompts, chat)
-            report.artifact({"step": plan.total_steps, "generations": generations}, f"eval_prompts/step_{plan.total_steps:06d}.json")
+            report.generations(plan.total_steps, generations)
             report.say("eval", "eval prompts (saved model): " + " | ".join(g["response"] for g in generations))
         if stop_prompts:
             final = stop_check(model, saved_tokenizer, stop_prompts)
@@ -236,13 +292,14 @@ def main(job: TrainJob) -> None:
                            "learning_rate or fewer epochs")
     dist.barrier()
     dist.destroy_process_group()
+    return 0
 
 
 def run(job_file: str) -> int:
     """main() with the failures a user can act on turned into one line for the train stage."""
     job = TrainJob.model_validate_json(Path(job_file).read_text())
     try:
-        main(job)
+        return main(job)
     except WorkerError as exc:
         fail(str(exc))
         return 1
@@ -255,7 +312,6 @@ def run(job_file: str) -> int:
     except Exception as exc:
         fail(f"{type(exc).__name__}: {exc}")
         raise  # the traceback goes to the run's log
-    return 0
 
 
 if __name__ == "__main__":

@@ -93,6 +93,21 @@ class TrainingSettings(BaseModel):
     seed: int = Field(0, description="seeds the row order and the model's random state")
     log_every: int = Field(5, gt=0, description="optimizer steps between metric points and progress lines")
     eval_every: int = Field(50, gt=0, description="optimizer steps between evaluations (and always at the end)")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="optimizer steps between checkpoints (default: at the end of every epoch, at most one per "
+        "eval_every steps when epochs are shorter); always one at the end"
+    )
+    keep_checkpoints: int = Field(
+        3, ge=1, description="checkpoints kept: the last ones, plus the one with the best eval loss (the final model is kept apart)"
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="where checkpoints go, a folder per run under it (default: the MLflow run's artifacts); for large "
+        "models, a disk with room, shared with every host that may resume the run"
+    )
+    train_retries: int = Field(
+        2, ge=0, description="times a training process that died (not a data error or out-of-memory) is restarted from the "
+        "last checkpoint"
+    )
 
 
 @cache

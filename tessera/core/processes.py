@@ -67,16 +67,21 @@ def _running(proc) -> bool:
         return False
 
 
-def _wait_gone(procs: list, timeout: float, popen: Popen | None) -> list:
+def _wait_gone(procs: list, timeout: float, popen: Popen | None, resend_every: float | None = None) -> list:
     """Wait up to `timeout` for `procs` to end; the ones still running. Polls rather than psutil.wait_procs, which
-    waits out its timeout on a zombie that nobody reaps; reaps `popen` when it ends, so it leaves no zombie."""
-    deadline = time.monotonic() + timeout
+    waits out its timeout on a zombie that nobody reaps; reaps `popen` when it ends, so it leaves no zombie. With
+    `resend_every`, SIGTERM goes again to those still running that often."""
+    start = time.monotonic()
+    sent = start
     while True:
         if popen is not None:
             popen.poll()
         alive = [p for p in procs if _running(p)]
-        if not alive or time.monotonic() >= deadline:
+        if not alive or time.monotonic() >= start + timeout:
             return alive
+        if resend_every and time.monotonic() - sent >= resend_every:
+            _signal(alive, "terminate")
+            sent = time.monotonic()
         time.sleep(0.05)
 
 
@@ -100,12 +105,16 @@ def _signal(procs: list, how: str) -> None:
             getattr(proc, how)()
 
 
-def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, popen: Popen | None = None) -> None:
+def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, popen: Popen | None = None,
+              resend_every: float | None = None) -> None:
     """Stop a process and everything it started, within `grace` seconds. The process gets SIGTERM first, so that it
     stops its own in order (the flow runs its hooks on its Prefect API, then stops it; torchrun and BentoML stop
     their workers); whatever it leaves behind gets SIGTERM when it has ended, and whatever still runs at the end of
     the grace SIGKILL. Nothing is signalled unless `pid` is still the process started at `started` (or, given the
-    `popen` that started it, that process has not ended), so a reused pid is never touched. `popen` is reaped."""
+    `popen` that started it, that process has not ended), so a reused pid is never touched. `popen` is reaped.
+    `resend_every`: SIGTERM goes to the process again that often while it runs, for a Python process whose handler
+    raises an exception (Prefect's flow engine): one raised inside an object's finalizer is ignored by Python, and
+    that SIGTERM is lost (seen here: a flow's SIGTERM landing in a `regex` object's __del__ during tokenization)."""
     import psutil
 
     try:
@@ -116,13 +125,45 @@ def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, 
         deadline = time.monotonic() + grace
         procs = _tree(root)
         _signal(procs[:1], "terminate")
-        _wait_gone(procs[:1], grace, popen)
+        _wait_gone(procs[:1], grace, popen, resend_every)
         _signal(procs[1:], "terminate")
         _signal(_wait_gone(procs, deadline - time.monotonic(), popen), "kill")
         _wait_gone(procs, 5, popen)
     if popen is not None:
         with suppress(TimeoutExpired):
             popen.wait(timeout=10)
+
+
+def oom_kill_count() -> int:
+    """Processes the kernel's out-of-memory killer has killed in this cgroup (v2 `memory.events`, v1
+    `memory.oom_control`); 0 where neither is readable. A rise across a run is the evidence that it was the OOM killer
+    that sent a SIGKILL, which the signal alone does not tell."""
+    from pathlib import Path
+
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            for line in Path(path).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def exit_when_gone(pid: int, started: float | None, poll: float = 1.0) -> None:
+    """End this process (exit code 1) within `poll` seconds of the process `pid` (started at `started`) ending: a
+    child in a session of its own (a training worker) then never outlives the process that owns its work, even one
+    killed with SIGKILL, which has no chance to stop it. Watches from a daemon thread."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while process_alive(pid, started):
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-when-owner-gone", daemon=True).start()
 
 
 # --- ports for the servers and process groups we start, on this host --------------------------------------------

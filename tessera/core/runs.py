@@ -18,6 +18,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from tessera.core.catalog import ResolvedModel
+from tessera.core.checkpoints import resumable_note
 from tessera.core.config import RunConfig, RunParameters, new_run_name
 from tessera.core.errors import TesseraError
 from tessera.core.paths import file_lock, runs_dir, write_atomic
@@ -58,6 +59,7 @@ class RunRecord(BaseModel):
     experiment_id: str | None = None
     run_id: str | None = None
     registered_version: str | None = None
+    checkpoint_dir: str | None = None  # where the train stage saves the run's checkpoints (tessera.core.checkpoints)
     details: str | None = None
 
 
@@ -83,7 +85,10 @@ def load(name: str) -> RunRecord:
     path = _record_file(name)
     if not path.exists():
         raise TesseraError(f"no training run named {name!r} (runs live in {runs_dir()})")
-    return RunRecord.model_validate_json(path.read_text())
+    try:
+        return RunRecord.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise TesseraError(f"run {name}: unreadable record {path}: {str(exc).splitlines()[0]}") from None
 
 
 def _record_lock(name: str):
@@ -128,10 +133,27 @@ def process_gone(record: RunRecord) -> bool:
     return False
 
 
-def list_records() -> list[RunRecord]:
+class UnreadableRecord(BaseModel):
+    """A run whose record cannot be read (cut short by a full disk, written by an older version): listed UNKNOWN with
+    the reason, so that it never hides the other runs."""
+
+    name: str
+    created_at: dt.datetime
+    reason: str
+
+
+def list_records() -> list[RunRecord | UnreadableRecord]:
+    """Every run's record, newest first."""
     if not runs_dir().exists():
         return []
-    records = [RunRecord.model_validate_json(p.read_text()) for p in runs_dir().glob("*/run.json")]
+    records = []
+    for path in runs_dir().glob("*/run.json"):
+        try:
+            records.append(RunRecord.model_validate_json(path.read_text()))
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) if path.exists() else now()
+            records.append(UnreadableRecord(name=path.parent.name, created_at=modified, reason=f"unreadable record {path}: {reason}"))
     return sorted(records, key=lambda r: r.created_at, reverse=True)
 
 
@@ -146,7 +168,13 @@ def read_events(name: str) -> list[dict]:
     path = run_dir(name) / "events.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # a line being written right now (or cut by a crash): it is read whole next time
+            continue
+    return events
 
 
 # Prefect state hooks: (flow, flow_run, state). Runs started outside the SDK get a record here.
@@ -260,7 +288,9 @@ def on_completion(flow, flow_run, state) -> None:
 
 def stop(name: str, details: str) -> None:
     """End a run STOPPED (a cancel), unless it completed meanwhile; the event once."""
-    before = load(name).status
+    before = load(name)
+    details += resumable_note(before.checkpoint_dir, name)
+    before = before.status
     record = update(name, only_if=lambda r: r.status is not RunStatus.COMPLETED and r.status is not RunStatus.STOPPED,
                     status=RunStatus.STOPPED, completed_at=now(), details=details)
     if before is not RunStatus.STOPPED and record.status is RunStatus.STOPPED:
@@ -313,6 +343,8 @@ def on_failure(flow, flow_run, state) -> None:
         reason = f"{type(exc).__name__}: {exc}"
     else:
         reason = state.message or "failed"
+    if "resumable from" not in reason:
+        reason += resumable_note(record.checkpoint_dir, name)
     record = update(name, only_if=lambda r: not cancelled(r), status=RunStatus.FAILED, completed_at=now(), details=reason)
     if record.status is RunStatus.FAILED:
         append_event(name, "run", f"failed: {reason}")

@@ -12,6 +12,7 @@ import math
 import numpy as np
 from pydantic import BaseModel
 
+from tessera.core.checkpoints import CheckpointInfo
 from tessera.core.config import Duration, TaskType, TrainingSettings
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
@@ -110,7 +111,7 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 
 class TrainJob(BaseModel):
     """Everything one training run needs, written by the train stage for every rank to read.
-    `settings` are resolved: no field is None."""
+    `settings` are resolved: no field is None but where None is a choice (checkpoint_every, checkpoint_dir)."""
 
     run_name: str
     model_path: str
@@ -125,3 +126,7 @@ class TrainJob(BaseModel):
     plan: StepPlan
     learning_rate: float
     settings: TrainingSettings
+    checkpoint_dir: str  # this run's checkpoints (tessera.core.checkpoints)
+    resume_from: CheckpointInfo | None = None  # continue from this checkpoint: its step, weights, optimizer, RNG
+    owner_pid: int | None = None  # the train stage's process: the workers exit when it is gone (a killed flow)
+    owner_started: float | None = None
