@@ -224,9 +224,9 @@ def resolve_inputs(record: RunRecord) -> ResolvedRun:
     it resolved, else here (a run started from the Prefect UI, a schedule or an event). The tables pinned are
     recorded on the run, so fm.get shows the version read."""
     if record.resolved_model is not None:
-        return ResolvedRun(config=record.config, model=record.resolved_model)
+        return ResolvedRun(config=record.config, model=record.resolved_model, weights=record.resolved_weights)
     run = resolve_run(record.config)
-    runs.update(run.config.name, config=run.config, resolved_model=run.model)
+    runs.update(run.config.name, config=run.config, resolved_model=run.model, resolved_weights=run.weights)
     return run
 
 

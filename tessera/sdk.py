@@ -131,7 +131,8 @@ def create(
         resolved = resolve_run(config)
         config = resolved.config
     use_prefect_api()  # the server that records it, started here (once per home) so the run's process finds it
-    runs.save(RunRecord(config=config, created_at=runs.now(), resolved_model=resolved and resolved.model))
+    runs.save(RunRecord(config=config, created_at=runs.now(), resolved_model=resolved and resolved.model,
+                        resolved_weights=resolved and resolved.weights))
     runs.append_event(config.name, "run", f"created; log: {runs.run_dir(config.name) / 'run.log'}")
     return _start(config)
 

@@ -146,7 +146,7 @@ def uninterrupted(trainer_home):
     """The reference: the same run as the interrupted ones below, never interrupted."""
     _, data = trainer_home
     config, prepared, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
-    return prepared, metric(trained.mlflow_run_id, "loss")
+    return prepared, metric(trained.mlflow_run_id, "loss"), config, trained
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -158,7 +158,7 @@ def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_i
     from tessera.core.tracking import mlflow_client
 
     _, data = trainer_home
-    prepared, reference = uninterrupted
+    prepared, reference, _, _ = uninterrupted
     stopped: list = []
     watcher = stop_the_worker_after_a_checkpoint(sig, stopped)
     config, _, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
@@ -189,6 +189,65 @@ def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_i
     assert kept[-1].step == 60 and kept[-1].reason == "final" and len(kept) <= 3 + 1
     assert kept[-1].tokens_seen > 0 and kept[-1].eval_loss is not None
     assert record.estimated_end_time is not None
+
+
+def test_a_run_starts_from_each_form_of_custom_weights(trainer_home, uninterrupted):
+    """An earlier run's checkpoint (its folder, or its runs:/ URI), a registered version of it, or its model directory:
+    the new run's first loss on the same data is the earlier run's trained loss, not the base model's."""
+    from pathlib import Path
+
+    from tasks.register import register_model
+    from tessera.core import checkpoints, runs
+    from tessera.core.tracking import mlflow_client
+
+    _, data = trainer_home
+    _, reference, first_config, first = uninterrupted
+    final = checkpoints.latest(runs.load(first_config.name).checkpoint_dir)
+    forms = {"model directory": first.model_dir, "checkpoint folder": final.path}
+    forms["registered version"] = register_model.fn(first_config, first).uri
+    # a checkpoint's runs:/ URI (in the run's artifacts) is that very folder
+    from tessera.core.weights import resolve_weights
+
+    in_artifacts = resolve_weights(f"runs:/{first.mlflow_run_id}/checkpoints/{Path(final.path).name}", {})
+    assert (in_artifacts.kind, in_artifacts.path) == ("checkpoint", final.path)
+    base_loss, trained_loss = reference[0], reference[-1]
+    assert trained_loss < base_loss / 2
+    for form, given in forms.items():
+        _, _, second = run_stage(data, "1ba", RESUME_SETTINGS, custom_weights_path=given)
+        loss = metric(second.mlflow_run_id, "loss")[0]
+        assert abs(loss - trained_loss) < abs(loss - base_loss) / 4, (form, loss, trained_loss, base_loss)
+        assert mlflow_client().get_run(second.mlflow_run_id).data.params["custom_weights_path"] == given
+
+
+def test_custom_weights_are_checked_before_the_run_starts(trainer_home, tiny_model_dir, tmp_path):
+    """A missing folder, one that holds no model, and weights of another architecture: one message naming the path,
+    before any data is read."""
+    import json
+    import shutil
+
+    from tessera.core.config import build_run_config
+    from tessera.core.errors import ConfigError
+    from tessera.core.run_plan import resolve_run
+
+    _, data = trainer_home
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny_model_dir, wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    (tmp_path / "empty").mkdir()
+    expected = {
+        str(tmp_path / "missing"): "is not a folder",
+        str(tmp_path / "empty"): "holds neither a checkpoint (checkpoint.json) nor a model (config.json)",
+        str(wider): f"not the base model's architecture: hidden_size {2 * config['hidden_size']}",
+        "runs:/0123456789abcdef/checkpoints/step_00000007": "no MLflow run '0123456789abcdef'",
+        "models:/main.nothing.here/1": "not in the MLflow registry",
+    }
+    for given, message in expected.items():
+        run = build_run_config(model="tessera/tiny-chat", train_data_path=str(data), register_to="main.test.weights",
+                               custom_weights_path=given)
+        with pytest.raises(ConfigError) as refused:
+            resolve_run(run)
+        assert given in str(refused.value) and message in str(refused.value), str(refused.value)
 
 
 def test_an_out_of_memory_kill_is_told_by_evidence_and_never_retried():
@@ -276,7 +335,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     from tessera.core.catalog import resolve_model
     from tessera.core.config import build_run_config
     from tessera.core.processes import free_port
-    from tessera.core.run_plan import plan_run
+    from tessera.core.run_plan import ResolvedRun, plan_run
 
     _, data = trainer_home
     config = build_run_config(
@@ -292,7 +351,7 @@ def test_the_loop_keeps_collectives_on_its_device_answers_with_one_model_and_rep
     for stale in (out, tmp_path / "final_model.partial"):  # an earlier execution's output, and a killed one's staging
         stale.mkdir()
         (stale / "stale.txt").write_text("from an earlier execution")
-    job = train_job(config, model, plan, prepared, prepared, out, tmp_path / "checkpoints")
+    job = train_job(ResolvedRun(config=config, model=model), plan, prepared, prepared, out, tmp_path / "checkpoints")
 
     seen: list[torch.device] = []
     real_all_reduce = dist.all_reduce

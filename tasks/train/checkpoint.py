@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 from tasks.train import distributed
 from tessera.core import checkpoints
 from tessera.core.checkpoints import CheckpointInfo
+from tessera.core.weights import architecture
 
 
 def _rng_file(path: Path, rank: int) -> Path:
@@ -125,10 +126,17 @@ class Checkpointer:
             set_rng_state(torch.load(_rng_file(path, self.rank), weights_only=False))
 
 
+def load_weights(model, path: str) -> None:
+    """Only the weights of a checkpoint (another run's, to start from: not its optimizer or position)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
 def info_now(step: int, plan, tokens_seen: int, world: int, reason: str, train_loss: float | None,
-             eval_loss: float | None, base_stop_check: dict | None) -> CheckpointInfo:
+             eval_loss: float | None, base_stop_check: dict | None, model_config: dict) -> CheckpointInfo:
     return CheckpointInfo(
         step=step, epoch=step / plan.steps_per_epoch, tokens_seen=tokens_seen, train_loss=train_loss,
         eval_loss=eval_loss, world_size=world, seed=plan.seed, reason=reason,
-        saved_at=dt.datetime.now(dt.timezone.utc), base_stop_check=base_stop_check,
+        saved_at=dt.datetime.now(dt.timezone.utc), base_stop_check=base_stop_check, architecture=architecture(model_config),
     )

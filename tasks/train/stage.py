@@ -22,7 +22,6 @@ from tasks.prepare.stage import PreparedData
 from tasks.train.report import ERROR_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
 from tessera.core import checkpoints, runs
-from tessera.core.catalog import ResolvedModel
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
 from tessera.core.processes import create_time, free_port, oom_kill_count, stop_tree
@@ -170,11 +169,12 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[start:start + 100])
 
 
-def train_job(config: RunConfig, model: ResolvedModel, plan: RunPlan, prepared: PreparedData,
-              eval_prepared: PreparedData | None, out_dir: Path, checkpoint_dir: Path) -> TrainJob:
+def train_job(run: ResolvedRun, plan: RunPlan, prepared: PreparedData, eval_prepared: PreparedData | None,
+              out_dir: Path, checkpoint_dir: Path) -> TrainJob:
     """What the worker processes carry out: from the run's last checkpoint, when it has one."""
+    config = run.config
     return TrainJob(
-        run_name=config.name, model_path=model.path, custom_weights_path=config.custom_weights_path,
+        run_name=config.name, model_path=run.model.path, starting_weights=run.weights,
         task_type=config.task_type, eval_prompts=config.eval_prompts or [], prepared_path=prepared.path,
         eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
         context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
@@ -200,7 +200,7 @@ def train_model(
     """Train on `prepared` by the plan in `report`; the trained model is written in the base model's format. Workers
     that die are restarted from the last checkpoint (training_config train_retries), in the same MLflow run; a run
     that already has one (fm.resume) continues from its last checkpoint."""
-    config, model, plan = run.config, run.model, report.plan
+    config, plan = run.config, report.plan
     log = stage_logger()
     log.info(plan.memory.decided)
     runs.append_event(config.name, "train", f"memory plan: {plan.memory.decided}")
@@ -235,7 +235,7 @@ def train_model(
 
     retries = plan.settings.train_retries
     for attempt in range(retries + 1):
-        job = train_job(config, model, plan, prepared, eval_prepared, out_dir, root)
+        job = train_job(run, plan, prepared, eval_prepared, out_dir, root)
         try:
             launch(job, runs.run_dir(config.name) / "train_job.json", log, plan, relay,
                    while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)

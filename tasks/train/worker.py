@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.train import distributed
-from tasks.train.checkpoint import Checkpointer, info_now
+from tasks.train.checkpoint import Checkpointer, info_now, load_weights
 from tasks.train.data import PackedRows, Step, steps
 from tasks.train.evaluation import (
     STOP_CHECK_PROMPTS, STOP_CHECK_TOKENS, data_prompts, greedy_answers, repetition, stop_rate, summed_loss,
@@ -47,15 +47,21 @@ class WorkerError(Exception):
 
 
 def load_model(job: TrainJob, device: torch.device):
-    """The model in fp32 (master weights), whatever dtype it is stored in; returns (model, stored dtype)."""
+    """The model in fp32 (master weights), whatever dtype it is stored in; returns (model, stored dtype). Its weights
+    are the base model's, or the run's starting weights (custom_weights_path): a model directory's, or a checkpoint's
+    (another run's: its weights only, read into the base model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weights = job.custom_weights_path or job.model_path
+    start = job.starting_weights
+    weights = start.path if start is not None and start.kind != "checkpoint" else job.model_path
     try:
         stored = AutoConfig.from_pretrained(weights).dtype or torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             weights, dtype=torch.float32, attn_implementation=job.settings.attn_implementation
         )
+        if start is not None and start.kind == "checkpoint":
+            weights = start.path
+            load_weights(model, start.path)
     except Exception as exc:  # a missing, truncated or foreign weights file: one message, not a traceback
         raise WorkerError(f"could not load the model weights from {weights}: {type(exc).__name__}: {exc}") from exc
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -258,7 +264,7 @@ def main(job: TrainJob) -> int:
         preempted = distributed.any_rank(stop_requested.is_set(), device) and not last
         if checkpoint or preempted:
             info = info_now(done, plan, tokens_seen, world, "preempted" if preempted else checkpoint, mean_loss,
-                            eval_loss if checkpoint else None, base)
+                            eval_loss if checkpoint else None, base, model.config.to_dict())
             checkpointer.save(info, wait=preempted)
         if preempted:
             report.say("train", f"stopped by SIGTERM after step {done}/{plan.total_steps}; the checkpoint to resume from is saved")

@@ -61,7 +61,7 @@ def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel
     warnings: list[str] = []
     if name in (TINY_CHAT, SMOLLM2):
         path = str(_build_local(name, spec))
-        max_len, architecture = spec.context_length, _architecture(_read_config(path))
+        max_len, architecture = spec.context_length, _architecture(read_config(path))
     elif spec is not None:
         path, max_len, architecture = name, spec.context_length, spec.architecture
         if spec.retired:
@@ -70,7 +70,7 @@ def resolve_model(name: str, context_length: int | None = None) -> ResolvedModel
                 f"but consider {spec.replacement}"
             )
     else:
-        config = _read_config(name)
+        config = read_config(name)
         if feature := unsupported_head_feature({**config.get("text_config", {}), **config}):
             raise ConfigError(unsupported_model_message(name, feature))
         path, max_len, architecture = name, _context_length(name, config), _architecture(config)
@@ -107,7 +107,8 @@ def _architecture(config: dict) -> Architecture | None:
         return None
 
 
-def _read_config(name: str) -> dict:
+def read_config(name: str) -> dict:
+    """A model's config.json (a local directory's, else the Hugging Face Hub's, offline from its cache)."""
     local = Path(name).expanduser()
     if local.is_dir():
         config_file = local / "config.json"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -35,6 +36,7 @@ class CheckpointInfo(BaseModel):
     reason: str  # epoch, interval, final or preempted (SIGTERM)
     saved_at: dt.datetime
     base_stop_check: dict[str, float] | None = None  # the base model's stop check, which a resume does not redo
+    architecture: dict[str, Any] = {}  # the model's shape (tessera.core.weights), checked when another run starts from it
     path: str = ""  # filled in when listed
 
     @property

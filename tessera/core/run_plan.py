@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from tessera.core.catalog import ResolvedModel, resolve_model
+from tessera.core.catalog import ResolvedModel, read_config, resolve_model
 from tessera.core.config import RunConfig, TrainingSettings
 from tessera.core.errors import ConfigError
 from tessera.core.memory import Architecture, Hardware, MemoryPlan, plan_memory
 from tessera.core.sources import resolve_source
 from tessera.core.training import StepPlan, plan_steps
+from tessera.core.weights import StartingWeights, resolve_weights
 
 DEFAULT_MIN_STEPS_PER_EPOCH = 8
 DEFAULT_MAX_GLOBAL_BATCH_TOKENS = 128 * 1024
@@ -61,6 +62,7 @@ class ResolvedRun(BaseModel):
 
     config: RunConfig
     model: ResolvedModel
+    weights: StartingWeights | None = None  # custom_weights_path: where it is, and what (checked against the model)
 
 
 def resolve_run(config: RunConfig) -> ResolvedRun:
@@ -68,12 +70,13 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     data path (it exists, suits the task, has the right columns). The records themselves are checked as data
     prep streams them."""
     model = resolve_model(config.model, config.context_length)
+    weights = resolve_weights(config.custom_weights_path, read_config(model.path)) if config.custom_weights_path else None
     pinned = {}
     for field in ("train_data_path", "eval_data_path"):
         path = getattr(config, field)
         if path:
             pinned[field] = resolve_source(path, config.task_type, cluster=config.data_prep_cluster_id).display
-    return ResolvedRun(config=config.model_copy(update=pinned), model=model)
+    return ResolvedRun(config=config.model_copy(update=pinned), model=model, weights=weights)
 
 
 class RunPlan(BaseModel):

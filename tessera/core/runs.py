@@ -23,6 +23,7 @@ from tessera.core.config import RunConfig, RunParameters, new_run_name
 from tessera.core.errors import TesseraError
 from tessera.core.paths import file_lock, runs_dir, write_atomic
 from tessera.core.processes import CREATE_TIME_TOLERANCE, create_time, process_alive
+from tessera.core.weights import StartingWeights
 
 
 class RunStatus(str, Enum):
@@ -56,6 +57,7 @@ class RunRecord(BaseModel):
     prefect_flow_run_id: str | None = None
     work_pool: str | None = None  # set when a worker of this Prefect work pool executes the run (TESSERA_WORK_POOL)
     resolved_model: ResolvedModel | None = None  # the base model as the one check of the run's inputs found it
+    resolved_weights: StartingWeights | None = None  # and custom_weights_path, resolved and checked by it
     experiment_id: str | None = None
     run_id: str | None = None
     registered_version: str | None = None

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from tessera.core.checkpoints import CheckpointInfo
 from tessera.core.config import Duration, TaskType, TrainingSettings
+from tessera.core.weights import StartingWeights
 
 IGNORE_INDEX = -100  # labels of tokens that carry no loss (prompts, padding, the first token of an example)
 
@@ -115,7 +116,7 @@ class TrainJob(BaseModel):
 
     run_name: str
     model_path: str
-    custom_weights_path: str | None = None
+    starting_weights: StartingWeights | None = None  # custom_weights_path, resolved: else the base model's weights
     task_type: TaskType
     eval_prompts: list[str] = []
     prepared_path: str
