@@ -98,6 +98,10 @@ def cmd_runs(args) -> int:
     elif args.action == "cancel":
         sdk.cancel(args.name)
         print(f"run {args.name} stopped")
+    elif args.action == "delete":
+        for path in sdk.delete(args.name):
+            print(f"removed {path}")
+        print(f"run {args.name}'s local files are removed (its MLflow run and registered versions stay)")
     elif args.action == "checkpoints":
         found = sdk.get_checkpoints(args.name)
         if not found:
@@ -268,6 +272,16 @@ def cmd_endpoints(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from tessera import sdk
+
+    removed, kept = sdk.prune_prepared_cache()
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} prepared dataset(s) removed, {len(kept)} kept (needed by a run still going or resumable)")
+    return 0
+
+
 def cmd_server(args) -> int:
     """The embedded Prefect server of this TESSERA_HOME, which records the runs started here and shows them in its UI."""
     import os
@@ -357,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_create)
 
     r = sub.add_parser("runs", help="list, inspect, follow, cancel or resume runs, and list their checkpoints")
-    r.add_argument("action", choices=["list", "get", "cancel", "events", "checkpoints", "resume"])
+    r.add_argument("action", choices=["list", "get", "cancel", "events", "checkpoints", "resume", "delete"])
     r.add_argument("name", nargs="?")
     r.add_argument("--follow", action="store_true", help="with events or resume: keep printing until the run ends")
     r.set_defaults(func=cmd_runs)
@@ -411,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-memory", help="memory of each GPU, e.g. 80GB (GB = 10^9 bytes) or 80GiB (default 80GB)")
     pl.add_argument("--nproc", type=int, help="training processes (default: training_config.nproc_per_node, else one per GPU, 1 on CPU)")
     pl.set_defaults(func=cmd_plan)
+
+    ca = sub.add_parser("cache", help="the prepared-data cache: prune what no run still going or resumable needs")
+    ca.add_argument("action", choices=["prune"])
+    ca.set_defaults(func=cmd_cache)
 
     sv = sub.add_parser("server", help="the embedded Prefect server that records runs started here (its UI shows them)")
     sv.add_argument("action", choices=["status", "start", "stop"])

@@ -170,6 +170,59 @@ def resume(run_or_name: TrainingRun | str) -> TrainingRun:
     return _start(record.config)
 
 
+def delete(run_or_name: TrainingRun | str) -> list[Path]:
+    """Remove a finished run's local files: its folder (record, events, log, final model) and its checkpoints. What
+    MLflow keeps of it (the run, its metrics, registered versions) stays. A run that may still be going is refused.
+    Returns what was removed."""
+    import shutil
+
+    name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
+    try:
+        record = _current(runs.load(name))
+    except TesseraError:
+        if not runs.run_dir(name).is_dir():
+            raise
+        record = None  # an unreadable record: its folder is all there is
+    if record is not None and not record.status.finished:
+        raise TesseraError(f"run {name} is {record.status.value}: cancel it first (tessera runs cancel {name})")
+    removed = [Path(p) for p in (record and record.checkpoint_dir, runs.run_dir(name)) if p and Path(p).is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def prune_prepared_cache() -> tuple[list[Path], list[Path]]:
+    """Remove the prepared data no run may still need: a run still going, or a FAILED or STOPPED one with a checkpoint
+    (a resume reads the prepared rows it started with). Returns (removed, kept)."""
+    import json
+    import shutil
+
+    from tessera.core.checkpoints import latest
+    from tessera.core.paths import prepared_dir
+
+    needed = set()
+    for record in runs.list_records():
+        if isinstance(record, runs.UnreadableRecord):  # nothing tells what it needs: keep everything it may
+            needed |= {str(p) for p in prepared_dir().glob("*")}
+            continue
+        record = _current(record)
+        resumable = record.status in (RunStatus.FAILED, RunStatus.STOPPED) and latest(record.checkpoint_dir)
+        job = runs.run_dir(record.config.name) / "train_job.json"
+        if (not record.status.finished or resumable) and job.exists():
+            spec = json.loads(job.read_text())
+            needed |= {spec["prepared_path"], spec.get("eval_prepared_path")}
+        elif not record.status.finished:  # not trained yet: its data may be being prepared now
+            needed |= {str(p) for p in prepared_dir().glob("*")}
+    removed, kept = [], []
+    for entry in sorted(prepared_dir().glob("*")) if prepared_dir().is_dir() else []:
+        if str(entry) in needed:
+            kept.append(entry)
+        else:
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed, kept
+
+
 def get_checkpoints(run_or_name: TrainingRun | str) -> list[CheckpointInfo]:
     """The run's complete checkpoints, oldest first: step, epoch, tokens seen, train and eval loss, path."""
     name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name

@@ -299,6 +299,50 @@ def test_an_unreadable_record_or_a_half_written_event_never_breaks_the_other_run
     assert [e["message"] for e in fm.get_events("good")] == ["whole"]
 
 
+def test_runs_delete_and_cache_prune_keep_what_a_resumable_run_needs(fresh_home):
+    """`tessera cache prune` removes prepared data only no run still going or resumable needs; `tessera runs delete`
+    removes a finished run's folder and checkpoints, and refuses a running one."""
+    import datetime as dt
+
+    from tessera.core import checkpoints, runs
+    from tessera.core.checkpoints import CheckpointInfo
+
+    prepared = {k: fresh_home / "prepared" / k for k in ("done", "resumable", "eval", "running")}
+    for path in prepared.values():
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text("{}")
+
+    def job(name, train, evaluation=None):
+        (fresh_home / "runs" / name / "train_job.json").write_text(
+            json.dumps({"prepared_path": str(prepared[train]), "eval_prepared_path": evaluation and str(prepared[evaluation])}))
+
+    _record("finished", status="COMPLETED")
+    job("finished", "done")
+    root = fresh_home / "ckpt" / "stopped"
+    checkpoints.mark_complete(checkpoints.folder(root, 5), CheckpointInfo(
+        step=5, epoch=1.0, tokens_seen=10, world_size=1, seed=0, reason="preempted", saved_at=dt.datetime.now(dt.timezone.utc)))
+    _record("stopped", status="STOPPED", checkpoint_dir=str(root))
+    job("stopped", "resumable", "eval")
+    _record("going", status="RUNNING", **runs.process_identity(os.getpid()))
+    job("going", "running")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True, text=True, env=os.environ.copy())
+
+    pruned = cli("cache", "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(p.name for p in (fresh_home / "prepared").iterdir()) == ["eval", "resumable", "running"]
+    assert "1 prepared dataset(s) removed, 3 kept" in pruned.stdout
+
+    refused = cli("runs", "delete", "going")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: run going is RUNNING: cancel it first")
+    deleted = cli("runs", "delete", "stopped")
+    assert deleted.returncode == 0, deleted.stderr
+    assert not root.exists() and not (fresh_home / "runs" / "stopped").exists()
+    assert cli("cache", "prune").returncode == 0  # the stopped run is gone: its data may go now
+    assert sorted(p.name for p in (fresh_home / "prepared").iterdir()) == ["running"]
+
+
 def _wait_until(condition, what: str, timeout: float = 120, log=None):
     deadline = time.time() + timeout
     while not condition():

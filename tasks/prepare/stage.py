@@ -49,7 +49,7 @@ from tessera.core import runs
 from tessera.core.catalog import ResolvedModel, resolve_model
 from tessera.core.config import RunConfig, TaskType
 from tessera.core.errors import TesseraError
-from tessera.core.paths import home_lock, tessera_home
+from tessera.core.paths import home_lock, prepared_dir
 from tessera.core.records import supports_system_role, valid_records
 from tessera.core.sources import resolve_source
 
@@ -170,7 +170,7 @@ def lineage(source, inputs: dict) -> dict[str, str]:
 
 def reuse(inputs: dict, skipped: dict, source) -> PreparedData | None:
     key = cache_key(inputs)
-    out = tessera_home() / "prepared" / key
+    out = prepared_dir() / key
     if not (out / "manifest.json").exists():
         return None
     manifest = json.loads((out / "manifest.json").read_text())
@@ -233,7 +233,7 @@ def repack(prepared: PreparedData, inputs: dict, source) -> PreparedData:
 def commit(rows: Iterable[Rows], inputs: dict, manifest: dict, stats: Callable[[int, int, int], PrepStats], source) -> PreparedData:
     """Write rows and manifest beside the cache entry, then rename it into place: never half a cache entry."""
     key = cache_key(inputs)
-    out = tessera_home() / "prepared" / key
+    out = prepared_dir() / key
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     try:

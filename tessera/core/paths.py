@@ -24,6 +24,11 @@ def runs_dir() -> Path:
     return tessera_home() / "runs"
 
 
+def prepared_dir() -> Path:
+    """The prepared-data cache: a folder per cache key (tasks/prepare)."""
+    return tessera_home() / "prepared"
+
+
 def models_dir() -> Path:
     return tessera_home() / "models"
 
