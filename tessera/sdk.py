@@ -230,8 +230,10 @@ def get_checkpoints(run_or_name: TrainingRun | str) -> list[CheckpointInfo]:
 
 
 # a SIGTERM that reaches the flow while Python runs a finalizer is lost (tessera.core.processes.stop_tree): it is sent
-# again this often; once the train stage is stopping its workers, it ignores the repeats (tasks.train.stage.launch)
-FLOW_SIGTERM_RESEND_S = 5.0
+# again this often, long enough after the first for Prefect to have ended the flow run in the normal case (a repeat
+# cuts its crash handling short, leaving the flow run Running); once the train stage is stopping its workers, it
+# ignores the repeats (tasks.train.stage.launch)
+FLOW_SIGTERM_RESEND_S = 15.0
 
 DEPLOYMENT = "finetune/finetune"  # prefect.yaml's; `prefect deploy --all` makes it
 
