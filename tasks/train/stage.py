@@ -25,7 +25,7 @@ from tessera.core import checkpoints, runs
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
 from tessera.core.processes import create_time, free_port, oom_kill_count, stop_tree
-from tessera.core.tracking import experiment_id, mlflow_client
+from tessera.core.tracking import experiment_id, local_artifact_path, mlflow_client
 from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
 
@@ -188,9 +188,8 @@ def checkpoint_root(config: RunConfig, artifact_uri: str) -> Path:
     when they are on a file system here, else beside the run's record."""
     if config.training_config.checkpoint_dir:
         return Path(config.training_config.checkpoint_dir).expanduser().resolve() / config.name
-    if artifact_uri.startswith("file://") or "://" not in artifact_uri:
-        return Path(artifact_uri.removeprefix("file://")) / "checkpoints"
-    return runs.run_dir(config.name) / "checkpoints"
+    artifacts = local_artifact_path(artifact_uri)
+    return (artifacts or runs.run_dir(config.name)) / "checkpoints"
 
 
 @task(name="train")
@@ -248,7 +247,6 @@ def train_model(
             last = checkpoints.latest(root)
             runs.append_event(config.name, "train", f"{died}; restarting from "
                               f"{'the checkpoint at ' + last.label if last else 'the start'} (retry {attempt + 1} of {retries})")
-            relay.open(client, relay.experiment_id, relay.run_id, resumed=True)
         except BaseException as exc:
             relay.end("FAILED" if isinstance(exc, TesseraError) else "KILLED")
             raise

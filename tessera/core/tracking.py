@@ -59,3 +59,10 @@ def experiment_id(client, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def local_artifact_path(uri: str) -> Path | None:
+    """An MLflow artifact location as a folder on this machine (file:// or a plain path); None for a remote store."""
+    if uri.startswith("file://") or "://" not in uri:
+        return Path(uri.removeprefix("file://"))
+    return None

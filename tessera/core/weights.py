@@ -38,9 +38,11 @@ def architecture(config: dict) -> dict:
 
 
 def _local(uri: str, given: str) -> Path:
-    """A file:// (or plain) artifact location as a folder here; other stores are not read yet."""
-    if uri.startswith("file://") or "://" not in uri:
-        return Path(uri.removeprefix("file://"))
+    """An artifact location as a folder here; other stores are not read yet."""
+    from tessera.core.tracking import local_artifact_path
+
+    if (path := local_artifact_path(uri)) is not None:
+        return path
     raise ConfigError(f"custom_weights_path {given}: its artifacts are at {uri}, not on a file system here; copy the "
                       "folder here (or to shared storage) and give its path")
 
