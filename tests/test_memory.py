@@ -28,10 +28,10 @@ ONE_80GB_GPU = Hardware(device="cuda", count=1, memory_bytes=80 * GB)
 
 
 def plan(arch=SMOLLM2_135M, hardware=None, context_length=1024, precision="bf16", micro_batch_tokens=None,
-         activation_checkpointing=None, nproc=1):
+         activation_checkpointing=None, nproc=1, parallelism="auto"):
     hardware = hardware or Hardware(device="cpu", count=1, memory_bytes=16 * GB)
     return plan_memory(arch, hardware, context_length, precision=precision, micro_batch_tokens=micro_batch_tokens,
-                       activation_checkpointing=activation_checkpointing, nproc=nproc)
+                       activation_checkpointing=activation_checkpointing, nproc=nproc, parallelism=parallelism)
 
 
 # --- the arithmetic ---------------------------------------------------------------------------------
@@ -112,15 +112,52 @@ def test_refuses_too_long_a_context_naming_a_shorter_one():
         plan(context_length=65536, hardware=Hardware(device="cpu", count=1, memory_bytes=8 * GB))
 
 
-def test_llama_8b_on_one_80gb_gpu_names_only_what_exists():
+def test_llama_8b_on_one_80gb_gpu_names_the_fewest_gpus_fsdp_fits_and_a_bigger_gpu():
     states = 16 * LLAMA_31_8B.parameters
     assert states > 80 * GB  # 128.5 GB: not even weights, gradients and AdamW fit one GPU
     with pytest.raises(ConfigError) as err:
         plan(LLAMA_31_8B, ONE_80GB_GPU, context_length=4096)
     message = str(err.value)
-    assert "does not shard them yet" in message and "FSDP" not in message  # not until the trainer has it
+    assert "with parallelism ddp every GPU keeps all of them" in message
     needed = float(re.search(r"a GPU with at least ([\d.]+) GB of memory", message)[1])
     assert plan(LLAMA_31_8B, Hardware(device="cuda", count=1, memory_bytes=int(needed * GB) + GB), context_length=4096)
+    gpus = int(re.search(r"parallelism fsdp over (\d+) GPUs of 80.0 GB", message)[1])
+    eight = Hardware(device="cuda", count=8, memory_bytes=80 * GB)
+    assert plan(LLAMA_31_8B, eight, context_length=4096, nproc=gpus).parallelism == "fsdp"
+    with pytest.raises(ConfigError):
+        plan(LLAMA_31_8B, eight, context_length=4096, nproc=gpus - 1)
+
+
+def test_auto_picks_ddp_when_a_full_copy_fits_else_fsdp_with_sharded_states():
+    eight = Hardware(device="cuda", count=8, memory_bytes=80 * GB)
+    llama = plan(LLAMA_31_8B, eight, context_length=4096, nproc=8)
+    assert llama.parallelism == "fsdp" and "fsdp: a full copy in each process does not fit" in llama.decided
+    p = LLAMA_31_8B.parameters
+    e = llama.estimate_bytes
+    assert (e["weights"], e["gradients"], e["optimizer"]) == (-(-4 * p // 8), -(-4 * p // 8), -(-8 * p // 8))
+    # what each GPU gathers: the embeddings and head (untied: two vocabulary x hidden matrices) and two layers, bf16
+    assert 2 * 2 * LLAMA_31_8B.vocab_size * 4096 < e["gathered"] < 4 * GB
+    assert llama.total_bytes <= 80 * GB
+    small = plan(SMOLLM2_135M, eight, context_length=4096, nproc=8)
+    assert small.parallelism == "ddp" and "gathered" not in small.estimate_bytes
+    assert plan(SMOLLM2_135M, eight, context_length=4096, nproc=8, parallelism="fsdp").parallelism == "fsdp"
+
+
+def test_llama_70b_on_eight_80gb_gpus_does_not_fit_and_names_the_fewest_that_do():
+    from tessera.core.catalog import catalog
+
+    llama_70b = catalog()["meta-llama/Meta-Llama-3.1-70B-Instruct"].architecture
+    with pytest.raises(ConfigError) as err:
+        plan(llama_70b, Hardware(device="cuda", count=8, memory_bytes=80 * GB), context_length=4096, nproc=8)
+    message = str(err.value)
+    states = float(re.search(r"AdamW states alone take ([\d.]+) GB", message)[1])
+    assert 138 < states < 143 and "sharded over 8 GPUs (fsdp)" in message  # ~141 GB a GPU before activations
+    gpus = int(re.search(r"parallelism fsdp over (\d+) GPUs of 80.0 GB", message)[1])
+    assert 16 <= gpus <= 32  # the states alone need 15 (1.13 TB); the gathered layers and activations come on top
+    eighty = Hardware(device="cuda", count=8, memory_bytes=80 * GB)
+    assert plan(llama_70b, eighty, context_length=4096, nproc=gpus).parallelism == "fsdp"
+    with pytest.raises(ConfigError):
+        plan(llama_70b, eighty, context_length=4096, nproc=gpus - 1)
 
 
 def test_counts_the_fused_loss_head_gradient_and_no_foreach_copy():
@@ -153,7 +190,7 @@ def test_plan_command_says_what_llama_8b_needs_without_importing_torch():
     assert "8.03B parameters, context 4096 tokens, bf16 compute" in out.stdout
     error = out.stderr.strip()
     assert error.startswith("error: does not fit 1 GPU of 80.0 GB") and "Traceback" not in error
-    assert "What would fit: a GPU with at least" in error
+    assert "What would fit: parallelism fsdp over 2 GPUs of 80.0 GB" in error and "a GPU with at least" in error
 
 
 def test_plan_command_takes_a_run_yaml(tmp_path, capsys):

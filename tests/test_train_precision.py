@@ -32,10 +32,11 @@ def batch(vocab: int, tokens: int = 128):
 def test_bf16_compute_over_fp32_master_weights_moves_every_weight(real_model_dir):
     from tasks.train.loss import loss_sum
     from tasks.train.precision import autocast, compute_dtype
+    from tasks.train.parallel import Parallelism
     from tasks.train.worker import load_model
 
     cpu = torch.device("cpu")
-    model, stored = load_model(job_for(real_model_dir, precision="bf16"), cpu)
+    model, stored = load_model(job_for(real_model_dir, precision="bf16"), Parallelism("ddp", 1, cpu, torch.bfloat16))
     assert stored == torch.bfloat16  # the real model is stored in bf16 ...
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # ... and trained over fp32 master weights
     before = [p.detach().clone() for p in model.parameters()]

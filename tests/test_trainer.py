@@ -72,7 +72,8 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
     _, prepared, whole = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 8 * CTX})
     # activation checkpointing recomputes the same forward: it changes memory, not the losses
     _, _, accumulated = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 2 * CTX, "activation_checkpointing": True})
-    _, _, two_procs = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2})
+    _, _, two_procs = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "ddp"})
+    _, _, sharded = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "fsdp"})
 
     rows = prepared.stats.rows
     assert rows >= 16, "the test needs several steps"
@@ -82,6 +83,9 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
     assert reference[-1] < reference[0]
     for other in (accumulated, two_procs):
         assert metric(other.mlflow_run_id, "loss") == pytest.approx(reference, rel=2e-4)
+    # FSDP2 against ddp, both fp32 over 2 processes: the same curve, and a saved model that answers the same
+    assert metric(sharded.mlflow_run_id, "loss") == pytest.approx(metric(two_procs.mlflow_run_id, "loss"), abs=1e-4)
+    assert answers(sharded.model_dir) == answers(two_procs.model_dir)
 
 
     from tessera.core.tracking import mlflow_client as tracking_client
@@ -97,6 +101,17 @@ def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
     assert metric(two_procs.mlflow_run_id, "tokens_per_sec")[-1] > 0
 
 
+def answers(model_dir: str) -> list[list[int]]:
+    """Greedy answers of a saved model to a few prompts, as the endpoint gives them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tessera.core.generation import generate, prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    return [generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": f"question {i} why"}]), 16)[0]
+            for i in range(3)]
+
+
 def test_the_data_report_states_what_the_trainer_runs(trainer_home):
     from tasks.validate import data_report
     from tessera.core.run_plan import resolve_run
@@ -108,6 +123,44 @@ def test_the_data_report_states_what_the_trainer_runs(trainer_home):
     assert report.optimizer_steps == len(losses) == 1  # 25 tokens: the first step reaches them
     assert report.billed_tokens >= 25 and report.epochs < 1
     assert len(metric(trained.mlflow_run_id, "eval_loss")) == 1  # at the end
+
+
+def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home, tmp_path):
+    """An FSDP run's checkpoint, written sharded by 2 processes, resumes into 1 process (ddp) and into 2 (fsdp): the
+    steps after it give the uninterrupted run's losses."""
+    import json
+    import subprocess
+
+    from tasks.train.report import RECORD_MARKER
+    from tasks.train.stage import worker_command
+    from tessera.core import checkpoints, runs
+    from tessera.core.training import TrainJob
+
+    _, data = trainer_home
+    settings = {"global_batch_tokens": 4 * CTX, "micro_batch_tokens": 2 * CTX, "nproc_per_node": 2, "parallelism": "fsdp",
+                "checkpoint_every": 3, "keep_checkpoints": 10}
+    config, _, trained = run_stage(data, "8ba", settings)
+    reference = metric(trained.mlflow_run_id, "loss")
+    assert len(reference) == 8
+    (at_3,) = [c for c in checkpoints.list_checkpoints(runs.load(config.name).checkpoint_dir) if c.step == 3]
+    assert at_3.world_size == 2
+    job = TrainJob.model_validate_json((runs.run_dir(config.name) / "train_job.json").read_text())
+    for nproc, parallelism in ((1, "ddp"), (2, "fsdp")):
+        out = tmp_path / f"{nproc}-{parallelism}"
+        resumed = job.model_copy(update={
+            "resume_from": at_3, "output_dir": str(out / "model"), "checkpoint_dir": str(out / "checkpoints"), "owner_pid": None,
+            "settings": job.settings.model_copy(update={"nproc_per_node": nproc, "parallelism": parallelism}),
+        })
+        (out / "job.json").parent.mkdir(parents=True)
+        (out / "job.json").write_text(resumed.model_dump_json())
+        cmd, env = worker_command(str(out / "job.json"), nproc)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = [json.loads(line[len(RECORD_MARKER):]) for line in done.stdout.splitlines() if line.startswith(RECORD_MARKER)]
+        losses = {r["step"]: r["values"]["loss"] for r in records if r["kind"] == "metrics" and "loss" in r["values"]}
+        assert sorted(losses) == [4, 5, 6, 7, 8], (nproc, losses)
+        assert [losses[step] for step in sorted(losses)] == pytest.approx(reference[3:], abs=1e-4), (nproc, parallelism)
+        assert (out / "model" / "model.safetensors").is_file()
 
 
 def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:

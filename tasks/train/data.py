@@ -37,8 +37,9 @@ class PackedRows:
 
     def batch(self, rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, labels, position_ids) of these rows, padded to the longest. Padding is an 'example' of
-        its own (positions from 0) with no loss, so it never joins the last example's attention block."""
-        width = int(self.tokens[rows].max())
+        its own (positions from 0) with no loss, so it never joins the last example's attention block. No rows give
+        one row of one padding token: a micro-batch with nothing to train, for a rank that ran out of rows."""
+        width = int(self.tokens[rows].max()) if len(rows) else 1
         ids = np.full((len(rows), width), pad_id, np.int64)
         labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
         pos = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
@@ -61,9 +62,11 @@ class Step:
 
 
 def rank_micro_batches(rows: np.ndarray, rank: int, world: int, micro_rows: int) -> list[np.ndarray]:
-    """This rank's share of a step's rows (every world-th), cut into micro-batches."""
+    """This rank's share of a step's rows (every world-th), cut into micro-batches: as many on every rank (rank 0's
+    count; a rank with fewer rows gets empty ones), since each forward of a sharded model is a collective."""
     mine = rows[rank::world]
-    return [mine[i : i + micro_rows] for i in range(0, len(mine), micro_rows)]
+    count = max(1, -(-len(rows[0::world]) // micro_rows))
+    return [mine[i * micro_rows : (i + 1) * micro_rows] for i in range(count)]
 
 
 def steps(data: PackedRows, plan: StepPlan, first: int, rank: int, world: int, micro_rows: int, pad_id: int,

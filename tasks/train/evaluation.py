@@ -52,11 +52,12 @@ def data_prompts(rows: PackedRows, n: int) -> list[list[int]]:
     return prompts
 
 
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], str]]:
-    """(new token ids, finish reason) of a greedy answer to each prompt, as the endpoint would give it."""
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_tokens: int, synced_ranks: bool = False) -> list[tuple[list[int], str]]:
+    """(new token ids, finish reason) of a greedy answer to each prompt, as the endpoint would give it; `synced_ranks`:
+    every rank of a sharded model answers them together."""
     was_training = model.training
     model.eval()
-    answers = [generate(model, tokenizer, ids, max_tokens) for ids in prompts]
+    answers = [generate(model, tokenizer, ids, max_tokens, synced_ranks=synced_ranks) for ids in prompts]
     model.train(was_training)
     return answers
 

@@ -60,12 +60,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None
 
 
-def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the trained tokens (labels != IGNORE_INDEX).
+# A sharded model (tasks.train.parallel) has the fused loss as a method of its own under this name, registered with
+# FSDP as a forward: it runs the decoder and reads the head's weight outside the model's forward.
+FUSED_LOSS = "tessera_loss_sum"
 
-    No attention mask and no KV cache: with position ids restarting at 0 for each packed example,
-    transformers builds a block-causal mask, so packed examples never attend to each other.
-    """
+
+def loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the trained tokens (labels != IGNORE_INDEX): through the model's own
+    FUSED_LOSS method when it has one (a sharded model), else fused_loss_sum."""
+    method = getattr(model, FUSED_LOSS, None)
+    return method(ids, labels, pos) if method is not None else fused_loss_sum(model, ids, labels, pos)
+
+
+def fused_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """loss_sum, with the model's weights at hand. No attention mask and no KV cache: with position ids restarting
+    at 0 for each packed example, transformers builds a block-causal mask, so packed examples never attend to each
+    other."""
     hidden = model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX

@@ -121,6 +121,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
     cmd, env = worker_command(str(job_file), job.settings.nproc_per_node)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
+    said: list[str] = []  # the worker's own reason, kept however many ranks' tracebacks follow it
     progress = ProgressArtifact(job.run_name)
     oom_kills = oom_kill_count()
     started, failures = threading.Event(), []
@@ -132,6 +133,8 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
                 if relay.handle(line):
                     continue
                 tail.append(line.rstrip())
+                if ERROR_MARKER in line and not said:
+                    said.append(line.rstrip())
                 log.info(line.rstrip())
                 progress.update(line)
         except Exception as exc:  # noqa: BLE001 - raised again in the stage's thread
@@ -157,7 +160,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
     if failures:
         raise failures[0]
     if proc.returncode != 0:
-        raise failure(list(tail), proc.returncode, plan, out_of_memory=oom_kill_count() > oom_kills)
+        raise failure(said + list(tail), proc.returncode, plan, out_of_memory=oom_kill_count() > oom_kills)
 
 
 def log_params(client, run_id: str, params: dict) -> None:

@@ -30,6 +30,7 @@ from tasks.train.evaluation import (
     STOP_CHECK_PROMPTS, STOP_CHECK_TOKENS, data_prompts, greedy_answers, repetition, stop_rate, summed_loss,
 )
 from tasks.train.loss import loss_sum
+from tasks.train.parallel import Parallelism
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, progress_line
 from tessera.core.config import TaskType
@@ -46,19 +47,32 @@ class WorkerError(Exception):
 # --- setup ------------------------------------------------------------------------------------------
 
 
-def load_model(job: TrainJob, device: torch.device):
-    """The model in fp32 (master weights), whatever dtype it is stored in; returns (model, stored dtype). Its weights
-    are the base model's, or the run's starting weights (custom_weights_path): a model directory's, or a checkpoint's
-    (another run's: its weights only, read into the base model)."""
+def load_model(job: TrainJob, parallel: Parallelism):
+    """The model in fp32 (master weights), whatever dtype it is stored in, on the device, sharded for fsdp; returns
+    (model, stored dtype). Its weights are the base model's, or the run's starting weights (custom_weights_path): a
+    model directory's, or a checkpoint's (another run's: its weights only, read into the base model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    s = job.settings
+
+    def prepare(model) -> None:
+        if s.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if s.compile:
+            model.base_model.compile()  # in place: parameter names (and the saved checkpoint) stay the same
 
     start = job.starting_weights
     weights = start.path if start is not None and start.kind != "checkpoint" else job.model_path
     try:
-        stored = AutoConfig.from_pretrained(weights).dtype or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            weights, dtype=torch.float32, attn_implementation=job.settings.attn_implementation
-        )
+        config = AutoConfig.from_pretrained(weights)
+        stored = config.dtype or torch.float32
+        if parallel.sharded:
+            model = parallel.load(AutoModelForCausalLM, config, weights, s.attn_implementation, prepare)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, attn_implementation=s.attn_implementation)
+            prepare(model)
+            model.to(parallel.device)
         if start is not None and start.kind == "checkpoint":
             weights = start.path
             load_weights(model, start.path)
@@ -68,12 +82,7 @@ def load_model(job: TrainJob, device: torch.device):
     head = model.get_output_embeddings()
     if feature := unsupported_head_feature(model.config.to_dict(), head_bias=getattr(head, "bias", None) is not None):
         raise WorkerError(unsupported_model_message(weights, feature))
-    if job.settings.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if job.settings.compile:
-        model.base_model.compile()  # in place: parameter names (and the saved checkpoint) stay the same
-    return model.to(device).train(), stored
+    return model.train(), stored
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -86,8 +95,8 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 # --- the step ---------------------------------------------------------------------------------------
 
 
-def train_step(model, params: list[torch.Tensor], optimizer, step: Step, lr: float, dtype: torch.dtype, world: int,
-               max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model, params: list[torch.Tensor], optimizer, step: Step, lr: float, dtype: torch.dtype,
+               parallel: Parallelism, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (the summed loss of its trained tokens, the gradient norm),
     both on the device, so the loop never waits for it. Each micro-batch's loss is divided by the trained tokens of
     the whole step (all ranks), so the summed gradients are those of the step's mean loss."""
@@ -99,9 +108,10 @@ def train_step(model, params: list[torch.Tensor], optimizer, step: Step, lr: flo
             loss = loss_sum(model, ids, labels, pos)
         (loss / step.trained_tokens).backward()
         step_loss += loss.detach()
-    if world > 1:
-        distributed.sum_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    parallel.sum_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # over the whole model, sharded or not
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
@@ -121,16 +131,16 @@ def eval_prompt_ids(tokenizer, prompts: list[str], chat: bool) -> list[list[int]
     return [prompt_ids(tokenizer, [{"role": "user", "content": p}] if chat else p) for p in prompts]
 
 
-def eval_generations(model, tokenizer, prompts: list[str], chat: bool, max_tokens: int = 64) -> list[dict]:
-    """Greedy answers to the run's eval prompts, as the endpoint gives them."""
-    answers = greedy_answers(model, tokenizer, eval_prompt_ids(tokenizer, prompts, chat), max_tokens)
+def eval_generations(model, tokenizer, prompts: list[str], chat: bool, synced_ranks: bool = False, max_tokens: int = 64) -> list[dict]:
+    """Greedy answers to the run's eval prompts, as the endpoint gives them (by every rank together: synced_ranks)."""
+    answers = greedy_answers(model, tokenizer, eval_prompt_ids(tokenizer, prompts, chat), max_tokens, synced_ranks)
     return [{"prompt": p, "response": tokenizer.decode(new, skip_special_tokens=True), "finish_reason": finish}
             for p, (new, finish) in zip(prompts, answers)]
 
 
-def stop_check(model, tokenizer, prompts: list[list[int]]) -> dict[str, float]:
+def stop_check(model, tokenizer, prompts: list[list[int]], synced_ranks: bool = False) -> dict[str, float]:
     """Whether the model still ends its turns: the stop rate and repetition of its greedy answers."""
-    answers = greedy_answers(model, tokenizer, prompts, STOP_CHECK_TOKENS)
+    answers = greedy_answers(model, tokenizer, prompts, STOP_CHECK_TOKENS, synced_ranks)
     return {"stop_rate": stop_rate(answers), "repetition": repetition(answers)}
 
 
@@ -173,7 +183,7 @@ def checkpoint_due(done: int, plan, every: int | None, eval_every: int) -> str |
 
 
 def main(job: TrainJob) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # --- setup: processes, device, model, optimizer, data ---
     if job.owner_pid:
@@ -184,11 +194,13 @@ def main(job: TrainJob) -> int:
     torch.manual_seed(job.settings.seed)
     s, plan, report = job.settings, job.plan, Reporter(job, rank)
     dtype = compute_dtype(s.precision, device)
+    parallel = Parallelism(s.parallelism, world, device, dtype)
+    sync = parallel.every_rank_runs_forwards  # generations run on every rank, not rank 0 alone
     chat = job.task_type is TaskType.CHAT_COMPLETION
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model, stored_dtype = load_model(job, device)
+    model, stored_dtype = load_model(job, parallel)
     params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel (CUDA and CPU): one pass over each fp32 master tensor instead of a loop of small ops
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=s.weight_decay, fused=True)
@@ -209,17 +221,18 @@ def main(job: TrainJob) -> int:
     # answered with the base weights now (not again on a resume: the checkpoint kept the result) and with the saved
     # ones at the end.
     stop_prompts = []
-    if chat and rank == 0:
+    if chat and (rank == 0 or sync):
         stop_prompts = (eval_prompt_ids(tokenizer, job.eval_prompts, chat) if job.eval_prompts
                         else data_prompts(eval_rows or data, STOP_CHECK_PROMPTS))
         if base is None:
-            base = stop_check(model, tokenizer, stop_prompts)
+            base = stop_check(model, tokenizer, stop_prompts, sync)
+            parallel.settle(model)
             report.metrics(0, **{f"base_{k}": v for k, v in base.items()})
     report.say(
         "train",
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.rows_per_step} rows of {job.context_length} "
         f"tokens per step, {job.micro_rows} per micro-batch) on {plan.rows} rows, {world} process(es) on {device.type}, "
-        f"{s.precision} compute{', activation checkpointing' if s.activation_checkpointing else ''}",
+        f"{s.precision} compute, {s.parallelism}{', activation checkpointing' if s.activation_checkpointing else ''}",
     )
 
     # --- the loop: one optimizer step per planned step ---
@@ -229,7 +242,7 @@ def main(job: TrainJob) -> int:
     mean_loss = eval_loss = None
     for step in steps(data, plan, first, rank, world, job.micro_rows, pad_id, device):
         lr = lr_at(step.index, plan.total_steps, job.learning_rate, s.warmup_ratio)
-        step_loss, grad_norm = train_step(model, params, optimizer, step, lr, dtype, world, s.max_grad_norm)
+        step_loss, grad_norm = train_step(model, params, optimizer, step, lr, dtype, parallel, s.max_grad_norm)
         window_loss += step_loss
         window_trained += step.trained_tokens
         window_tokens += step.input_tokens
@@ -252,11 +265,12 @@ def main(job: TrainJob) -> int:
         checkpoint = checkpoint_due(done, plan, s.checkpoint_every, s.eval_every)
         if done % s.eval_every == 0 or checkpoint:
             if job.eval_prompts and not last:  # the last step's generations come from the saved model, below
-                report.generations(done, eval_generations(model, tokenizer, job.eval_prompts, chat) if rank == 0 else [])
+                report.generations(done, eval_generations(model, tokenizer, job.eval_prompts, chat, sync) if rank == 0 or sync else [])
             if eval_rows is not None:
                 eval_loss = evaluate(model, eval_rows, job, pad_id, dtype, device, rank, world)
                 report.metrics(done, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
                 report.say("eval", f"eval at step {done}: loss {eval_loss:.4f} perplexity {math.exp(min(eval_loss, 50.0)):.2f}")
+            parallel.settle(model)
             window_start = time.time()  # tokens/s counts training time, not evaluation
 
         # --- checkpoints: written in the background while the next steps train ---
@@ -276,13 +290,17 @@ def main(job: TrainJob) -> int:
     report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **peak_memory(device))
     # The AdamW states (8 bytes a parameter) go first. The eval prompts are answered by the training model
     # itself, which save() has cast in place to the weights it wrote: loading a second copy beside it and the
-    # optimizer is what runs a GPU out of memory after a successful training (../shared/PITFALLS.md 18).
+    # optimizer is what runs a GPU out of memory after a successful training (../shared/PITFALLS.md 18). A sharded
+    # model is gathered whole to rank 0's CPU for it.
     del optimizer, params
     if device.type == "cuda":
         torch.cuda.empty_cache()
     out = Path(job.output_dir)
+    whole = parallel.full_model(model, AutoModelForCausalLM, s.attn_implementation)
     if rank == 0:
+        model = whole
         save(model, tokenizer, out, stored_dtype)
+        model.to(device)
         saved_tokenizer = AutoTokenizer.from_pretrained(out)
         if job.eval_prompts:
             generations = eval_generations(model, saved_tokenizer, job.eval_prompts, chat)

@@ -72,6 +72,10 @@ class TrainingSettings(BaseModel):
     nproc_per_node: int | None = Field(
         None, gt=0, description="training processes on this machine (default: every visible GPU, or 1 on CPU)"
     )
+    parallelism: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="how the processes share the model: ddp, a full copy in each (16 bytes a parameter); fsdp, "
+        "weights, gradients and AdamW states sharded over them; auto: ddp when a full copy fits, else fsdp"
+    )
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="tokens per process per forward/backward pass (default: the memory plan picks)"
     )

@@ -63,13 +63,14 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
 
 
 def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             ignore_eos: bool = False) -> tuple[list[int], str]:
+             ignore_eos: bool = False, synced_ranks: bool = False) -> tuple[list[int], str]:
     """New token ids and the finish reason: 'stop' when the model ended its turn (on any of stop_token_ids, which
     is then left out of the ids), else 'length'. Greedy at temperature 0.
 
     The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
     not taken from the caller, so every caller stops the same way, also on a model saved without them.
-    `ignore_eos` generates max_tokens regardless (benchmarks)."""
+    `ignore_eos` generates max_tokens regardless (benchmarks). `synced_ranks`: every rank of a sharded model runs this
+    together, each forward a collective, until all of them are done."""
     import torch
 
     stop = stop_token_ids(tokenizer, model.generation_config)
@@ -82,6 +83,7 @@ def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: flo
             eos_token_id=stop,
             use_cache=True,
             min_new_tokens=max_tokens if ignore_eos else 0,
+            synced_gpus=synced_ranks,
             **sampling,
         )
     new = out[0, len(ids):].tolist()

@@ -4,8 +4,10 @@ A training process (tasks/train/worker.py) holds fp32 master weights, fp32 gradi
 moments (16 bytes a parameter), the activations autograd keeps for the backward pass (per token and
 layer, counted from the Llama code; with activation checkpointing only each layer's input, and one
 layer recomputed at a time), one chunk of the loss's logits beside the fp32 gradient of the output layer's
-weight that the fused loss accumulates, and a runtime overhead. Every process keeps a full copy of all of
-it: Tessera's trainer does not shard training states yet. The constants that
+weight that the fused loss accumulates, and a runtime overhead. With parallelism ddp every process keeps a full
+copy of the states; with fsdp each keeps 1/N of them, plus the weights it gathers: the embeddings and head for the
+whole step, and two decoder layers at a time (the one running and the next), with one layer's unsharded gradients
+before they are reduce-scattered. The constants that
 are not counted were measured on SmolLM2-135M (tests/test_memory.py: estimate within 12% of the peak RSS
 of real steps, with and without checkpointing, 512 to 4096 tokens, bf16 and fp32 compute).
 """
@@ -161,7 +163,8 @@ class MemoryPlan(BaseModel):
     micro_batch_tokens: int
     activation_checkpointing: bool
     nproc: int
-    estimate_bytes: dict[str, int]  # weights, gradients, optimizer, activations, loss, runtime (per process)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    estimate_bytes: dict[str, int]  # weights, gradients, optimizer, activations, loss, runtime (+ gathered for fsdp), per process
     total_bytes: int  # per process
     budget_bytes: int  # per process (on CPU, processes share the machine's RAM: budget / nproc)
     decided: str  # one line: what it picked and why
@@ -169,11 +172,12 @@ class MemoryPlan(BaseModel):
     def render(self) -> str:
         e = self.estimate_bytes
         parts = "  ".join(f"{k} {_gb(v)}" for k, v in e.items())
-        step = self.total_bytes - (e["weights"] + e["gradients"] + e["optimizer"] + e["runtime"])
+        step = self.total_bytes - (e["weights"] + e["gradients"] + e["optimizer"] + e["runtime"] + e.get("gathered", 0))
         if step > e["activations"] + e["loss"]:
             parts += f"  (the optimizer step's temporaries, {_gb(step)}, outweigh activations and loss)"
         return "\n".join([
-            f"memory plan: {_gb(self.total_bytes)} peak of {_gb(self.budget_bytes)} per process, {_count(self.nproc, 'process')}",
+            f"memory plan: {_gb(self.total_bytes)} peak of {_gb(self.budget_bytes)} per process, {_count(self.nproc, 'process')}, "
+            f"{self.parallelism}",
             f"  {parts}",
             f"  {self.decided}",
         ])
@@ -199,8 +203,9 @@ class Estimate(BaseModel):
 
 
 def estimate(arch: Architecture, device: str, context_length: int, rows: int, *, precision: str,
-             activation_checkpointing: bool, nproc: int = 1) -> Estimate:
-    """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens."""
+             activation_checkpointing: bool, nproc: int = 1, sharded: bool = False) -> Estimate:
+    """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens; `sharded`: FSDP over
+    the `nproc` processes."""
     c = 2 if precision == "bf16" else 4
     p, h, layers = arch.parameters, arch.hidden_size, arch.num_hidden_layers
     tokens = rows * context_length
@@ -217,25 +222,32 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
     # the chunk; the gathered hidden states; the fp32 gradient of the head's weight, accumulated over the chunks
     # before autograd adds it to the weight's own gradient (2.1 GB for a 128k vocabulary at hidden size 4096)
     loss = int(LOSS_CHUNK_COPIES * chunk * arch.vocab_size * 4) + tokens * 4 * h + 4 * arch.vocab_size * h
+    share = nproc if sharded else 1
     parts = {
-        "weights": 4 * p,
-        "gradients": 4 * p,
-        "optimizer": 8 * p,
+        "weights": -(-4 * p // share),
+        "gradients": -(-4 * p // share),
+        "optimizer": -(-8 * p // share),
         "activations": activations,
         "loss": loss,
         "runtime": RUNTIME_BYTES[device],
     }
-    # With more than one process the gradients are summed in one flat buffer: a second copy of them.
-    step_copy = parts["gradients"] if nproc > 1 else 0
-    always = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["runtime"]
+    if sharded:
+        layer_params = arch.layer_matrix_parameters + 2 * h
+        embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+        parts["gathered"] = c * (embeddings + 2 * layer_params) + 4 * layer_params
+    # With ddp over more than one process the gradients are summed in one flat buffer: a second copy of them.
+    step_copy = parts["gradients"] if nproc > 1 and not sharded else 0
+    always = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["runtime"] + parts.get("gathered", 0)
     return Estimate(parts=parts, total=always + max(activations + loss, step_copy))
 
 
 def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, precision: str,
-                micro_batch_tokens: int | None, activation_checkpointing: bool | None, nproc: int) -> MemoryPlan:
-    """Choose the micro-batch and activation checkpointing for this model, context and hardware.
+                micro_batch_tokens: int | None, activation_checkpointing: bool | None, nproc: int,
+                parallelism: str = "auto") -> MemoryPlan:
+    """Choose the parallelism, the micro-batch and activation checkpointing for this model, context and hardware.
 
-    Policy: values the run set are kept (only the None ones are chosen). Activation checkpointing is off
+    Policy: values the run set are kept (only the None and auto ones are chosen). Parallelism auto is ddp when it
+    fits (one process is always ddp: nothing to shard), else fsdp. Activation checkpointing is off
     unless not even one row fits without it (it costs a second forward pass). The micro-batch is the
     largest whole number of rows, at most MAX_MICRO_ROWS rows and MAX_MICRO_TOKENS[device] tokens (at least one
     row), that fits. A set micro_batch_tokens is rounded down to whole rows (at least one). If nothing
@@ -245,20 +257,27 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
     if context_length <= 0:
         raise ConfigError(f"context_length {context_length}: must be a positive number of tokens")
     budget = hardware.memory_bytes // nproc if hardware.device == "cpu" else hardware.memory_bytes
-    found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing, nproc)
-    if found is not None:
-        rows, ckpt, sizes, why = found
-        decided = (
-            f"micro_batch_tokens {rows * context_length} ({_count(rows, 'row')} of {context_length}) "
-            f"{'with' if ckpt else 'without'} activation checkpointing: "
-            f"{_gb(sizes.total)} of {_gb(budget)} per process ({why})"
-        )
-        return MemoryPlan(
-            micro_batch_tokens=rows * context_length, activation_checkpointing=ckpt, nproc=nproc,
-            estimate_bytes=sizes.parts, total_bytes=sizes.total, budget_bytes=budget, decided=decided,
-        )
+    kinds = ["ddp", "fsdp"] if parallelism == "auto" else [parallelism]
+    if parallelism == "auto" and nproc == 1:
+        kinds = ["ddp"]
+    for kind in kinds:
+        found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
+                        nproc, sharded=kind == "fsdp")
+        if found is not None:
+            rows, ckpt, sizes, why = found
+            if parallelism == "auto":
+                why += "; fsdp: a full copy in each process does not fit" if kind == "fsdp" else "; ddp: a full copy fits"
+            decided = (
+                f"{kind}, micro_batch_tokens {rows * context_length} ({_count(rows, 'row')} of {context_length}) "
+                f"{'with' if ckpt else 'without'} activation checkpointing: "
+                f"{_gb(sizes.total)} of {_gb(budget)} per process ({why})"
+            )
+            return MemoryPlan(
+                micro_batch_tokens=rows * context_length, activation_checkpointing=ckpt, nproc=nproc, parallelism=kind,
+                estimate_bytes=sizes.parts, total_bytes=sizes.total, budget_bytes=budget, decided=decided,
+            )
     raise ConfigError(_refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens,
-                               activation_checkpointing, nproc))
+                               activation_checkpointing, nproc, sharded=kinds[-1] == "fsdp"))
 
 
 def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
@@ -266,7 +285,7 @@ def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
 
 
 def _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-            nproc):
+            nproc, sharded=False):
     """(rows, checkpointing, sizes, why) of the policy's choice, or None when nothing allowed fits."""
     if micro_batch_tokens is not None:
         candidates = [_set_rows(micro_batch_tokens, context_length)]
@@ -277,7 +296,7 @@ def _choose(arch, hardware, context_length, budget, precision, micro_batch_token
     for ckpt in modes:
         for rows in candidates:
             sizes = estimate(arch, hardware.device, context_length, rows, precision=precision,
-                             activation_checkpointing=ckpt, nproc=nproc)
+                             activation_checkpointing=ckpt, nproc=nproc, sharded=sharded)
             if sizes.total <= budget:
                 return rows, ckpt, sizes, _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing)
     return None
@@ -296,12 +315,12 @@ def _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing) -
 
 
 def _refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-             nproc) -> str:
+             nproc, sharded=False) -> str:
     """Why nothing fits, and every change that would."""
     rows = _set_rows(micro_batch_tokens, context_length) if micro_batch_tokens is not None else 1
     ckpt = activation_checkpointing is not False  # the least memory the run's settings allow
     least = estimate(arch, hardware.device, context_length, rows, precision=precision, activation_checkpointing=ckpt,
-                     nproc=nproc)
+                     nproc=nproc, sharded=sharded)
     states = sum(least.parts[k] for k in ("weights", "gradients", "optimizer"))
     head = (
         f"does not fit {hardware.describe()}: {_count(rows, 'row')} of {context_length} tokens "
@@ -310,9 +329,9 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
         f"alone take {_gb(states)} (16 B x {parameters_text(arch.parameters)})"
     )
     if hardware.device == "cuda":
-        head += ", and every GPU keeps all of them (Tessera's trainer does not shard them yet)"
+        head += f", sharded over {_count(nproc, 'GPU')} (fsdp)" if sharded else ", and with parallelism ddp every GPU keeps all of them"
     fixes = []
-    fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc)
+    fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc, sharded=sharded)
     if micro_batch_tokens is not None and rows > 1:
         found = _choose(arch, context_length=context_length, micro_batch_tokens=None,
                         activation_checkpointing=activation_checkpointing, **fixed)
@@ -335,8 +354,29 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
         needed = math.ceil(least.total * nproc / CPU_RAM_SHARE)
         fixes.append(f"a machine with {_gb(needed)} of available RAM")
     else:
-        fixes.append(f"a GPU with at least {_gb(least.total)} of memory")
+        gpus = _fewest_gpus(arch, hardware, context_length, precision, micro_batch_tokens, activation_checkpointing)
+        if gpus is not None and gpus <= nproc:
+            fixes.append("parallelism: fsdp")
+        elif gpus is not None:
+            fixes.append(f"parallelism fsdp over {gpus} GPUs of {_gb(hardware.memory_bytes)} (nproc_per_node, or nodes x GPUs)")
+        fixes.append(f"{_count(nproc, 'GPU')} of at least {_gb(least.total)}" if sharded else f"a GPU with at least {_gb(least.total)} of memory")
     return head + ". What would fit: " + "; ".join(fixes)
+
+
+def _fewest_gpus(arch, hardware, context_length, precision, micro_batch_tokens, activation_checkpointing,
+                 most: int = 1 << 16) -> int | None:
+    """The fewest GPUs of this size over which fsdp fits (a binary search: more GPUs never need more each)."""
+    def fits(n: int) -> bool:
+        return _choose(arch, hardware, context_length, hardware.memory_bytes, precision, micro_batch_tokens,
+                       activation_checkpointing, n, sharded=True) is not None
+
+    if not fits(most):
+        return None
+    low, high = 2, most
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return low
 
 
 def _longest_context(arch, context_length, fixed) -> int | None:

@@ -119,7 +119,7 @@ def hardware_settings(settings: TrainingSettings, hardware: Hardware) -> tuple[d
 
 def plan_settings(settings: TrainingSettings, architecture: Architecture | None, hardware: Hardware,
                   context_length: int, model_name: str) -> tuple[dict, dict[str, str], MemoryPlan]:
-    """The hardware's part of a plan: the processes, the precision and the memory plan (micro-batch, activation
+    """The hardware's part of a plan: the processes, the precision and the memory plan (parallelism, micro-batch, activation
     checkpointing) for settings that leave them open. Returns (the settings decided, where every setting came
     from, the memory plan); ConfigError when the run does not fit."""
     updates, sources = hardware_settings(settings, hardware)
@@ -128,11 +128,13 @@ def plan_settings(settings: TrainingSettings, architecture: Architecture | None,
     memory = plan_memory(
         architecture, hardware, context_length, precision=updates["precision"],
         micro_batch_tokens=settings.micro_batch_tokens, activation_checkpointing=settings.activation_checkpointing,
-        nproc=updates.get("nproc_per_node", settings.nproc_per_node),
+        nproc=updates.get("nproc_per_node", settings.nproc_per_node), parallelism=settings.parallelism,
     )
     for key in ("micro_batch_tokens", "activation_checkpointing"):
         if getattr(settings, key) is None:
             updates[key], sources[key] = getattr(memory, key), "memory plan"
+    if settings.parallelism == "auto":
+        updates["parallelism"], sources["parallelism"] = memory.parallelism, "memory plan"
     return updates, sources, memory
 
 
