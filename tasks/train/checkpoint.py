@@ -9,11 +9,14 @@ data position.
 
 Saves are asynchronous: the state is copied off the training tensors, then written by a background thread on a
 process group of its own (on the training group, the save's collectives interleave with the gradient all-reduce and
-both ranks hang: STACK.md). One save at a time: the next one, or the end, waits for the previous.
+both ranks hang: STACK.md). One save at a time: the next one, or the end, waits for the previous. The last save and
+a preemption's are written at once, with no staged copy: nothing trains meanwhile, and the copy costs as much memory
+as the process's share of the weights and AdamW states.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import random
 import shutil
@@ -64,7 +67,8 @@ class Checkpointer:
         return {"model": model_state, "optim": optim_state}
 
     def save(self, info: CheckpointInfo, wait: bool = False) -> None:
-        """Start writing a checkpoint of the state as it is now; the training may change it as soon as this returns."""
+        """Start writing a checkpoint of the state as it is now; the training may change it as soon as this returns.
+        With `wait`, write it now and return once it is complete."""
         self.wait()
         if self._short_of_space():
             return
@@ -74,7 +78,12 @@ class Checkpointer:
         dist.barrier(group=self.group)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), _rng_file(path, self.rank))
-        future = dcp.async_save(self.state(), checkpoint_id=str(path), process_group=self.group)
+        if wait:  # nothing to overlap (the end, a preemption): written from the training tensors, with no staged copy
+            dcp.save(self.state(), checkpoint_id=str(path), process_group=self.group)
+            future = concurrent.futures.Future()
+            future.set_result(None)
+        else:
+            future = dcp.async_save(self.state(), checkpoint_id=str(path), process_group=self.group)
         self._pending = (future, info, path)
         if wait:
             self.wait()

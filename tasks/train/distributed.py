@@ -49,6 +49,13 @@ def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> 
     return summed
 
 
+def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value's largest over every rank, in one collective (a peak memory: the process that needed the most)."""
+    found = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return dict(zip(values, found.tolist()))
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` holds on any rank: one all-reduce of a scalar (none in a group of one). The loop asks it once a
     step, so that a SIGTERM that reached some ranks stops all of them at the same step."""

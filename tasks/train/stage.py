@@ -36,16 +36,23 @@ class TrainedModel(BaseModel):
     mlflow_run_id: str
 
 
-def worker_command(job_file: str, nproc: int) -> tuple[list[str], dict[str, str]]:
+def worker_command(job_file: str, nproc: int, sharded: bool = False) -> tuple[list[str], dict[str, str]]:
     """How the worker processes start, and their environment. Several go through torchrun, which starts and
     watches them; a lone one is started directly, with the environment torchrun would give it (a group of one on
-    a free local port): torchrun's own start costs seconds and has nothing to coordinate."""
+    a free local port): torchrun's own start costs seconds and has nothing to coordinate.
+
+    A sharded model gathers and frees every layer's weights and gradients at each micro-batch. On a CPU, glibc's
+    dynamic mmap threshold then keeps those frees resident; a fixed threshold of 1 MB hands them back (measured on a
+    100M-parameter model over 2 processes: a peak of 1.73 GB per process without it, 1.50 GB with it)."""
     worker = ["-m", "tasks.train.worker", job_file]
+    env = dict(os.environ)
+    if sharded:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker], dict(os.environ)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker], env
     group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return [sys.executable, *worker], dict(os.environ, **group_of_one)
+    return [sys.executable, *worker], dict(env, **group_of_one)
 
 
 class WorkersDied(TesseraError):
@@ -118,7 +125,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
     this thread, at any point: one inside a read would lose the records read with it), so every record is relayed,
     those the workers print while they stop too."""
     job_file.write_text(job.model_dump_json(indent=2))
-    cmd, env = worker_command(str(job_file), job.settings.nproc_per_node)
+    cmd, env = worker_command(str(job_file), job.settings.nproc_per_node, sharded=job.settings.parallelism == "fsdp")
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     said: list[str] = []  # the worker's own reason, kept however many ranks' tracebacks follow it

@@ -279,7 +279,7 @@ def main(job: TrainJob) -> int:
         if checkpoint or preempted:
             info = info_now(done, plan, tokens_seen, world, "preempted" if preempted else checkpoint, mean_loss,
                             eval_loss if checkpoint else None, base, model.config.to_dict())
-            checkpointer.save(info, wait=preempted)
+            checkpointer.save(info, wait=preempted or last)
         if preempted:
             report.say("train", f"stopped by SIGTERM after step {done}/{plan.total_steps}; the checkpoint to resume from is saved")
             dist.destroy_process_group()
@@ -287,7 +287,8 @@ def main(job: TrainJob) -> int:
     checkpointer.wait()
 
     # --- save, then answer the eval prompts with the saved weights, as the endpoint will ---
-    report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **peak_memory(device))
+    # the peak of the process that needed the most (rank 0 also read the whole weights file to broadcast it)
+    report.metrics(plan.total_steps, train_runtime_s=time.time() - start, **distributed.max_over_ranks(peak_memory(device), device))
     # The AdamW states (8 bytes a parameter) go first. The eval prompts are answered by the training model
     # itself, which save() has cast in place to the weights it wrote: loading a second copy beside it and the
     # optimizer is what runs a GPU out of memory after a successful training (../shared/PITFALLS.md 18). A sharded
