@@ -135,7 +135,7 @@ def side_ours(spec: dict) -> dict:
     prepared = prepare(config)
     trained = train_model.fn(run, prepared, data_report(run, prepared))
     e2e = time.perf_counter() - start
-    job = TrainJob.model_validate_json((runs.run_dir(config.name) / "train_job.json").read_text())
+    job = TrainJob.model_validate_json(runs.job_file(config.name).read_text())
     client = MlflowClient(mlflow_tracking_uri())
 
     def history(key: str) -> list[float]:

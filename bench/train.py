@@ -231,7 +231,7 @@ def side_ours(spec: dict) -> dict:
     start = time.perf_counter()
     trained = train_model.fn(run, prepared, report)
     stage_s = time.perf_counter() - start
-    job = TrainJob.model_validate_json((runs.run_dir(config.name) / "train_job.json").read_text())
+    job = TrainJob.model_validate_json(runs.job_file(config.name).read_text())
     client = MlflowClient(mlflow_tracking_uri())
 
     def history(key: str) -> list[float]:

@@ -116,6 +116,10 @@ def cmd_runs(args) -> int:
         print(f"run {run.name} resumed ({run.status.value}); follow it: tessera runs events {run.name} --follow")
         if args.follow:
             return sdk.print_until_done(run.name)
+    elif args.action == "join":  # this node's share of a run over several nodes, in the foreground
+        from tasks.train.nodes import join
+
+        return join(args.name)
     elif args.action == "events":
         if args.follow:
             return sdk.print_until_done(args.name)
@@ -345,11 +349,14 @@ def cmd_plan(args) -> int:
         hardware = Hardware.detect()
     if args.nproc:
         settings = settings.model_copy(update={"nproc_per_node": args.nproc})
+    if args.nodes:
+        settings = settings.model_copy(update={"nnodes": args.nodes})
     # the train stage's own decisions (tessera.core.run_plan), for this model, hardware and context
     decided, sources = hardware_settings(settings, hardware)
     nproc = decided.get("nproc_per_node", settings.nproc_per_node)
     print(f"{args.model}: {parameters_text(arch.parameters)}, context {context_length} tokens, {decided['precision']} "
-          f"compute ({sources['precision']}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}")
+          f"compute ({sources['precision']}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}"
+          + (f", on each of {settings.nnodes} nodes" if settings.nnodes > 1 else ""))
     try:
         _, _, plan = plan_settings(settings, arch, hardware, context_length, args.model)
     except ConfigError as exc:  # a plan that does not fit is an answer, not a usage error
@@ -370,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="follow the run; exit non-zero if it fails")
     c.set_defaults(func=cmd_create)
 
-    r = sub.add_parser("runs", help="list, inspect, follow, cancel or resume runs, and list their checkpoints")
-    r.add_argument("action", choices=["list", "get", "cancel", "events", "checkpoints", "resume", "delete"])
+    r = sub.add_parser("runs", help="list, inspect, follow, cancel or resume runs, list their checkpoints, join one from another node")
+    r.add_argument("action", choices=["list", "get", "cancel", "events", "checkpoints", "resume", "delete", "join"])
     r.add_argument("name", nargs="?")
     r.add_argument("--follow", action="store_true", help="with events or resume: keep printing until the run ends")
     r.set_defaults(func=cmd_runs)
@@ -423,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context-length", type=int, help="tokens per packed row (default: the run's, else min(model maximum, 4096))")
     pl.add_argument("--gpus", type=int, help="plan for this many GPUs on the node (default: this machine's hardware)")
     pl.add_argument("--gpu-memory", help="memory of each GPU, e.g. 80GB (GB = 10^9 bytes) or 80GiB (default 80GB)")
+    pl.add_argument("--nodes", type=int, help="machines training together, each with --gpus GPUs (default: training_config.nnodes, 1)")
     pl.add_argument("--nproc", type=int, help="training processes (default: training_config.nproc_per_node, else one per GPU, 1 on CPU)")
     pl.set_defaults(func=cmd_plan)
 

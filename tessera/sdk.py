@@ -207,7 +207,7 @@ def prune_prepared_cache() -> tuple[list[Path], list[Path]]:
             continue
         record = _current(record)
         resumable = record.status in (RunStatus.FAILED, RunStatus.STOPPED) and latest(record.checkpoint_dir)
-        job = runs.run_dir(record.config.name) / "train_job.json"
+        job = runs.job_file(record.config.name)
         if (not record.status.finished or resumable) and job.exists():
             spec = json.loads(job.read_text())
             needed |= {spec["prepared_path"], spec.get("eval_prepared_path")}

@@ -181,7 +181,7 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
     while process_alive(record_pid) and time.time() < deadline:
         time.sleep(0.5)
     assert not process_alive(record_pid)
-    job_file = str(runs.run_dir(run.name) / "train_job.json")
+    job_file = str(runs.job_file(run.name))
     workers = subprocess.run(["pgrep", "-f", job_file], capture_output=True, text=True).stdout.split()
     assert workers == []
     assert tracking_client().search_registered_models() == []

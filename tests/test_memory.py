@@ -193,6 +193,16 @@ def test_plan_command_says_what_llama_8b_needs_without_importing_torch():
     assert "What would fit: parallelism fsdp over 2 GPUs of 80.0 GB" in error and "a GPU with at least" in error
 
 
+def test_plan_command_counts_the_gpus_of_every_node(capsys):
+    from tessera.cli import main
+
+    argv = ["plan", "--model", "meta-llama/Meta-Llama-3.1-70B-Instruct", "--gpus", "8", "--gpu-memory", "80GB"]
+    assert main(argv) == 1  # one node of 8: not even the sharded states fit
+    assert main([*argv, "--nodes", "4"]) == 0  # 32 GPUs
+    out = capsys.readouterr().out
+    assert "on each of 4 nodes" in out and "8 processes x 4 nodes, fsdp" in out
+
+
 def test_plan_command_takes_a_run_yaml(tmp_path, capsys):
     from tessera.cli import main
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -144,7 +146,7 @@ def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home
     assert len(reference) == 8
     (at_3,) = [c for c in checkpoints.list_checkpoints(runs.load(config.name).checkpoint_dir) if c.step == 3]
     assert at_3.world_size == 2
-    job = TrainJob.model_validate_json((runs.run_dir(config.name) / "train_job.json").read_text())
+    job = TrainJob.model_validate_json(runs.job_file(config.name).read_text())
     for nproc, parallelism in ((1, "ddp"), (2, "fsdp")):
         out = tmp_path / f"{nproc}-{parallelism}"
         resumed = job.model_copy(update={
@@ -153,7 +155,7 @@ def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home
         })
         (out / "job.json").parent.mkdir(parents=True)
         (out / "job.json").write_text(resumed.model_dump_json())
-        cmd, env = worker_command(str(out / "job.json"), nproc, sharded=parallelism == "fsdp")
+        cmd, env = worker_command(str(out / "job.json"), resumed.settings, resumed.run_name)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         records = [json.loads(line[len(RECORD_MARKER):]) for line in done.stdout.splitlines() if line.startswith(RECORD_MARKER)]
@@ -198,6 +200,99 @@ def test_fsdp_keeps_each_process_below_one_full_copy_of_the_training_states(trai
     assert peak < full_copy, f"peak {peak / 1e9:.2f} GB, a full copy of the states {full_copy / 1e9:.2f} GB"
     estimate = float(mlflow_client().get_run(trained.mlflow_run_id).data.params["train.memory_estimate_gb"]) * 1e9
     assert estimate == pytest.approx(peak, rel=0.25), (estimate / 1e9, peak / 1e9)
+
+
+def join_when_started(run_name: str) -> subprocess.Popen:
+    """`tessera runs join NAME`, as another node runs it, in a session of its own (a node that can be lost whole)."""
+    return subprocess.Popen([sys.executable, "-m", "tessera.cli", "runs", "join", run_name], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy(), start_new_session=True)
+
+
+def run_processes(run_name: str) -> list[psutil.Process]:
+    """Live processes of the run's training, on any node: torchrun agents and workers given its job."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and ("tasks.train.worker" in cmd or f"--rdzv-id={run_name}" in cmd):
+                if f"--rdzv-id={run_name}" in cmd or run_name in open(p.info["cmdline"][-1]).read():
+                    found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def test_two_nodes_train_as_one_node_of_two_processes(trainer_home):
+    """Node 0 (the run's train stage) and a node that joins with `tessera runs join NAME`, one process each, meeting at
+    a c10d rendezvous on 127.0.0.1: the loss curve of one process training the same steps."""
+    from tessera.core.config import new_run_name
+    from tessera.core.processes import free_port
+
+    _, data = trainer_home
+    batch = {"global_batch_tokens": 8 * CTX, "micro_batch_tokens": 4 * CTX}
+    _, _, one = run_stage(data, "4ba", {**batch, "nproc_per_node": 1})
+    name = new_run_name("two-nodes")
+    joined = join_when_started(name)
+    try:
+        _, _, two = run_stage(data, "4ba", {**batch, "nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
+                              name=name)
+        output = joined.communicate(timeout=120)[0]
+    finally:
+        joined.kill()
+    assert joined.returncode == 0, output
+    assert f"joining run {name}: 2 nodes of 1 process(es)" in output
+    assert metric(two.mlflow_run_id, "loss") == pytest.approx(metric(one.mlflow_run_id, "loss"), rel=2e-4)
+    from tessera.core.tracking import mlflow_client
+
+    assert mlflow_client().get_run(two.mlflow_run_id).data.params["world_size"] == "2"
+
+
+def test_a_lost_node_fails_the_run_at_once_resumable_and_leaves_no_process(trainer_home):
+    """The joined node killed whole (its torchrun and CLI; its worker notices its owner gone) after a checkpoint: node
+    0's run fails within seconds, saying which step it resumes from, and no process of the run is left after 30 s."""
+    from tessera.core import checkpoints, runs
+    from tessera.core.config import new_run_name
+    from tessera.core.errors import TesseraError
+    from tessera.core.processes import free_port
+
+    _, data = trainer_home
+    name = new_run_name("lost-node")
+    joined = join_when_started(name)
+
+    def kill_after_a_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                root = runs.load(name).checkpoint_dir
+            except Exception:  # noqa: BLE001 - not created yet
+                root = None
+            if root and checkpoints.latest(root) is not None:
+                os.killpg(joined.pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+                return
+            time.sleep(0.2)
+
+    killed: list[float] = []
+    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    killer.start()
+    settings = {"global_batch_tokens": 4 * CTX, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 1, "nnodes": 2,
+                "rdzv_endpoint": f"127.0.0.1:{free_port()}", "checkpoint_every": 2}
+    try:
+        with pytest.raises(TesseraError) as failed:
+            run_stage(data, "400ba", settings, name=name)
+        ended = time.monotonic()
+    finally:
+        joined.kill()
+        killer.join()
+    message = str(failed.value)
+    assert killed and ended - killed[0] < 20, "the run did not fail within seconds of losing a node"
+    assert "lost contact with another (a process or a node died)" in message
+    assert "a run over 2 nodes is not restarted" in message and f"resumable from step" in message, message
+    assert f"tessera runs resume {name}" in message
+    deadline = ended + 30
+    while run_processes(name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run_processes(name) == []
 
 
 def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:

@@ -16,6 +16,7 @@ from tessera.core.runs import append_event, update
 from tessera.core.training import TrainJob
 
 ERROR_MARKER = "TESSERA_TRAIN_ERROR: "  # the train stage turns a line starting with this into the run's one message
+PEERS_LOST_MARKER = "TESSERA_PEERS_LOST: "  # a collective failed: another process (or node) is gone
 RECORD_MARKER = "TESSERA_MLFLOW: "  # a JSON record the train stage logs to the run's MLflow run
 SIGTERM_GRACE_S = 30  # between SIGTERM and SIGKILL, the train stage's and torchrun's: a worker saves a checkpoint in it
 PREEMPTED_EXIT = 143  # a worker's exit code (128 + SIGTERM) once it saved a checkpoint on SIGTERM: resumable
@@ -104,6 +105,19 @@ class MlflowRelay:
         elif record["kind"] == "table" and record["data"]:
             self.client.log_table(self.run_id, record["data"], record["path"])
         return True
+
+
+def peers_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another training process is gone (killed, or its node lost), which a
+    resume from the last checkpoint gets past, unlike what this process itself says is wrong (fail)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or "gloo/transport" in text or "Connection closed by peer" in text
+
+
+def say_peers_lost(exc: BaseException) -> None:
+    print(PEERS_LOST_MARKER + f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr, flush=True)
 
 
 def fail(message: str) -> None:

@@ -19,12 +19,13 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
-from tasks.train.report import ERROR_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
+from tasks.train.report import ERROR_MARKER, PEERS_LOST_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
 from tessera.core import checkpoints, runs
 from tessera.core.config import RunConfig
+from tasks.train.nodes import worker_command
 from tessera.core.errors import TesseraError
-from tessera.core.processes import create_time, free_port, oom_kill_count, stop_tree
+from tessera.core.processes import create_time, oom_kill_count, stop_tree
 from tessera.core.tracking import experiment_id, local_artifact_path, mlflow_client
 from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
@@ -34,25 +35,6 @@ class TrainedModel(BaseModel):
     model_dir: str
     experiment_id: str
     mlflow_run_id: str
-
-
-def worker_command(job_file: str, nproc: int, sharded: bool = False) -> tuple[list[str], dict[str, str]]:
-    """How the worker processes start, and their environment. Several go through torchrun, which starts and
-    watches them; a lone one is started directly, with the environment torchrun would give it (a group of one on
-    a free local port): torchrun's own start costs seconds and has nothing to coordinate.
-
-    A sharded model gathers and frees every layer's weights and gradients at each micro-batch. On a CPU, glibc's
-    dynamic mmap threshold then keeps those frees resident; a fixed threshold of 1 MB hands them back (measured on a
-    100M-parameter model over 2 processes: a peak of 1.73 GB per process without it, 1.50 GB with it)."""
-    worker = ["-m", "tasks.train.worker", job_file]
-    env = dict(os.environ)
-    if sharded:
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker], env
-    group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return [sys.executable, *worker], dict(env, **group_of_one)
 
 
 class WorkersDied(TesseraError):
@@ -79,6 +61,9 @@ def failure(output: list[str], returncode: int, plan: RunPlan, out_of_memory: bo
         )
     if killed:
         return WorkersDied("a training process was killed (SIGKILL, and not by the out-of-memory killer)")
+    lost = [line.split(PEERS_LOST_MARKER, 1)[1].strip() for line in output if PEERS_LOST_MARKER in line]
+    if lost:
+        return WorkersDied(f"a training process lost contact with another (a process or a node died): {lost[0][:300]}")
     if returncode == PREEMPTED_EXIT:
         return WorkersDied("the training processes were stopped by SIGTERM (a preemption?) after saving a checkpoint")
     raised = [line.strip() for line in output if re.match(r"^\w+(Error|Exception|Interrupt)\b", line.strip())]
@@ -125,7 +110,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
     this thread, at any point: one inside a read would lose the records read with it), so every record is relayed,
     those the workers print while they stop too."""
     job_file.write_text(job.model_dump_json(indent=2))
-    cmd, env = worker_command(str(job_file), job.settings.nproc_per_node, sharded=job.settings.parallelism == "fsdp")
+    cmd, env = worker_command(str(job_file), job.settings, job.run_name)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=60)
     said: list[str] = []  # the worker's own reason, kept however many ranks' tracebacks follow it
@@ -140,7 +125,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
                 if relay.handle(line):
                     continue
                 tail.append(line.rstrip())
-                if ERROR_MARKER in line and not said:
+                if (ERROR_MARKER in line or PEERS_LOST_MARKER in line) and not said:
                     said.append(line.rstrip())
                 log.info(line.rstrip())
                 progress.update(line)
@@ -242,18 +227,24 @@ def train_model(
         client.log_text(relay.run_id, report.render(), "data_report/report.txt")
         client.log_artifact(relay.run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
 
-    retries = plan.settings.train_retries
+    nodes = plan.settings.nnodes
+    # a lost node ends every node's torchrun: restarting node 0's alone would wait for nodes nobody restarts
+    retries = plan.settings.train_retries if nodes == 1 else 0
     for attempt in range(retries + 1):
         job = train_job(run, plan, prepared, eval_prepared, out_dir, root)
+        if nodes > 1:
+            join = f"waiting for {nodes - 1} more node(s) at {plan.settings.rdzv_endpoint}: on each, run `tessera runs join {config.name}`"
+            log.info(join)
+            runs.append_event(config.name, "train", join)
         try:
-            launch(job, runs.run_dir(config.name) / "train_job.json", log, plan, relay,
+            launch(job, runs.job_file(config.name), log, plan, relay,
                    while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)
             break
         except WorkersDied as died:
             if attempt == retries:
                 relay.end("FAILED")
-                raise TesseraError(f"{died} (restarted {retries} time(s) already)"
-                                   + checkpoints.resumable_note(root, config.name)) from None
+                why = f"restarted {retries} time(s) already" if nodes == 1 else f"a run over {nodes} nodes is not restarted"
+                raise TesseraError(f"{died} ({why})" + checkpoints.resumable_note(root, config.name)) from None
             last = checkpoints.latest(root)
             runs.append_event(config.name, "train", f"{died}; restarting from "
                               f"{'the checkpoint at ' + last.label if last else 'the start'} (retry {attempt + 1} of {retries})")

@@ -32,7 +32,7 @@ from tasks.train.evaluation import (
 from tasks.train.loss import loss_sum
 from tasks.train.parallel import Parallelism
 from tasks.train.precision import autocast, compute_dtype
-from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, progress_line
+from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, peers_lost, progress_line, say_peers_lost
 from tessera.core.config import TaskType
 from tessera.core.generation import prompt_ids, stop_token_ids
 from tessera.core.paths import replacing_dir
@@ -335,7 +335,10 @@ def run(job_file: str) -> int:
         )
         return 1
     except Exception as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        if peers_lost(exc):
+            say_peers_lost(exc)
+        else:
+            fail(f"{type(exc).__name__}: {exc}")
         raise  # the traceback goes to the run's log
 
 

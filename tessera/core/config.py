@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tessera.core.errors import ConfigError, TesseraError
 
@@ -72,6 +72,13 @@ class TrainingSettings(BaseModel):
     nproc_per_node: int | None = Field(
         None, gt=0, description="training processes on this machine (default: every visible GPU, or 1 on CPU)"
     )
+    nnodes: int = Field(
+        1, ge=1, description="machines training together: node 0 runs the run's train stage, each other one joins it with "
+        "`tessera runs join NAME` (torchrun's c10d rendezvous at rdzv_endpoint)"
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port on node 0 where the nodes meet (required when nnodes > 1): reachable from every node"
+    )
     parallelism: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="how the processes share the model: ddp, a full copy in each (16 bytes a parameter); fsdp, "
         "weights, gradients and AdamW states sharded over them; auto: ddp when a full copy fits, else fsdp"
@@ -112,6 +119,21 @@ class TrainingSettings(BaseModel):
         2, ge=0, description="times a training process that died (not a data error or out-of-memory) is restarted from the "
         "last checkpoint"
     )
+
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^\s:]+:\d{1,5}", value):
+            raise ConfigError(f"training_config rdzv_endpoint {value!r}: expected host:port, e.g. node0.cluster:29400")
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_meet_somewhere(self) -> TrainingSettings:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"training_config nnodes {self.nnodes}: rdzv_endpoint is required (host:port on node 0, "
+                              "reachable from every node)")
+        return self
 
 
 @cache

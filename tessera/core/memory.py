@@ -162,7 +162,8 @@ class MemoryPlan(BaseModel):
 
     micro_batch_tokens: int
     activation_checkpointing: bool
-    nproc: int
+    nproc: int  # per node
+    nnodes: int = 1
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     estimate_bytes: dict[str, int]  # weights, gradients, optimizer, activations, loss, runtime (+ gathered for fsdp), per process
     total_bytes: int  # per process
@@ -176,7 +177,8 @@ class MemoryPlan(BaseModel):
         if step > e["activations"] + e["loss"]:
             parts += f"  (the optimizer step's temporaries, {_gb(step)}, outweigh activations and loss)"
         return "\n".join([
-            f"memory plan: {_gb(self.total_bytes)} peak of {_gb(self.budget_bytes)} per process, {_count(self.nproc, 'process')}, "
+            f"memory plan: {_gb(self.total_bytes)} peak of {_gb(self.budget_bytes)} per process, {_count(self.nproc, 'process')}"
+            f"{f' x {self.nnodes} nodes' if self.nnodes > 1 else ''}, "
             f"{self.parallelism}",
             f"  {parts}",
             f"  {self.decided}",
@@ -243,11 +245,12 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
 
 def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, precision: str,
                 micro_batch_tokens: int | None, activation_checkpointing: bool | None, nproc: int,
-                parallelism: str = "auto") -> MemoryPlan:
+                parallelism: str = "auto", nnodes: int = 1) -> MemoryPlan:
     """Choose the parallelism, the micro-batch and activation checkpointing for this model, context and hardware.
 
     Policy: values the run set are kept (only the None and auto ones are chosen). Parallelism auto is ddp when it
-    fits (one process is always ddp: nothing to shard), else fsdp. Activation checkpointing is off
+    fits (one process is always ddp: nothing to shard), else fsdp, sharded over every process of the `nnodes`
+    nodes. Activation checkpointing is off
     unless not even one row fits without it (it costs a second forward pass). The micro-batch is the
     largest whole number of rows, at most MAX_MICRO_ROWS rows and MAX_MICRO_TOKENS[device] tokens (at least one
     row), that fits. A set micro_batch_tokens is rounded down to whole rows (at least one). If nothing
@@ -257,12 +260,13 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
     if context_length <= 0:
         raise ConfigError(f"context_length {context_length}: must be a positive number of tokens")
     budget = hardware.memory_bytes // nproc if hardware.device == "cpu" else hardware.memory_bytes
+    world = nproc * nnodes
     kinds = ["ddp", "fsdp"] if parallelism == "auto" else [parallelism]
-    if parallelism == "auto" and nproc == 1:
+    if parallelism == "auto" and world == 1:
         kinds = ["ddp"]
     for kind in kinds:
         found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-                        nproc, sharded=kind == "fsdp")
+                        world, sharded=kind == "fsdp")
         if found is not None:
             rows, ckpt, sizes, why = found
             if parallelism == "auto":
@@ -273,11 +277,11 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
                 f"{_gb(sizes.total)} of {_gb(budget)} per process ({why})"
             )
             return MemoryPlan(
-                micro_batch_tokens=rows * context_length, activation_checkpointing=ckpt, nproc=nproc, parallelism=kind,
+                micro_batch_tokens=rows * context_length, activation_checkpointing=ckpt, nproc=nproc, nnodes=nnodes, parallelism=kind,
                 estimate_bytes=sizes.parts, total_bytes=sizes.total, budget_bytes=budget, decided=decided,
             )
     raise ConfigError(_refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens,
-                               activation_checkpointing, nproc, sharded=kinds[-1] == "fsdp"))
+                               activation_checkpointing, world, sharded=kinds[-1] == "fsdp"))
 
 
 def _set_rows(micro_batch_tokens: int, context_length: int) -> int:

@@ -128,7 +128,7 @@ def plan_settings(settings: TrainingSettings, architecture: Architecture | None,
     memory = plan_memory(
         architecture, hardware, context_length, precision=updates["precision"],
         micro_batch_tokens=settings.micro_batch_tokens, activation_checkpointing=settings.activation_checkpointing,
-        nproc=updates.get("nproc_per_node", settings.nproc_per_node), parallelism=settings.parallelism,
+        nproc=updates.get("nproc_per_node", settings.nproc_per_node), parallelism=settings.parallelism, nnodes=settings.nnodes,
     )
     for key in ("micro_batch_tokens", "activation_checkpointing"):
         if getattr(settings, key) is None:

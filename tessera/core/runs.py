@@ -73,6 +73,11 @@ def run_dir(name: str) -> Path:
     return runs_dir() / name
 
 
+def job_file(name: str) -> Path:
+    """The run's training job (tessera.core.training.TrainJob), written by its train stage for every node's workers."""
+    return run_dir(name) / "train_job.json"
+
+
 def _record_file(name: str) -> Path:
     return run_dir(name) / "run.json"
 
