@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
-DEPLOYMENTS = {"finetune", "scheduled-retrain", "retrain-on-new-data", "deploy-endpoint", "watch-data"}
+DEPLOYMENTS = {"finetune", "scheduled-retrain", "retrain-on-new-data", "deploy-endpoint", "watch-data", "join-training"}
 
 
 def api(url: str, path: str, body=None, method: str = "POST"):
@@ -126,7 +126,7 @@ def test_prefect_deploy_all_makes_every_deployment_with_a_described_form(deploye
     deployments = {d["name"]: d for d in api(url, "/deployments/filter")}
     assert DEPLOYMENTS <= set(deployments), sorted(deployments)
 
-    for name in ("finetune", "scheduled-retrain", "retrain-on-new-data"):
+    for name in ("finetune", "scheduled-retrain", "retrain-on-new-data", "join-training"):
         schema = deployments[name]["parameter_openapi_schema"]
         undescribed = [f"{name}.{field}" for field, spec in schema["properties"].items() if not spec.get("description")]
         for model_name, model in schema.get("definitions", {}).items():
