@@ -48,3 +48,18 @@ def test_run_config_defaults_match_the_managed_service():
     assert config.training_duration == "1ep"
     assert config.validate_inputs is True
     assert config.registered_model_name == f"a.b.{config.name}"
+
+
+def test_launch_settings_that_cannot_work_are_refused_before_anything_runs():
+    base = dict(model="tessera/tiny-chat", train_data_path="/tmp/x.jsonl", register_to="a.b")
+    with pytest.raises(TesseraError, match="nnodes 2: rdzv_endpoint is required"):
+        build_run_config(**base, training_config={"nnodes": 2})
+    with pytest.raises(TesseraError, match="rdzv_endpoint 'node0': expected host:port"):
+        build_run_config(**base, training_config={"nnodes": 2, "rdzv_endpoint": "node0"})
+    with pytest.raises(TesseraError, match="launcher spark: the run needs data_prep_cluster_id"):
+        build_run_config(**base, training_config={"launcher": "spark"})
+    with pytest.raises(TesseraError, match="with launcher spark, the Spark cluster places the processes"):
+        build_run_config(**base, data_prep_cluster_id="local[2]",
+                         training_config={"launcher": "spark", "nnodes": 2, "rdzv_endpoint": "n0:29400"})
+    two = build_run_config(**base, training_config={"nnodes": 2, "rdzv_endpoint": "node0.cluster:29400"})
+    assert (two.training_config.nnodes, two.training_config.rdzv_endpoint) == (2, "node0.cluster:29400")

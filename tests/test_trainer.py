@@ -222,26 +222,34 @@ def run_processes(run_name: str) -> list[psutil.Process]:
     return found
 
 
-def test_two_nodes_train_as_one_node_of_two_processes(trainer_home):
+LAUNCH_BATCH = {"global_batch_tokens": 8 * CTX, "micro_batch_tokens": 4 * CTX}
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(trainer_home) -> list[float]:
+    """The losses of 4 steps in one process: what every launch of several processes must reproduce."""
+    _, _, one = run_stage(trainer_home[1], "4ba", {**LAUNCH_BATCH, "nproc_per_node": 1})
+    return metric(one.mlflow_run_id, "loss")
+
+
+def test_two_nodes_train_as_one_node_of_two_processes(trainer_home, one_process_losses):
     """Node 0 (the run's train stage) and a node that joins with `tessera runs join NAME`, one process each, meeting at
     a c10d rendezvous on 127.0.0.1: the loss curve of one process training the same steps."""
     from tessera.core.config import new_run_name
     from tessera.core.processes import free_port
 
     _, data = trainer_home
-    batch = {"global_batch_tokens": 8 * CTX, "micro_batch_tokens": 4 * CTX}
-    _, _, one = run_stage(data, "4ba", {**batch, "nproc_per_node": 1})
     name = new_run_name("two-nodes")
     joined = join_when_started(name)
     try:
-        _, _, two = run_stage(data, "4ba", {**batch, "nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
-                              name=name)
+        _, _, two = run_stage(data, "4ba", {**LAUNCH_BATCH, "nproc_per_node": 1, "nnodes": 2,
+                                            "rdzv_endpoint": f"127.0.0.1:{free_port()}"}, name=name)
         output = joined.communicate(timeout=120)[0]
     finally:
         joined.kill()
     assert joined.returncode == 0, output
     assert f"joining run {name}: 2 nodes of 1 process(es)" in output
-    assert metric(two.mlflow_run_id, "loss") == pytest.approx(metric(one.mlflow_run_id, "loss"), rel=2e-4)
+    assert metric(two.mlflow_run_id, "loss") == pytest.approx(one_process_losses, rel=2e-4)
     from tessera.core.tracking import mlflow_client
 
     assert mlflow_client().get_run(two.mlflow_run_id).data.params["world_size"] == "2"
@@ -293,6 +301,52 @@ def test_a_lost_node_fails_the_run_at_once_resumable_and_leaves_no_process(train
     while run_processes(name) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert run_processes(name) == []
+
+
+def test_spark_torch_distributor_trains_as_torchrun_does(trainer_home, one_process_losses):
+    """launcher spark: the run's 2 processes started by TorchDistributor on local[2] (local mode) give the loss curve of
+    one process training the same steps, as torchrun's do."""
+    _, data = trainer_home
+    _, _, spark = run_stage(data, "4ba", {**LAUNCH_BATCH, "nproc_per_node": 2, "launcher": "spark"}, data_prep_cluster_id="local[2]")
+    assert metric(spark.mlflow_run_id, "loss") == pytest.approx(one_process_losses, rel=2e-4)
+    from tessera.core.tracking import mlflow_client
+
+    assert mlflow_client().get_run(spark.mlflow_run_id).data.params["world_size"] == "2"
+
+
+def fail_rank_1_after_rank_0_returned(outcome_dir: str) -> None:
+    """A training function for TorchDistributor: rank 0 ends well and returns; rank 1 waits for that, then fails."""
+    import os
+    import time
+    from pathlib import Path
+
+    from tasks.train.report import outcome_file, write_outcome
+
+    if os.environ["RANK"] == "0":
+        write_outcome(outcome_dir, 0)
+        return
+    while not outcome_file(outcome_dir, 0).exists():
+        time.sleep(0.1)
+    time.sleep(1)
+    write_outcome(outcome_dir, 1)
+    raise RuntimeError("rank 1 fails after rank 0 returned")
+
+
+def test_a_rank_failing_after_another_returned_fails_the_spark_launch_naming_it(tmp_path, capsys):
+    """TorchDistributor reports such a run as a success (STACK.md); the launcher reads every rank's outcome instead."""
+    import sys
+
+    from pyspark import cloudpickle
+
+    from tasks.train.spark_launcher import launch, verdict
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the processes cannot import this test module
+    ended = launch("local[2]", 2, fail_rank_1_after_rank_0_returned, str(tmp_path / "outcomes"), outcome_dir=tmp_path / "outcomes")
+    assert ended == {0: 0, 1: 1}
+    assert verdict(ended) == 1
+    said = capsys.readouterr().err
+    assert "training failed on rank 1 (exit code 1); every other rank: [0] ended well" in said
+    assert verdict({0: 0, 1: 0}) == 0 and verdict({0: 143, 1: 143}) == 143
 
 
 def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:

@@ -33,6 +33,8 @@ def worker_command(job_file: str, settings: TrainingSettings, run_name: str) -> 
     env, nproc = dict(os.environ), settings.nproc_per_node
     if settings.parallelism == "fsdp":
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    if settings.launcher == "spark":  # TorchDistributor starts them, from a process holding the Spark session
+        return [sys.executable, "-m", "tasks.train.spark_launcher", job_file], env
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if settings.nnodes > 1:
         return [*torchrun, f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}",

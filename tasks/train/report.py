@@ -9,9 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
+from tessera.core.paths import write_atomic
 from tessera.core.runs import append_event, update
 from tessera.core.training import TrainJob
 
@@ -118,6 +121,25 @@ def peers_lost(exc: BaseException) -> bool:
 
 def say_peers_lost(exc: BaseException) -> None:
     print(PEERS_LOST_MARKER + f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr, flush=True)
+
+
+def outcome_file(outcome_dir: str | Path, rank: int) -> Path:
+    return Path(outcome_dir) / f"rank{rank}.json"
+
+
+def write_outcome(outcome_dir: str | Path, exit_code: int) -> None:
+    """How this rank ended (its exit code), for a launcher that does not say it (tasks.train.spark_launcher)."""
+    rank = int(os.environ.get("RANK", 0))
+    write_atomic(outcome_file(outcome_dir, rank), json.dumps({"rank": rank, "exit_code": exit_code}))
+
+
+def outcomes(outcome_dir: str | Path, world: int) -> dict[int, int | None]:
+    """Each rank's exit code; None for a rank that wrote none (killed, or never started)."""
+    found = {}
+    for rank in range(world):
+        path = outcome_file(outcome_dir, rank)
+        found[rank] = json.loads(path.read_text())["exit_code"] if path.is_file() else None
+    return found
 
 
 def fail(message: str) -> None:

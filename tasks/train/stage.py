@@ -175,6 +175,7 @@ def train_job(run: ResolvedRun, plan: RunPlan, prepared: PreparedData, eval_prep
         context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
         learning_rate=plan.learning_rate, settings=plan.settings, checkpoint_dir=str(checkpoint_dir),
         resume_from=checkpoints.latest(checkpoint_dir), owner_pid=os.getpid(), owner_started=create_time(os.getpid()),
+        spark_cluster=config.data_prep_cluster_id if plan.settings.launcher == "spark" else None,
     )
 
 

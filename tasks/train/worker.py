@@ -32,7 +32,7 @@ from tasks.train.evaluation import (
 from tasks.train.loss import loss_sum
 from tasks.train.parallel import Parallelism
 from tasks.train.precision import autocast, compute_dtype
-from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, peers_lost, progress_line, say_peers_lost
+from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, peers_lost, progress_line, say_peers_lost, write_outcome
 from tessera.core.config import TaskType
 from tessera.core.generation import prompt_ids, stop_token_ids
 from tessera.core.paths import replacing_dir
@@ -321,8 +321,20 @@ def main(job: TrainJob) -> int:
 
 
 def run(job_file: str) -> int:
-    """main() with the failures a user can act on turned into one line for the train stage."""
+    """carry_out() the job; under Spark's launcher (job.outcome_dir), this rank's outcome is also written down for the
+    launcher to check, since TorchDistributor reports no rank's failure (tasks.train.spark_launcher)."""
     job = TrainJob.model_validate_json(Path(job_file).read_text())
+    code = 1  # unless carry_out returns: an exception on its way out
+    try:
+        code = carry_out(job)
+        return code
+    finally:
+        if job.outcome_dir:
+            write_outcome(job.outcome_dir, code)
+
+
+def carry_out(job: TrainJob) -> int:
+    """main() with the failures a user can act on turned into one line for the train stage."""
     try:
         return main(job)
     except WorkerError as exc:

@@ -79,6 +79,10 @@ class TrainingSettings(BaseModel):
     rdzv_endpoint: str | None = Field(
         None, description="host:port on node 0 where the nodes meet (required when nnodes > 1): reachable from every node"
     )
+    launcher: Literal["torchrun", "spark"] = Field(
+        "torchrun", description="what starts the training processes: torchrun on this node (and the joined ones), or "
+        "spark: Spark's TorchDistributor on the run's data_prep_cluster_id (local[N] runs them on this machine)"
+    )
     parallelism: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="how the processes share the model: ddp, a full copy in each (16 bytes a parameter); fsdp, "
         "weights, gradients and AdamW states sharded over them; auto: ddp when a full copy fits, else fsdp"
@@ -130,6 +134,9 @@ class TrainingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _nodes_meet_somewhere(self) -> TrainingSettings:
+        if self.nnodes > 1 and self.launcher == "spark":
+            raise ConfigError(f"training_config nnodes {self.nnodes}: with launcher spark, the Spark cluster places the "
+                              "processes; nnodes is for torchrun")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError(f"training_config nnodes {self.nnodes}: rdzv_endpoint is required (host:port on node 0, "
                               "reachable from every node)")
@@ -228,6 +235,14 @@ class RunParameters(BaseModel):
     @property
     def duration(self) -> Duration:
         return parse_duration(self.training_duration)
+
+
+    @model_validator(mode="after")
+    def _spark_launcher_has_a_cluster(self) -> RunParameters:
+        if self.training_config.launcher == "spark" and not self.data_prep_cluster_id:
+            raise ConfigError("training_config launcher spark: the run needs data_prep_cluster_id, the Spark cluster its "
+                              "training processes run on (local[N] for this machine)")
+        return self
 
 
 class RunConfig(RunParameters):

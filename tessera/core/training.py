@@ -129,5 +129,7 @@ class TrainJob(BaseModel):
     settings: TrainingSettings
     checkpoint_dir: str  # this run's checkpoints (tessera.core.checkpoints)
     resume_from: CheckpointInfo | None = None  # continue from this checkpoint: its step, weights, optimizer, RNG
+    spark_cluster: str | None = None  # training_config launcher spark: the cluster TorchDistributor runs the processes on
+    outcome_dir: str | None = None  # where each rank writes how it ended (Spark's launcher checks every rank's)
     owner_pid: int | None = None  # the train stage's process: the workers exit when it is gone (a killed flow)
     owner_started: float | None = None

@@ -48,7 +48,7 @@ def spark_input(source: Source, cluster: str):
     a JSONL file's lines (`value`, bytes), a folder's documents (`path`, relative to the folder: listed here,
     as in-process, and read by the executors), or a table's columns at the pinned version. Engine failures
     while the block runs become one message naming the source."""
-    with _spark(cluster) as spark, reading(source, f"Spark at {cluster}"):
+    with spark_session(cluster) as spark, reading(source, f"Spark at {cluster}"):
         try:
             if source.kind == "jsonl":
                 yield spark.read.text(source.location).selectExpr("CAST(value AS BINARY) AS value")
@@ -95,7 +95,7 @@ def _probe(cluster: str) -> None:
 
 
 @contextmanager
-def _spark(cluster: str):
+def spark_session(cluster: str):
     """A Spark session for `cluster`.
 
     A Spark Connect session is opened for this read and closed after it (cheap; the server stays up),
@@ -113,7 +113,7 @@ def _spark(cluster: str):
         else:
             from pyspark.sql import SparkSession
 
-            builder = SparkSession.builder.master(cluster).appName("tessera-data-prep").config("spark.ui.showConsoleProgress", "false")
+            builder = SparkSession.builder.master(cluster).appName("tessera").config("spark.ui.showConsoleProgress", "false")
             if cluster.startswith("local"):  # one JVM here: loopback only, no web UI; workers run this interpreter
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
                 builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
