@@ -8,6 +8,14 @@ The in-process ceiling is one static left-padded batch of 16 through `model.gene
     python bench/serve.py [--new-tokens 64] [--requests-per-client 4]
 
 Ends with: serve ours/baseline@16=<x> p99_ms=<n> ttft_p50_ms=<n>   (ours at 16 clients)
+
+    python bench/serve.py --peer [--model smollm2|tiny]
+
+compares our endpoint (`tessera serve`: router, BentoML, the continuous-batching engine) with the server a user
+would pick instead, `transformers serve --continuous-batching` on the same weights, and with the ceiling: the same
+continuous-batching manager driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
+clients (4 requests each, after a warm-up round): completion tokens/s and latency p99 from whole answers, TTFT p50
+and p99 from a second, streamed pass. Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
 """
 
 from __future__ import annotations
@@ -93,11 +101,189 @@ def static_batch_ceiling(model_dir: Path, new_tokens: int, batch: int = 16) -> f
     return (out.shape[1] - inputs["input_ids"].shape[1]) * batch / (time.perf_counter() - start)
 
 
+def chat_one(client, url: str, prompt: str, max_tokens: int, stream: bool, model: str) -> tuple[float, float, int]:
+    """(seconds to the first text, seconds in all, completion tokens) of one greedy chat completion."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+    start = time.perf_counter()
+    if not stream:
+        response = client.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        response.raise_for_status()
+        end = time.perf_counter()
+        return end - start, end - start, response.json()["usage"]["completion_tokens"]
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    first, tokens = None, 0
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content") and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return (first or end) - start, end - start, tokens
+
+
+PROMPTS = ["What is the capital of France?", "Give me three tips for sleeping well.", "Explain what a CPU does.",
+           "Write a haiku about the sea.", "How do I boil an egg?", "What is 12 times 7?", "Name a famous painter.",
+           "Why is the sky blue?"]
+
+
+def chat_load(url: str, clients: int, requests_per_client: int, max_tokens: int, model: str) -> dict:
+    """tokens/s, latency p99 (whole answers) and TTFT p50/p99 (a streamed pass) of `clients` concurrent clients."""
+    def pass_of(stream: bool) -> tuple[list, float]:
+        def client_loop(c: int) -> list:
+            with httpx.Client() as client:
+                return [chat_one(client, url, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, stream, model)
+                        for i in range(requests_per_client)]
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = [r for per_client in pool.map(client_loop, range(clients)) for r in per_client]
+        return results, time.perf_counter() - start
+
+    pass_of(False)  # warm-up round
+    whole, wall = pass_of(False)
+    streamed, _ = pass_of(True)
+    latencies, ttfts = sorted(r[1] for r in whole), sorted(r[0] for r in streamed)
+    pct = lambda xs, q: 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"tok_s": sum(r[2] for r in whole) / wall, "p99_ms": pct(latencies, 0.99), "ttft_p50_ms": pct(ttfts, 0.5),
+            "ttft_p99_ms": pct(ttfts, 0.99), "tokens": sum(r[2] for r in whole)}
+
+
+def in_process_ceiling(model_dir: Path, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    """The continuous-batching manager our engine drives, with our engine's settings, fed `clients` requests at a time
+    in-process (each finished one replaced by the next, as a client does): no HTTP, no server."""
+    import asyncio
+    import uuid
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    from tasks.serve.engine import GREEDY_TEMPERATURE
+    from tasks.serve.settings import ServeSettings
+    from tessera.core.generation import prompt_ids, stop_token_ids
+
+    settings = ServeSettings()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stops = stop_token_ids(tokenizer, model.generation_config)
+    base = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, max_new_tokens=max_tokens, eos_token_id=stops,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
+    batching = ContinuousBatchingConfig(page_size=settings.page_size, num_blocks=max(1, settings.kv_cache_tokens // settings.page_size),
+                                        max_batch_tokens=settings.max_batch_tokens, per_request_processors=True)
+    manager = model.init_continuous_batching(generation_config=base, continuous_batching_config=batching)
+    manager.start()
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+    async def one(ids: list[int]) -> int:
+        rid, finished = uuid.uuid4().hex, asyncio.get_running_loop().create_future()
+        manager.register_result_handler(rid, lambda out: out.is_finished() and not finished.done() and finished.set_result(out))
+        manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=False, eos_token_id=stops,
+                            temperature=GREEDY_TEMPERATURE, top_p=1.0)
+        return len((await finished).generated_tokens)
+
+    async def client_loop(c: int) -> int:
+        return sum([await one(prompts[(c + i) % len(prompts)]) for i in range(requests_per_client)])
+
+    async def all_clients() -> int:
+        return sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
+
+    with torch.no_grad():
+        asyncio.run(all_clients())  # warm-up round
+        start = time.perf_counter()
+        tokens = asyncio.run(all_clients())
+        wall = time.perf_counter() - start
+    manager.stop(block=True)
+    return {"tok_s": tokens / wall, "tokens": tokens}
+
+
+def peer_comparison(args) -> None:
+    import subprocess
+    import sys
+
+    home = Path(tempfile.mkdtemp(prefix="tessera-bench-peer-"))
+    os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
+    import mlflow
+    import transformers
+
+    from tasks.serve import endpoints
+    from tessera.core.processes import free_port, stop_tree
+    from tessera.core.tracking import mlflow_client
+
+    if args.model == "tiny":
+        from tessera.core.tiny_model import build_tiny_chat
+
+        model_dir = build_tiny_chat(home / "models" / "tiny-chat")
+    else:
+        from tessera.core.smollm2 import build_smollm2
+
+        model_dir = build_smollm2(Path(os.environ.get("TESSERA_BENCH_MODELS", home / "models")) / "smollm2-135m-instruct")
+    mlflow_client()
+    with mlflow.start_run():
+        mlflow.transformers.log_model(
+            transformers_model=transformers.pipeline("text-generation", model=str(model_dir)), name="model",
+            task="llm/v1/chat", registered_model_name="bench.serve.peer", pip_requirements=[],
+        )
+    uri = "models:/bench.serve.peer/1"
+    results = {}
+
+    endpoints.serve(uri, name="bench", port=free_port())
+    try:
+        url = endpoints.get("bench").url
+        for clients in CLIENTS:
+            results["ours", clients] = chat_load(url, clients, args.requests_per_client, args.new_tokens, uri)
+    finally:
+        endpoints.stop("bench")
+
+    port = free_port()
+    peer = subprocess.Popen([str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
+                             "--host", "127.0.0.1", "--port", str(port), str(model_dir)],
+                            stdout=open(home / "peer.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if peer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not start: {(home / 'peer.log').read_text()[-2000:]}")
+            time.sleep(1)
+        for clients in CLIENTS:
+            results["peer", clients] = chat_load(url, clients, args.requests_per_client, args.new_tokens, str(model_dir))
+    finally:
+        stop_tree(peer.pid, grace=10, popen=peer)
+
+    for clients in CLIENTS:
+        results["ceiling", clients] = in_process_ceiling(model_dir, clients, args.requests_per_client, args.new_tokens)
+
+    print(f"{'server':>8} {'clients':>7} {'tok/s':>8} {'p99 ms':>8} {'ttft p50':>9} {'ttft p99':>9} {'tokens':>7}")
+    for who in ("ours", "peer", "ceiling"):
+        for clients in CLIENTS:
+            r = results[who, clients]
+            print(f"{who:>8} {clients:>7} {r['tok_s']:8.1f} {r.get('p99_ms', float('nan')):8.0f} {r.get('ttft_p50_ms', float('nan')):9.0f} "
+                  f"{r.get('ttft_p99_ms', float('nan')):9.0f} {r['tokens']:7}")
+    ours = results["ours", 16]
+    print(f"serve ours/peer@16={ours['tok_s'] / results['peer', 16]['tok_s']:.2f} "
+          f"ours/ceiling@16={ours['tok_s'] / results['ceiling', 16]['tok_s']:.2f} ttft_p50_ms={ours['ttft_p50_ms']:.0f} "
+          f"peer_ttft_p50_ms={results['peer', 16]['ttft_p50_ms']:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--peer", action="store_true", help="ours against transformers serve --continuous-batching and the in-process ceiling")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2", help="with --peer: the model served")
     args = parser.parse_args()
+    if args.peer:
+        return peer_comparison(args)
 
     home = Path(tempfile.mkdtemp(prefix="tessera-bench-serve-"))
     os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
