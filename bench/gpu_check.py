@@ -16,6 +16,9 @@ It prints a line for each of:
   memory   the memory plan's estimate (tessera/core/memory.py, runtime overhead left out) against
            torch.cuda.max_memory_allocated of the steps above
   serve    a generation through the serving stage's batching engine (tasks/serve/engine.py), in-process
+  mfu      (with --mfu) tokens/s, MFU and peak memory of the same step on a ~1.2B Llama (Llama-3.2-1B's shape,
+           random weights), 4 packed rows of 2048 tokens, bf16: MFU = (6 x parameters + 12 x layers x hidden x
+           sequence) x tokens/s / the GPU's dense bf16 peak (989 TFLOP/s for H100 and H200 SXM)
 
 `--device cpu` runs the same on a CPU, shorter, to check the script itself before spending device time.
 """
@@ -85,19 +88,21 @@ def check_train(model, device, rows: int, context: int, steps: int) -> tuple[boo
 
     from tasks.train import distributed
     from tasks.train.data import Step
+    from tasks.train.parallel import Parallelism
     from tasks.train.precision import autocast, compute_dtype
     from tasks.train.worker import train_step
     from tessera.core.training import IGNORE_INDEX
 
     dtype = compute_dtype("bf16", device)
+    parallel = Parallelism("ddp", 1, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     batch = packed_batch(rows, context, 4, model.config.vocab_size, device)
     trained = int((batch[1][:, 1:] != IGNORE_INDEX).sum())
     losses, start = [], time.perf_counter()
     for index in range(steps):
-        step = Step(index, [batch], trained, rows * context)
-        loss, _ = train_step(model, params, optimizer, step, 1e-3, dtype, world=1, max_grad_norm=1.0)
+        step = Step(index, [batch], trained, rows * context, rows * context)
+        loss, _ = train_step(model, params, optimizer, step, 1e-3, dtype, parallel, max_grad_norm=1.0)
         window_loss, _ = distributed.sum_over_ranks([loss, rows * context], device).tolist()  # NCCL on a GPU
         losses.append(window_loss / trained)
         if index == 0:
@@ -115,6 +120,41 @@ def check_train(model, device, rows: int, context: int, steps: int) -> tuple[boo
                         f"~{flops / 1e12:.1f} TFLOP/s (6 x params x tokens)")
     optimizer.state.clear()
     return ok, seconds
+
+
+# A Llama-architecture model of ~1.2B parameters (Llama-3.2-1B's shape), random weights: the MFU measurement's model
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM: the spec sheets' figure
+
+
+def check_mfu(device, cuda: bool) -> bool:
+    """Tokens/s, MFU and peak memory of the trainer's own step on a ~1B Llama, sequence 2048, bf16, packed rows.
+    MFU = (6 x parameters + 12 x layers x hidden x sequence) x tokens/s / the GPU's dense bf16 peak."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LLAMA_1B if cuda else {**SMOLLM2_135M, "num_hidden_layers": 2}
+    rows, context = (4, 2048) if cuda else (1, 256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(device).train()
+    model.config.use_cache = False
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    _, seconds = check_train(model, device, rows, context, 10 if cuda else 3)
+    parameters = sum(p.numel() for p in model.parameters())
+    tokens_per_s = rows * context / seconds
+    flops_per_token = 6 * parameters + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * context
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    mfu = f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "n/a (no peak figure for this device)"
+    memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+    report("mfu", True, f"{parameters / 1e9:.2f}B parameters, {rows}x{context} tokens a step: {tokens_per_s:,.0f} tok/s, "
+                        f"MFU {mfu} ((6 x params + 12 x layers x hidden x seq) x tok/s / dense bf16 peak){memory}")
+    return True
 
 
 def check_packed(model, device, context: int) -> bool:
@@ -200,6 +240,7 @@ def check_serve(model_dir: Path, device) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--mfu", action="store_true", help="also: tokens/s and MFU of the step on a ~1B Llama (random init)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     use_carried_wheels()
@@ -232,6 +273,8 @@ def main() -> int:
     ok, _ = check_train(model, device, rows, context, steps)
     results += [ok, check_memory(SMOLLM2_135M, device, rows, context)]
     del model
+    if args.mfu:
+        results.append(check_mfu(device, cuda))
     with tempfile.TemporaryDirectory() as tmp:
         results.append(check_serve(build_tiny_chat(Path(tmp) / "tiny-chat"), device))
     torch.distributed.destroy_process_group()

@@ -154,36 +154,29 @@ def chat_load(url: str, clients: int, requests_per_client: int, max_tokens: int,
 
 
 def in_process_ceiling(model_dir: Path, clients: int, requests_per_client: int, max_tokens: int) -> dict:
-    """The continuous-batching manager our engine drives, with our engine's settings, fed `clients` requests at a time
-    in-process (each finished one replaced by the next, as a client does): no HTTP, no server."""
+    """The continuous-batching manager our engine drives for greedy requests (tasks/serve/engine.py, with the default
+    settings), fed `clients` requests at a time in-process (each finished one replaced by the next, as a client
+    does): no HTTP, no server, no decoding."""
     import asyncio
     import uuid
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.generation import ContinuousBatchingConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.serve.engine import GREEDY_TEMPERATURE
+    from tasks.serve.engine import Engine
     from tasks.serve.settings import ServeSettings
-    from tessera.core.generation import prompt_ids, stop_token_ids
+    from tessera.core.generation import prompt_ids
 
-    settings = ServeSettings()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stops = stop_token_ids(tokenizer, model.generation_config)
-    base = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, max_new_tokens=max_tokens, eos_token_id=stops,
-                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
-    batching = ContinuousBatchingConfig(page_size=settings.page_size, num_blocks=max(1, settings.kv_cache_tokens // settings.page_size),
-                                        max_batch_tokens=settings.max_batch_tokens, per_request_processors=True)
-    manager = model.init_continuous_batching(generation_config=base, continuous_batching_config=batching)
-    manager.start()
+    engine = Engine(model, tokenizer, ServeSettings())
+    manager = engine.greedy
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
 
     async def one(ids: list[int]) -> int:
         rid, finished = uuid.uuid4().hex, asyncio.get_running_loop().create_future()
         manager.register_result_handler(rid, lambda out: out.is_finished() and not finished.done() and finished.set_result(out))
-        manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=False, eos_token_id=stops,
-                            temperature=GREEDY_TEMPERATURE, top_p=1.0)
+        manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=False, eos_token_id=engine.stop_ids)
         return len((await finished).generated_tokens)
 
     async def client_loop(c: int) -> int:
@@ -192,12 +185,14 @@ def in_process_ceiling(model_dir: Path, clients: int, requests_per_client: int, 
     async def all_clients() -> int:
         return sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
 
-    with torch.no_grad():
-        asyncio.run(all_clients())  # warm-up round
-        start = time.perf_counter()
-        tokens = asyncio.run(all_clients())
-        wall = time.perf_counter() - start
-    manager.stop(block=True)
+    try:
+        with torch.no_grad():
+            asyncio.run(all_clients())  # warm-up round
+            start = time.perf_counter()
+            tokens = asyncio.run(all_clients())
+            wall = time.perf_counter() - start
+    finally:
+        engine.close()
     return {"tok_s": tokens / wall, "tokens": tokens}
 
 
