@@ -41,9 +41,9 @@ def sail() -> str:
 def classic() -> str:
     """Classic local Spark, started as Tessera starts it, cutting files into 4 kB partitions: errors and examples
     must come out right across many partitions."""
-    from tessera.core.sources.spark import _spark
+    from tessera.core.sources.spark import spark_session
 
-    with _spark(CLASSIC) as spark:
+    with spark_session(CLASSIC) as spark:
         spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")
         yield CLASSIC
         spark.stop()

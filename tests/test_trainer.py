@@ -314,14 +314,15 @@ def test_spark_torch_distributor_trains_as_torchrun_does(trainer_home, one_proce
     assert mlflow_client().get_run(spark.mlflow_run_id).data.params["world_size"] == "2"
 
 
-def fail_rank_1_after_rank_0_returned(outcome_dir: str) -> None:
-    """A training function for TorchDistributor: rank 0 ends well and returns; rank 1 waits for that, then fails."""
-    import os
-    import time
-    from pathlib import Path
+FAIL_RANK_1_AFTER_RANK_0_RETURNED = """
+import json, os, sys, time
 
-    from tasks.train.report import outcome_file, write_outcome
+from tasks.train.report import outcome_file, write_outcome
+from tasks.train.spark_launcher import launch
 
+
+def train(outcome_dir):
+    # rank 0 ends well and returns; rank 1 waits for that, then fails
     if os.environ["RANK"] == "0":
         write_outcome(outcome_dir, 0)
         return
@@ -332,16 +333,23 @@ def fail_rank_1_after_rank_0_returned(outcome_dir: str) -> None:
     raise RuntimeError("rank 1 fails after rank 0 returned")
 
 
+print(json.dumps(launch("local[2]", 2, train, sys.argv[1], outcome_dir=sys.argv[1])))
+"""
+
+
 def test_a_rank_failing_after_another_returned_fails_the_spark_launch_naming_it(tmp_path, capsys):
-    """TorchDistributor reports such a run as a success (STACK.md); the launcher reads every rank's outcome instead."""
-    import sys
+    """TorchDistributor reports such a run as a success (STACK.md); the launcher reads every rank's outcome instead.
+    Launched from a process of its own, as the train stage does (one process holds one classic Spark session)."""
+    import json
 
-    from pyspark import cloudpickle
+    from tasks.train.spark_launcher import verdict
 
-    from tasks.train.spark_launcher import launch, verdict
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the processes cannot import this test module
-    ended = launch("local[2]", 2, fail_rank_1_after_rank_0_returned, str(tmp_path / "outcomes"), outcome_dir=tmp_path / "outcomes")
+    script = tmp_path / "launch.py"
+    script.write_text(FAIL_RANK_1_AFTER_RANK_0_RETURNED)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "outcomes")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ended = {int(rank): code for rank, code in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     assert ended == {0: 0, 1: 1}
     assert verdict(ended) == 1
     said = capsys.readouterr().err
