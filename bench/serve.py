@@ -34,29 +34,34 @@ import httpx
 CLIENTS = (1, 4, 16)
 
 
-def one(client, url: str, prompt: str, new_tokens: int, stream: bool) -> tuple[float, float, int]:
-    """(seconds to the first text, seconds in all, completion tokens) of one completion."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+def timed(client, url: str, path: str, body: dict, stream: bool) -> tuple[float, float, int]:
+    """(seconds to the first text, seconds in all, completion tokens) of one request to `path` (completions or chat)."""
     start = time.perf_counter()
     if not stream:
-        response = client.post(f"{url}/v1/completions", json=body, timeout=600)
+        response = client.post(f"{url}{path}", json=body, timeout=600)
         response.raise_for_status()
         end = time.perf_counter()
         return end - start, end - start, response.json()["usage"]["completion_tokens"]
-    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     first, tokens = None, 0
-    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+    with client.stream("POST", f"{url}{path}", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            if (choice.get("text") or (choice.get("delta") or {}).get("content")) and first is None:
                 first = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     return (first or end) - start, end - start, tokens
+
+
+def one(client, url: str, prompt: str, new_tokens: int, stream: bool) -> tuple[float, float, int]:
+    """One greedy completion of `new_tokens` (the end of turn ignored by the server's settings)."""
+    return timed(client, url, "/v1/completions", {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0}, stream)
 
 
 def run_clients(url: str, clients: int, requests_per_client: int, new_tokens: int, stream: bool) -> tuple[list, float]:
@@ -102,28 +107,9 @@ def static_batch_ceiling(model_dir: Path, new_tokens: int, batch: int = 16) -> f
 
 
 def chat_one(client, url: str, prompt: str, max_tokens: int, stream: bool, model: str) -> tuple[float, float, int]:
-    """(seconds to the first text, seconds in all, completion tokens) of one greedy chat completion."""
+    """One greedy chat completion."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
-    start = time.perf_counter()
-    if not stream:
-        response = client.post(f"{url}/v1/chat/completions", json=body, timeout=600)
-        response.raise_for_status()
-        end = time.perf_counter()
-        return end - start, end - start, response.json()["usage"]["completion_tokens"]
-    body |= {"stream": True, "stream_options": {"include_usage": True}}
-    first, tokens = None, 0
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content") and first is None:
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return (first or end) - start, end - start, tokens
+    return timed(client, url, "/v1/chat/completions", body, stream)
 
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for sleeping well.", "Explain what a CPU does.",
