@@ -16,8 +16,9 @@ from tasks.train.report import SIGTERM_GRACE_S
 from tessera.core import runs
 from tessera.core.config import TrainingSettings
 from tessera.core.errors import TesseraError
-from tessera.core.processes import create_time, free_port, stop_tree
+from tessera.core.processes import free_port, stop_tree
 from tessera.core.training import TrainJob
+
 
 def worker_command(job_file: str, settings: TrainingSettings, run_name: str) -> tuple[list[str], dict[str, str]]:
     """How this node's worker processes start, and their environment. Several go through torchrun, which starts and
@@ -63,7 +64,7 @@ def join(run_name: str, wait_s: float = 600, say: Callable[[str], None] = print)
     job = TrainJob.model_validate_json(path.read_text())
     if job.settings.nnodes == 1:
         raise TesseraError(f"run {run_name} trains on one node (training_config nnodes 1): there is nothing to join")
-    here = job.model_copy(update={"owner_pid": os.getpid(), "owner_started": create_time(os.getpid())})
+    here = job.owned_here()
     with tempfile.TemporaryDirectory(prefix="tessera-join-") as tmp:
         local = Path(tmp) / runs.job_file(run_name).name
         local.write_text(here.model_dump_json())

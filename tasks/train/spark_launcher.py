@@ -13,7 +13,6 @@ executors as in a run over several nodes: a TESSERA_HOME on shared storage.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -65,16 +64,15 @@ def verdict(ended: dict[int, int | None]) -> int:
 
 def main(job_file: str) -> int:
     from tasks.train.worker import run
-    from tessera.core.processes import create_time
     from tessera.core.training import TrainJob
 
     job = TrainJob.model_validate_json(Path(job_file).read_text())
     local = job.spark_cluster.startswith("local")
     outcome_dir = Path(job.output_dir).parent / "rank_outcomes"
     # the processes watch this one (local mode); on executors elsewhere, no process of this host
-    owner = {"owner_pid": os.getpid(), "owner_started": create_time(os.getpid())} if local else {"owner_pid": None}
+    ranks = job.owned_here(outcome_dir=str(outcome_dir)) if local else job.model_copy(update={"outcome_dir": str(outcome_dir), "owner_pid": None})
     ranks_job = Path(job_file).with_name("train_job.spark.json")
-    write_atomic(ranks_job, job.model_copy(update={"outcome_dir": str(outcome_dir), **owner}).model_dump_json())
+    write_atomic(ranks_job, ranks.model_dump_json())
     try:
         ended = launch(job.spark_cluster, job.settings.nproc_per_node, run, str(ranks_job), outcome_dir=outcome_dir)
     except TesseraError as exc:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,13 +17,13 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
+from tasks.train.nodes import worker_command
 from tasks.train.report import ERROR_MARKER, PEERS_LOST_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
 from tessera.core import checkpoints, runs
 from tessera.core.config import RunConfig
-from tasks.train.nodes import worker_command
 from tessera.core.errors import TesseraError
-from tessera.core.processes import create_time, oom_kill_count, stop_tree
+from tessera.core.processes import oom_kill_count, stop_tree
 from tessera.core.tracking import experiment_id, local_artifact_path, mlflow_client
 from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
@@ -174,9 +172,9 @@ def train_job(run: ResolvedRun, plan: RunPlan, prepared: PreparedData, eval_prep
         eval_prepared_path=eval_prepared.path if eval_prepared else None, output_dir=str(out_dir),
         context_length=plan.context_length, micro_rows=plan.micro_rows, plan=plan.steps,
         learning_rate=plan.learning_rate, settings=plan.settings, checkpoint_dir=str(checkpoint_dir),
-        resume_from=checkpoints.latest(checkpoint_dir), owner_pid=os.getpid(), owner_started=create_time(os.getpid()),
+        resume_from=checkpoints.latest(checkpoint_dir),
         spark_cluster=config.data_prep_cluster_id if plan.settings.launcher == "spark" else None,
-    )
+    ).owned_here()
 
 
 def checkpoint_root(config: RunConfig, artifact_uri: str) -> Path:

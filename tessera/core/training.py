@@ -133,3 +133,11 @@ class TrainJob(BaseModel):
     outcome_dir: str | None = None  # where each rank writes how it ended (Spark's launcher checks every rank's)
     owner_pid: int | None = None  # the train stage's process: the workers exit when it is gone (a killed flow)
     owner_started: float | None = None
+
+    def owned_here(self, **update) -> TrainJob:
+        """This job (with `update`) owned by this process: the workers started for it exit when this process is gone."""
+        import os
+
+        from tessera.core.processes import create_time
+
+        return self.model_copy(update={**update, "owner_pid": os.getpid(), "owner_started": create_time(os.getpid())})
