@@ -291,6 +291,21 @@ def test_estimate_within_25_percent_of_measured_peak_rss(real_model_dir, checkpo
     assert estimated == pytest.approx(measured, rel=0.25), f"estimate {estimated / GB:.2f} GB, measured {measured / GB:.2f} GB"
 
 
+def test_a_machine_without_a_gpu_driver_is_planned_without_importing_torch():
+    """Every run plans in its stage's process; importing torch there only to learn there is no GPU costs ~2 s."""
+    import subprocess
+    import sys
+
+    from tessera.core import memory
+
+    if memory.gpu_driver_present():
+        pytest.skip("this machine has a GPU driver: torch is asked")
+    probe = ("import sys; from tessera.core.memory import Hardware; hw = Hardware.detect(); "
+             "print(hw.device, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["cpu", "False"], done.stderr[-2000:]
+
+
 def test_reading_the_gpu_creates_no_cuda_context_in_this_process(monkeypatch):
     """The train stage plans while torchrun's workers hold the GPUs: it may ask whether there are GPUs, but their
     memory is read in a subprocess (here a stand-in probe, as this machine has no GPU), never through this
@@ -302,6 +317,7 @@ def test_reading_the_gpu_creates_no_cuda_context_in_this_process(monkeypatch):
     def creates_a_context(*args, **kwargs):
         raise AssertionError("a CUDA context created in the stage's process")
 
+    monkeypatch.setattr(memory, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for name in ("get_device_properties", "mem_get_info", "init", "_lazy_init", "set_device", "current_device"):

@@ -79,7 +79,7 @@ def test_generate_stops_on_every_stop_token(model_dir, eot_tokenizer, emitted, e
     model = LlamaForCausalLM.from_pretrained(model_dir)
     assert model.generation_config.eos_token_id == eot_tokenizer.eos_token_id
     forcing(model, eot_tokenizer.convert_tokens_to_ids(emitted))
-    new, finish = generate(model, eot_tokenizer, eot_tokenizer("question")["input_ids"], max_tokens=3)
+    [(new, finish)] = generate(model, eot_tokenizer, [eot_tokenizer("question")["input_ids"]], max_tokens=3)
     assert (eot_tokenizer.convert_ids_to_tokens(new), finish) == expected
 
 
@@ -88,4 +88,4 @@ def test_generate_stops_on_what_generation_config_adds(model_dir, eot_tokenizer)
     other = eot_tokenizer.convert_tokens_to_ids("<|start|>")
     model.generation_config.eos_token_id = [eot_tokenizer.eos_token_id, other]
     forcing(model, [eot_tokenizer.convert_tokens_to_ids("it"), other])
-    assert generate(model, eot_tokenizer, [5, 6], max_tokens=5) == ([eot_tokenizer.convert_tokens_to_ids("it")], "stop")
+    assert generate(model, eot_tokenizer, [[5, 6]], max_tokens=5) == [([eot_tokenizer.convert_tokens_to_ids("it")], "stop")]

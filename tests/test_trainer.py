@@ -110,8 +110,8 @@ def answers(model_dir: str) -> list[list[int]]:
     from tessera.core.generation import generate, prompt_ids
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    return [generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": f"question {i} why"}]), 16)[0]
-            for i in range(3)]
+    return [new for new, _ in generate(model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": f"question {i} why"}])
+                                                          for i in range(3)], 16)]
 
 
 def test_the_data_report_states_what_the_trainer_runs(trainer_home):
@@ -545,7 +545,7 @@ def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_ther
     eot, eos = tokenizer.convert_tokens_to_ids([EOT, EOS])
     assert model.generation_config.eos_token_id == [eot, eos]  # saved with the model, for every generator
     assert model.config.use_cache is True
-    new, finish = generate(model, tokenizer, prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}]), 40)
+    [(new, finish)] = generate(model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}])], 40)
     assert (tokenizer.decode(new, skip_special_tokens=True), finish) == ("it is four", "stop")
     assert len(new) < 10  # stopped at the turn's end, well before max_tokens
     # the stage's own check says so: every greedy answer to the data's prompts ended its turn, without repeating

@@ -57,7 +57,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_tokens: int, 
     every rank of a sharded model answers them together."""
     was_training = model.training
     model.eval()
-    answers = [generate(model, tokenizer, ids, max_tokens, synced_ranks=synced_ranks) for ids in prompts]
+    answers = generate(model, tokenizer, prompts, max_tokens, synced_ranks=synced_ranks)
     model.train(was_training)
     return answers
 

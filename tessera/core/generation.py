@@ -62,31 +62,41 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(ids)
 
 
-def generate(model, tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             ignore_eos: bool = False, synced_ranks: bool = False) -> tuple[list[int], str]:
-    """New token ids and the finish reason: 'stop' when the model ended its turn (on any of stop_token_ids, which
-    is then left out of the ids), else 'length'. Greedy at temperature 0.
+def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             ignore_eos: bool = False, synced_ranks: bool = False) -> list[tuple[list[int], str]]:
+    """For each prompt (token ids), its new token ids and finish reason: 'stop' when the model ended its turn (on any
+    of stop_token_ids, which is then left out of the ids), else 'length'. Greedy at temperature 0.
 
-    The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
+    The prompts are answered together, as one batch padded on the left (a masked pad takes no part in attention,
+    and positions count from each prompt's first token): a batch of n costs about one answer's steps, not n times
+    them. The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
     not taken from the caller, so every caller stops the same way, also on a model saved without them.
     `ignore_eos` generates max_tokens regardless (benchmarks). `synced_ranks`: every rank of a sharded model runs this
     together, each forward a collective, until all of them are done."""
     import torch
 
+    if not prompts:
+        return []
     stop = stop_token_ids(tokenizer, model.generation_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    width = max(len(ids) for ids in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids], device=model.device),
+            ids,
+            attention_mask=mask,
             max_new_tokens=max_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=pad,
             eos_token_id=stop,
             use_cache=True,
             min_new_tokens=max_tokens if ignore_eos else 0,
             synced_gpus=synced_ranks,
             **sampling,
         )
-    new = out[0, len(ids):].tolist()
-    if new and new[-1] in stop:
-        return new[:-1], "stop"
-    return new, "length"
+    answers = []
+    for new in out[:, width:].tolist():
+        ended = next((i for i, token in enumerate(new) if token in stop), None)  # what follows is the batch's padding
+        answers.append((new, "length") if ended is None else (new[:ended], "stop"))
+    return answers

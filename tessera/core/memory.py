@@ -120,6 +120,8 @@ class Hardware(BaseModel):
 
     @classmethod
     def detect(cls) -> Hardware:
+        if not gpu_driver_present():  # no GPU torch could use: no need to import it (2 s) to be told so
+            return cls.this_cpu()
         import torch
 
         # is_available() and device_count() ask the driver without creating a CUDA context. Reading a GPU's
@@ -127,6 +129,10 @@ class Hardware(BaseModel):
         # the GPU while torchrun's workers train (../shared/PITFALLS.md 18): a short subprocess reads it instead.
         if torch.cuda.is_available():
             return cls(device="cuda", count=torch.cuda.device_count(), memory_bytes=gpu_memory_bytes())
+        return cls.this_cpu()
+
+    @classmethod
+    def this_cpu(cls) -> Hardware:
         import psutil
 
         return cls(device="cpu", count=1, memory_bytes=int(psutil.virtual_memory().available * CPU_RAM_SHARE))
@@ -135,6 +141,16 @@ class Hardware(BaseModel):
         if self.device == "cpu":
             return f"CPU RAM ({_gb(self.memory_bytes)}: {CPU_RAM_SHARE:.0%} of what is available)"
         return f"{_count(self.count, 'GPU')} of {_gb(self.memory_bytes)}"
+
+
+GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver; ROCm's
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine has a GPU driver at all; without one torch.cuda finds no GPU."""
+    import os
+
+    return any(os.path.exists(path) for path in GPU_DRIVER_FILES)
 
 
 GPU_MEMORY_PROBE = "import torch; print(torch.cuda.mem_get_info(0)[1])"
