@@ -152,6 +152,17 @@ def test_an_endpoint_keeps_its_url_through_updates_and_rolls_back_a_broken_versi
         assert r.headers["content-type"] == "application/json"
         assert [m["id"] for m in json.load(r)["data"]] == [f"models:/{MODEL}/1"]
 
+    # the router adds nothing: a greedy answer through the endpoint's URL is the model server's own, byte for byte,
+    # but for the id and time of each answer
+    greedy = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}
+    routed, direct = (httpx.post(f"{base}/v1/chat/completions", json=greedy, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=60) for base in (url, first.backend.url))
+    assert routed.status_code == direct.status_code == 200, (routed.text, direct.text)
+    assert routed.headers["content-type"] == direct.headers["content-type"]
+    assert ({k: v for k, v in routed.json().items() if k not in ("id", "created")}
+            == {k: v for k, v in direct.json().items() if k not in ("id", "created")})
+    assert routed.json()["choices"][0]["message"]["content"]
+
     chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as s:
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")

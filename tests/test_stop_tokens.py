@@ -89,3 +89,18 @@ def test_generate_stops_on_what_generation_config_adds(model_dir, eot_tokenizer)
     model.generation_config.eos_token_id = [eot_tokenizer.eos_token_id, other]
     forcing(model, [eot_tokenizer.convert_tokens_to_ids("it"), other])
     assert generate(model, eot_tokenizer, [[5, 6]], max_tokens=5) == [([eot_tokenizer.convert_tokens_to_ids("it")], "stop")]
+
+
+def test_prompts_answered_together_get_the_answers_each_gets_alone(tiny_model_dir, tokenizer):
+    """generate() pads a batch of prompts on the left: each answer must be the one the prompt gets on its own (fp32),
+    the longest and the shortest prompt alike."""
+    from transformers import AutoModelForCausalLM
+
+    from tessera.core.generation import prompt_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": text}])
+               for text in ("a", "a much longer question than the others, with many more words in it", "two and two")]
+    alone = [generate(model, tokenizer, [p], max_tokens=12)[0] for p in prompts]
+    assert len({len(p) for p in prompts}) == 3
+    assert generate(model, tokenizer, prompts, max_tokens=12) == alone

@@ -1,5 +1,5 @@
 """Generating as the model was trained: chats rendered with its own chat template, decoding that stops at its
-end-of-turn token. One implementation for the served endpoint and the trainer's eval prompts.
+end-of-turn token. The endpoint (tasks.serve) and the trainer's greedy answers (generate) render and stop alike.
 
 The end-of-turn token is read from the template itself (stop_token_ids): it is often not the tokenizer's
 EOS (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`), and a model that is only stopped at EOS never stops.
@@ -62,17 +62,15 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(ids)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             ignore_eos: bool = False, synced_ranks: bool = False) -> list[tuple[list[int], str]]:
-    """For each prompt (token ids), its new token ids and finish reason: 'stop' when the model ended its turn (on any
-    of stop_token_ids, which is then left out of the ids), else 'length'. Greedy at temperature 0.
+def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, synced_ranks: bool = False) -> list[tuple[list[int], str]]:
+    """For each prompt (token ids), its greedy answer's new token ids and finish reason: 'stop' when the model ended
+    its turn (on any of stop_token_ids, which is then left out of the ids), else 'length'.
 
     The prompts are answered together, as one batch padded on the left (a masked pad takes no part in attention,
     and positions count from each prompt's first token): a batch of n costs about one answer's steps, not n times
     them. The stop ids are worked out here from the tokenizer and `model.generation_config` (what the trainer saved),
     not taken from the caller, so every caller stops the same way, also on a model saved without them.
-    `ignore_eos` generates max_tokens regardless (benchmarks). `synced_ranks`: every rank of a sharded model runs this
-    together, each forward a collective, until all of them are done."""
+    `synced_ranks`: every rank of a sharded model runs this together, each forward a collective, until all are done."""
     import torch
 
     if not prompts:
@@ -82,7 +80,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, temper
     width = max(len(ids) for ids in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -91,9 +88,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, temper
             pad_token_id=pad,
             eos_token_id=stop,
             use_cache=True,
-            min_new_tokens=max_tokens if ignore_eos else 0,
+            do_sample=False,
             synced_gpus=synced_ranks,
-            **sampling,
         )
     answers = []
     for new in out[:, width:].tolist():
