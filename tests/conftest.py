@@ -40,8 +40,6 @@ def pytest_configure(config):
 
     from tessera.core import prefect_server
 
-    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # pytest-xdist's controller runs no test: each of its workers starts its own server
     config.prefect_home = tempfile.mkdtemp(prefix="tessera-test-prefect-")
     with _tessera_home(config.prefect_home):
         config.prefect_server = prefect_server.spawn()
