@@ -396,23 +396,31 @@ def uninterrupted(trainer_home):
     return prepared, metric(trained.mlflow_run_id, "loss"), config, trained
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_uninterrupted(trainer_home, uninterrupted, sig):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "killed-while-saving"])
+def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_uninterrupted(
+        trainer_home, uninterrupted, sig, monkeypatch, tmp_path):
     """SIGKILL (a crash; no out-of-memory evidence) or SIGTERM (a preemption: the worker saves a checkpoint first)
-    after a checkpoint, mid-epoch: the stage restarts the worker from the last checkpoint, in the same MLflow run;
-    every step runs once, and the losses after the resume point are the uninterrupted run's."""
+    after a checkpoint, mid-epoch, or SIGKILL while a checkpoint is being saved (its files written, not yet marked
+    complete): the stage restarts the worker from the last complete checkpoint, in the same MLflow run; every step
+    runs once, and the losses after the resume point are the uninterrupted run's."""
     from tessera.core import checkpoints, runs
     from tessera.core.tracking import mlflow_client
 
     _, data = trainer_home
     prepared, reference, _, _ = uninterrupted
-    stopped: list = []
-    watcher = stop_the_worker_after_a_checkpoint(sig, stopped)
-    config, _, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
-    watcher.join()
-    assert stopped, "the worker finished before it could be stopped"
-    steps_per_epoch = -(-prepared.stats.rows // 4)
-    assert stopped[0].step % steps_per_epoch != 0  # mid-epoch
+    if sig == "killed-while-saving":  # the second checkpoint's (step 14's) save, once: the restart goes past it
+        monkeypatch.setenv("TESSERA_FAULT", "checkpoint-14-written-not-marked")
+        monkeypatch.setenv("TESSERA_FAULT_ONCE", str(tmp_path / "fired"))
+        config, _, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
+        assert (tmp_path / "fired").exists(), "the worker was not killed during the save"
+    else:
+        stopped: list = []
+        watcher = stop_the_worker_after_a_checkpoint(sig, stopped)
+        config, _, trained = run_stage(data, "60ba", RESUME_SETTINGS, eval_data_path=str(data))
+        watcher.join()
+        assert stopped, "the worker finished before it could be stopped"
+        steps_per_epoch = -(-prepared.stats.rows // 4)
+        assert stopped[0].step % steps_per_epoch != 0  # mid-epoch
 
     losses = metric(trained.mlflow_run_id, "loss")
     assert len(losses) == 60  # each step once in MLflow's history: none skipped, none logged twice
@@ -423,6 +431,8 @@ def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_i
     assert len(restarts) == 1, events
     resumed = [m for m in events if m.startswith("resumed from the checkpoint at step")]
     assert len(resumed) == 1 and record.checkpoint_dir in resumed[0]
+    if sig == "killed-while-saving":  # step 14's files were on disk without the mark: the one before it counts
+        assert resumed[0].startswith("resumed from the checkpoint at step 7 "), resumed
     if sig == signal.SIGTERM:  # the worker saved where it stopped, and the restart continued from there
         assert "stopped by SIGTERM" in restarts[0]
         assert any(m.startswith("stopped by SIGTERM after step") for m in events)

@@ -4,7 +4,7 @@ a retrain killed on the way consistent: the tags, then @champion, then `promotio
 from __future__ import annotations
 
 from tasks.promote.decision import Decision
-from tasks.promote.faults import fault_point
+from tessera.core.faults import fault_point
 from tasks.promote.plan import RetrainPlan
 from tasks.register import RegisteredVersion
 from tessera.core import registry

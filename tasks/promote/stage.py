@@ -14,7 +14,7 @@ from tasks import stage_logger
 from tasks.prepare.stage import PreparedData, lineage
 from tasks.promote.champion import CHAMPION, current_champion, record_on_version
 from tasks.promote.decision import Decision, decide
-from tasks.promote.faults import fault_point
+from tessera.core.faults import fault_point
 from tasks.promote.plan import RetrainPlan, already_registered, config_hash, older_than_champion
 from tasks.promote.scoring import base_score, compared, eval_set_for, registered_score, trained_text_bytes
 from tasks.register import RegisteredVersion, source_tags

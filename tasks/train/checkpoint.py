@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from tasks.train import distributed
 from tessera.core import checkpoints
 from tessera.core.checkpoints import CheckpointInfo
+from tessera.core.faults import fault_point
 from tessera.core.weights import architecture
 
 
@@ -120,6 +121,7 @@ class Checkpointer:
         self._pending = None
         future.result()  # a failed write raises here
         if self.rank == 0:
+            fault_point(f"checkpoint-{info.step}-written-not-marked", kill=True)
             checkpoints.mark_complete(path, info)
             checkpoints.prune(self.root, self.keep)
             loss = f", eval loss {info.eval_loss:.4f}" if info.eval_loss is not None else ""
