@@ -396,7 +396,8 @@ def uninterrupted(trainer_home):
     return prepared, metric(trained.mlflow_run_id, "loss"), config, trained
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "killed-while-saving"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "killed-while-saving"],
+                         ids=["SIGKILL", "SIGTERM", "killed-while-saving"])
 def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_uninterrupted(
         trainer_home, uninterrupted, sig, monkeypatch, tmp_path):
     """SIGKILL (a crash; no out-of-memory evidence) or SIGTERM (a preemption: the worker saves a checkpoint first)
