@@ -68,14 +68,28 @@ def metric(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def test_batch_splits_and_processes_give_the_same_losses(trainer_home):
+SPLIT_BATCH = {"global_batch_tokens": 8 * CTX}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(trainer_home):
+    """One epoch trained by FSDP over 2 processes, a checkpoint at every step: compared with ddp below, and resumed
+    from its first checkpoint into other numbers of processes."""
     _, data = trainer_home
-    batch = {"global_batch_tokens": 8 * CTX}
+    settings = {**SPLIT_BATCH, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "fsdp",
+                "checkpoint_every": 1, "keep_checkpoints": 10}
+    config, _, trained = run_stage(data, "1ep", settings)
+    return config, trained
+
+
+def test_batch_splits_and_processes_give_the_same_losses(trainer_home, sharded_run):
+    _, data = trainer_home
+    batch = SPLIT_BATCH
     _, prepared, whole = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 8 * CTX})
     # activation checkpointing recomputes the same forward: it changes memory, not the losses
     _, _, accumulated = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 2 * CTX, "activation_checkpointing": True})
     _, _, two_procs = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "ddp"})
-    _, _, sharded = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "fsdp"})
+    _, sharded = sharded_run  # the same split, sharded (and checkpointed at every step, which changes no loss)
 
     rows = prepared.stats.rows
     assert rows >= 16, "the test needs several steps"
@@ -127,7 +141,7 @@ def test_the_data_report_states_what_the_trainer_runs(trainer_home):
     assert len(metric(trained.mlflow_run_id, "eval_loss")) == 1  # at the end
 
 
-def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home, tmp_path):
+def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(sharded_run, tmp_path):
     """An FSDP run's checkpoint, written sharded by 2 processes, resumes into 1 process (ddp) and into 2 (fsdp): the
     steps after it give the uninterrupted run's losses."""
     import json
@@ -138,19 +152,16 @@ def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home
     from tessera.core import checkpoints, runs
     from tessera.core.training import TrainJob
 
-    _, data = trainer_home
-    settings = {"global_batch_tokens": 4 * CTX, "micro_batch_tokens": 2 * CTX, "nproc_per_node": 2, "parallelism": "fsdp",
-                "checkpoint_every": 3, "keep_checkpoints": 10}
-    config, _, trained = run_stage(data, "8ba", settings)
+    config, trained = sharded_run
     reference = metric(trained.mlflow_run_id, "loss")
-    assert len(reference) == 8
-    (at_3,) = [c for c in checkpoints.list_checkpoints(runs.load(config.name).checkpoint_dir) if c.step == 3]
-    assert at_3.world_size == 2
+    assert len(reference) >= 3  # two steps or more after the first
+    (at_1,) = [c for c in checkpoints.list_checkpoints(runs.load(config.name).checkpoint_dir) if c.step == 1]
+    assert at_1.world_size == 2
     job = TrainJob.model_validate_json(runs.job_file(config.name).read_text())
     for nproc, parallelism in ((1, "ddp"), (2, "fsdp")):
         out = tmp_path / f"{nproc}-{parallelism}"
         resumed = job.model_copy(update={
-            "resume_from": at_3, "output_dir": str(out / "model"), "checkpoint_dir": str(out / "checkpoints"), "owner_pid": None,
+            "resume_from": at_1, "output_dir": str(out / "model"), "checkpoint_dir": str(out / "checkpoints"), "owner_pid": None,
             "settings": job.settings.model_copy(update={"nproc_per_node": nproc, "parallelism": parallelism}),
         })
         (out / "job.json").parent.mkdir(parents=True)
@@ -160,8 +171,8 @@ def test_a_sharded_checkpoint_resumes_into_one_process_and_into_two(trainer_home
         assert done.returncode == 0, done.stderr[-3000:]
         records = [json.loads(line[len(RECORD_MARKER):]) for line in done.stdout.splitlines() if line.startswith(RECORD_MARKER)]
         losses = {r["step"]: r["values"]["loss"] for r in records if r["kind"] == "metrics" and "loss" in r["values"]}
-        assert sorted(losses) == [4, 5, 6, 7, 8], (nproc, losses)
-        assert [losses[step] for step in sorted(losses)] == pytest.approx(reference[3:], abs=1e-4), (nproc, parallelism)
+        assert sorted(losses) == list(range(2, len(reference) + 1)), (nproc, losses)
+        assert [losses[step] for step in sorted(losses)] == pytest.approx(reference[1:], abs=1e-4), (nproc, parallelism)
         assert (out / "model" / "model.safetensors").is_file()
 
 
