@@ -84,11 +84,11 @@ def sharded_run(trainer_home):
 
 def test_batch_splits_and_processes_give_the_same_losses(trainer_home, sharded_run):
     _, data = trainer_home
-    batch = SPLIT_BATCH
-    _, prepared, whole = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 8 * CTX})
+    _, prepared, whole = run_stage(data, "1ep", {**SPLIT_BATCH, "micro_batch_tokens": 8 * CTX})
     # activation checkpointing recomputes the same forward: it changes memory, not the losses
-    _, _, accumulated = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 2 * CTX, "activation_checkpointing": True})
-    _, _, two_procs = run_stage(data, "1ep", {**batch, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2, "parallelism": "ddp"})
+    _, _, accumulated = run_stage(data, "1ep", {**SPLIT_BATCH, "micro_batch_tokens": 2 * CTX, "activation_checkpointing": True})
+    _, _, two_procs = run_stage(data, "1ep", {**SPLIT_BATCH, "micro_batch_tokens": 4 * CTX, "nproc_per_node": 2,
+                                              "parallelism": "ddp"})
     _, sharded = sharded_run  # the same split, sharded (and checkpointed at every step, which changes no loss)
 
     rows = prepared.stats.rows
@@ -124,8 +124,8 @@ def answers(model_dir: str) -> list[list[int]]:
     from tessera.core.generation import generate, prompt_ids
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    return [new for new, _ in generate(model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": f"question {i} why"}])
-                                                          for i in range(3)], 16)]
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"question {i} why"}]) for i in range(3)]
+    return [new for new, _ in generate(model, tokenizer, prompts, 16)]
 
 
 def test_the_data_report_states_what_the_trainer_runs(trainer_home):
@@ -567,7 +567,8 @@ def test_a_model_whose_turns_end_with_another_token_than_eos_learns_to_stop_ther
     eot, eos = tokenizer.convert_tokens_to_ids([EOT, EOS])
     assert model.generation_config.eos_token_id == [eot, eos]  # saved with the model, for every generator
     assert model.config.use_cache is True
-    [(new, finish)] = generate(model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}])], 40)
+    question = prompt_ids(tokenizer, [{"role": "user", "content": "what is two and two"}])
+    [(new, finish)] = generate(model, tokenizer, [question], 40)
     assert (tokenizer.decode(new, skip_special_tokens=True), finish) == ("it is four", "stop")
     assert len(new) < 10  # stopped at the turn's end, well before max_tokens
     # the stage's own check says so: every greedy answer to the data's prompts ended its turn, without repeating

@@ -62,7 +62,8 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(ids)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, synced_ranks: bool = False) -> list[tuple[list[int], str]]:
+def generate(model, tokenizer, prompts: list[list[int]], max_tokens: int,
+             synced_ranks: bool = False) -> list[tuple[list[int], str]]:
     """For each prompt (token ids), its greedy answer's new token ids and finish reason: 'stop' when the model ended
     its turn (on any of stop_token_ids, which is then left out of the ids), else 'length'.
 

@@ -15,6 +15,7 @@ of real steps, with and without checkpointing, 512 to 4096 tokens, bf16 and fp32
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import cache
 from typing import Literal
@@ -148,8 +149,6 @@ GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")  # NVID
 
 def gpu_driver_present() -> bool:
     """Whether this machine has a GPU driver at all; without one torch.cuda finds no GPU."""
-    import os
-
     return any(os.path.exists(path) for path in GPU_DRIVER_FILES)
 
 
