@@ -234,6 +234,7 @@ def get_checkpoints(run_or_name: TrainingRun | str) -> list[CheckpointInfo]:
 # cuts its crash handling short, leaving the flow run Running); once the train stage is stopping its workers, it
 # ignores the repeats (tasks.train.stage.launch)
 FLOW_SIGTERM_RESEND_S = 15.0
+FLOW_STOP_GRACE_S = 60.0  # for the flow to stop its workers (they save a checkpoint) and run its hooks, then SIGKILL
 
 DEPLOYMENT = "finetune/finetune"  # prefect.yaml's; `prefect deploy --all` makes it
 
@@ -373,8 +374,12 @@ def cancel(run_or_name: TrainingRun | str) -> None:
     if flow_run is not None:
         _cancel_flow_run(flow_run.id)
     elif record.pid:  # its SIGTERM reaches the flow as a crash, torchrun and its workers as a stop
-        stop_tree(record.pid, record.pid_create_time, grace=60, resend_every=FLOW_SIGTERM_RESEND_S)
+        stop_tree(record.pid, record.pid_create_time, grace=FLOW_STOP_GRACE_S, resend_every=FLOW_SIGTERM_RESEND_S)
     runs.stop(run.name, "cancelled by the user")
+    if flow_run is None and record.prefect_flow_run_id:  # its hooks say so, but a flow killed at the grace's end cannot
+        use_prefect_api()
+        with _prefect_api(f"show run {run.name} cancelled"):
+            runs.show_cancelled(record.prefect_flow_run_id)
 
 
 def get_events(run_or_name: TrainingRun | str, follow: bool = False, poll: float = 1.0) -> list[dict] | Iterator[dict]:

@@ -249,6 +249,27 @@ def test_fm_cancel_of_a_local_run_shows_its_flow_run_cancelled_in_prefect(home):
 
 
 @pytest.mark.slow
+def test_a_local_run_that_does_not_stop_in_time_is_killed_and_shown_cancelled(home, monkeypatch):
+    """A flow that cannot act on fm.cancel's SIGTERM (here: stopped with SIGSTOP) is killed, with what it started,
+    at the grace's end; with no hook left to say so, fm.cancel itself shows its flow run Cancelled in Prefect."""
+    from tessera import foundation_model as fm
+    from tessera import sdk
+    from tessera.core import runs
+
+    run = _running_local_run(home)
+    record = runs.load(run.name)
+    process = psutil.Process(record.pid)
+    tree = [process, *process.children(recursive=True)]
+    monkeypatch.setattr(sdk, "FLOW_STOP_GRACE_S", 2.0)
+    process.suspend()
+    fm.cancel(run.name)
+    gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert alive == [], alive
+    assert fm.get(run.name).status.value == "STOPPED", fm.get(run.name)
+    assert _flow_run_state(record.prefect_flow_run_id) == "CANCELLED"
+
+
+@pytest.mark.slow
 def test_a_cancel_from_the_prefect_ui_stops_a_local_run(home):
     """The UI's cancel of a run started here (its flow run set Cancelling, as the UI does): the run's own process
     acts on it (no worker watches it), stops training and ends STOPPED, its flow run Cancelled, no process left."""

@@ -304,29 +304,30 @@ def stop(name: str, details: str) -> None:
         append_event(name, "run", f"stopped: {details}")
 
 
-def _cancelling_in_prefect(flow_run) -> bool:
+def _cancelling_in_prefect(flow_run_id) -> bool:
     """Whether Prefect now has the flow run cancelling or cancelled (a cancel from the UI whose kill reached the
     flow as a crash before the worker ran the on_cancellation hooks)."""
     try:
         from prefect import get_client
 
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.id).state
+            state = client.read_flow_run(flow_run_id).state
         return state is not None and (state.is_cancelling() or state.is_cancelled())
     except Exception:
         return False
 
 
-def _show_cancelled(flow_run) -> None:
+def show_cancelled(flow_run_id) -> None:
     """Prefect reports the kill of a cancel it did not ask for (fm.cancel's SIGTERM to a run's own process) as a
-    crash: set the flow run Cancelled, so that its UI says what happened. Prefect's own cancels are left to it."""
+    crash, and a flow killed before it could say anything stays Running: set the flow run Cancelled, so that its UI
+    says what happened. Prefect's own cancels are left to it."""
     from prefect import get_client
     from prefect.states import Cancelled
 
-    if _cancelling_in_prefect(flow_run):
+    if _cancelling_in_prefect(flow_run_id):
         return
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run.id, Cancelled(message="cancelled by the user"), force=True)
+        client.set_flow_run_state(flow_run_id, Cancelled(message="cancelled by the user"), force=True)
 
 
 def on_failure(flow, flow_run, state) -> None:
@@ -334,10 +335,10 @@ def on_failure(flow, flow_run, state) -> None:
     if record is None:
         return
     if cancelled(record):  # the kill of a cancel, not a failure
-        _show_cancelled(flow_run)
+        show_cancelled(flow_run.id)
         return
     name = record.config.name
-    if _cancelling_in_prefect(flow_run):
+    if _cancelling_in_prefect(flow_run.id):
         stop(name, "cancelled from Prefect")
         return
     try:
