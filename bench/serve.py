@@ -189,11 +189,11 @@ def peer_comparison(args) -> None:
     home = Path(tempfile.mkdtemp(prefix="tessera-bench-peer-"))
     os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
     import mlflow
-    import transformers
 
+    from tasks.register import log_model_folder
     from tasks.serve import endpoints
     from tessera.core.processes import free_port, stop_tree
-    from tessera.core.tracking import mlflow_client
+    from tessera.core.tracking import experiment_id, mlflow_client
 
     if args.model == "tiny":
         from tessera.core.tiny_model import build_tiny_chat
@@ -203,12 +203,8 @@ def peer_comparison(args) -> None:
         from tessera.core.smollm2 import build_smollm2
 
         model_dir = build_smollm2(Path(os.environ.get("TESSERA_BENCH_MODELS", home / "models")) / "smollm2-135m-instruct")
-    mlflow_client()
-    with mlflow.start_run():
-        mlflow.transformers.log_model(
-            transformers_model=transformers.pipeline("text-generation", model=str(model_dir)), name="model",
-            task="llm/v1/chat", registered_model_name="bench.serve.peer", pip_requirements=[],
-        )
+    with mlflow.start_run(experiment_id=experiment_id(mlflow_client(), "/bench/serve")):
+        log_model_folder(model_dir, "llm/v1/chat", "bench.serve.peer")
     uri = "models:/bench.serve.peer/1"
     results = {}
 
@@ -269,20 +265,16 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="tessera-bench-serve-"))
     os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
     import mlflow
-    import transformers
 
+    from tasks.register import log_model_folder
     from tasks.serve.model_server import start_endpoint
     from tasks.serve.settings import ServeSettings
     from tessera.core.tiny_model import build_tiny_chat
-    from tessera.core.tracking import mlflow_client
+    from tessera.core.tracking import experiment_id, mlflow_client
 
     model_dir = build_tiny_chat(home / "models" / "tiny-chat")
-    mlflow_client()
-    with mlflow.start_run():
-        mlflow.transformers.log_model(
-            transformers_model=transformers.pipeline("text-generation", model=str(model_dir)), name="model",
-            task="llm/v1/chat", registered_model_name="bench.serve.tiny", pip_requirements=[],
-        )
+    with mlflow.start_run(experiment_id=experiment_id(mlflow_client(), "/bench/serve")):
+        log_model_folder(model_dir, "llm/v1/chat", "bench.serve.tiny")
 
     results = {}
     for engine in ("continuous", "sequential"):

@@ -8,6 +8,7 @@ The store is the embedded SQLite one in TESSERA_HOME, or the MLflow server MLFLO
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from prefect import task
@@ -98,26 +99,83 @@ def version_tags(config: RunConfig, trained: TrainedModel, client) -> dict[str, 
     return tags
 
 
+def _stored_dtype(model_dir: str | Path) -> str | None:
+    """The dtype the trainer wrote the weights in (config.json), as the transformers flavor records it: serving loads
+    the model in it."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return f"torch.{dtype}" if dtype else None
+
+
+@contextmanager
+def _task_class_names_for_mlflow():
+    """MLflow 3.17 logs a checkpoint folder (without loading the model) by reading the pipeline class's `__name__`
+    from transformers' task table, which transformers 5 fills with dotted names: for the length of the call, the table
+    answers with a stand-in class of that name (all MLflow reads of it)."""
+    from transformers import pipelines
+
+    check_task = pipelines.check_task
+
+    def with_class_names(task):
+        name, meta, options = check_task(task)
+        if isinstance(meta.get("impl"), str):
+            meta = {**meta, "impl": type(meta["impl"].rsplit(".", 1)[-1], (), {})}
+        return name, meta, options
+
+    pipelines.check_task = with_class_names
+    try:
+        yield
+    finally:
+        pipelines.check_task = check_task
+
+
+def import_while_training() -> None:
+    """Registering needs MLflow's transformers flavor, whose imports (transformers' pipelines and torch) take ~5 s of
+    one core: started on a thread of their own while the workers train, they are done by the time the model is. An
+    import that fails here fails again, with its message, where the register stage makes it."""
+    import importlib
+    import threading
+
+    def import_flavor() -> None:
+        with suppress(Exception):
+            importlib.import_module("mlflow.transformers")
+            importlib.import_module("transformers.pipelines")
+
+    threading.Thread(target=import_flavor, name="register-imports", daemon=True).start()
+
+
+def log_model_folder(model_dir: str | Path, task: str, registered_model_name: str):
+    """Log a model folder (the trainer's, or any in the base model's format) as the active MLflow run's `model`, with
+    MLflow's transformers flavor, and register it as a new version of `registered_model_name`. MLflow copies the files
+    and never loads the weights into this process (an 8B model would take 16 GB here). `task`: llm/v1/chat or
+    llm/v1/completions. Returns MLflow's ModelInfo."""
+    import mlflow
+
+    with _task_class_names_for_mlflow():
+        return mlflow.transformers.log_model(
+            transformers_model=str(model_dir),
+            name="model",
+            task=task,
+            registered_model_name=registered_model_name,
+            pip_requirements=serving_requirements(),
+            torch_dtype=_stored_dtype(model_dir),
+        )
+
+
 @task(name="register-model")
 def register_model(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
-    """Log the trained model as the run's model and register it. MLflow 3.17 cannot log a checkpoint folder as it
-    is with transformers 5 (its flavor reads the pipeline class from a task table that now holds names), so the
-    folder is loaded into a pipeline and saved again."""
+    """Log the trained model's folder as the run's model and register it (log_model_folder), tagged with its lineage,
+    as @challenger."""
     import mlflow
-    import transformers
 
     client = mlflow_client()
     name = config.registered_model_name
     task_name = "llm/v1/chat" if config.task_type is TaskType.CHAT_COMPLETION else "llm/v1/completions"
     try:
         with mlflow.start_run(run_id=trained.mlflow_run_id):
-            info = mlflow.transformers.log_model(
-                transformers_model=transformers.pipeline("text-generation", model=trained.model_dir),
-                name="model",
-                task=task_name,
-                registered_model_name=name,
-                pip_requirements=serving_requirements(),
-            )
+            info = log_model_folder(trained.model_dir, task_name, name)
         version = str(info.registered_model_version)
         for key, value in version_tags(config, trained, client).items():
             client.set_model_version_tag(name, version, key, value)

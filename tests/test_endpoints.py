@@ -29,17 +29,15 @@ def register_tiny(tiny_model_dir: Path, count: int = 1, broken: bool = False) ->
     """Register the tiny model `count` times under MODEL, without training; `broken`: the last version's stored
     weights are cut in half afterwards (a version that registered fine but cannot load)."""
     import mlflow
-    import transformers
 
+    from tasks.register import log_model_folder
     from tessera.core.tracking import experiment_id, mlflow_client
 
     client = mlflow_client()
-    pipeline = transformers.pipeline("text-generation", model=str(tiny_model_dir))
     versions = []
     for _ in range(count):
         with mlflow.start_run(experiment_id=experiment_id(client, "/tests/endpoints")):
-            info = mlflow.transformers.log_model(transformers_model=pipeline, name="model", task="llm/v1/chat",
-                                                 registered_model_name=MODEL, pip_requirements=[])
+            info = log_model_folder(tiny_model_dir, "llm/v1/chat", MODEL)
         versions.append(str(info.registered_model_version))
     if broken:
         location = mlflow.get_logged_model(info.model_id).artifact_location

@@ -25,18 +25,14 @@ QUESTION = [{"role": "user", "content": "hello there"}]
 
 
 def register(model_dir: Path, name: str, task: str) -> str:
-    """A model directory registered as the register stage would, without training."""
+    """A model directory registered as the register stage does, without training."""
     import mlflow
-    import transformers
 
-    from tessera.core.tracking import mlflow_client
+    from tasks.register import log_model_folder
+    from tessera.core.tracking import experiment_id, mlflow_client
 
-    mlflow_client()
-    with mlflow.start_run():
-        info = mlflow.transformers.log_model(
-            transformers_model=transformers.pipeline("text-generation", model=str(model_dir)),
-            name="model", task=task, registered_model_name=name, pip_requirements=[],
-        )
+    with mlflow.start_run(experiment_id=experiment_id(mlflow_client(), "/tests/serve")):
+        info = log_model_folder(model_dir, task, name)
     return f"models:/{name}/{info.registered_model_version}"
 
 

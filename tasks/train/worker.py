@@ -13,6 +13,7 @@ gradients are summed over ranks once per step, so 2 processes compute what 1 pro
 from __future__ import annotations
 
 import math
+import os
 import resource
 import signal
 import sys
@@ -355,4 +356,10 @@ def carry_out(job: TrainJob) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1]))
+    code = run(sys.argv[1])  # an exception goes on as usual: its traceback to the run's log, exit code 1
+    # Everything is written (checkpoints waited for, files closed): end without the interpreter's teardown, whose
+    # last garbage collection over torch's and transformers' objects takes over a second (measured: 1.25 s of 4.2 s
+    # for a 2-step run of the tiny model)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

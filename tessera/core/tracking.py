@@ -28,12 +28,30 @@ def mlflow_client():
     mlflow.set_registry_uri(uri)
     if not uri.startswith("sqlite:///") or uri in _ready:
         return MlflowClient(uri, registry_uri=uri)
-    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _sqlite_lock(uri):
-        client = MlflowClient(uri, registry_uri=uri)  # creates the tracking store: its tables, the default experiment
-        client.search_registered_models(max_results=1)  # and the registry's
+        if not path.exists():  # made whole aside, then put in place (below)
+            _create_store(path)
+        client = MlflowClient(uri, registry_uri=uri)
     _ready.add(uri)
     return client
+
+
+def _create_store(path: Path) -> None:
+    """A new SQLite store, created beside `path` and renamed into place once whole. MLflow creates it in dozens of
+    schema migrations: a run cancelled or killed midway (seen: a cancel in a fresh home's first seconds) would leave
+    a half-migrated store that every later run fails to open ("duplicate column name")."""
+    import os
+
+    from mlflow import MlflowClient
+
+    staging = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    staging.unlink(missing_ok=True)  # a creation of this process's pid that was killed
+    uri = f"sqlite:///{staging}"
+    client = MlflowClient(uri, registry_uri=uri)  # the tracking store: its tables, the default experiment
+    client.search_registered_models(max_results=1)  # and the registry's
+    os.replace(staging, path)
 
 
 def experiment_id(client, name: str) -> str:
