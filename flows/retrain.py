@@ -78,7 +78,7 @@ def retrain(
         trained = train_model(run, prepared, report, eval_prepared)
         registered = register_model(config, trained)
         decision = promote_model(
-            config, registered, eval_prepared, plan, metric=metric, margin=promotion_margin, margin_mode=margin_mode
+            run, registered, eval_prepared, plan, metric=metric, margin=promotion_margin, margin_mode=margin_mode
         )
     champion_uri = f"models:/{registered.name}@{CHAMPION}"
     if decision.promote:

@@ -282,6 +282,7 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
 
     from flows.retrain import retrain
     from tasks.serve import endpoints
+    from tessera import foundation_model as fm
     from tessera.core import runs
     from tessera.core.paths import apply_engine_defaults
     from tessera.core.tracking import mlflow_client
@@ -320,6 +321,14 @@ def test_retrain_promotes_a_better_model_refuses_a_worse_one_and_keeps_order(hom
         assert won["promotion"] == "promoted" and won["source_version"] == "2" and won["config_hash"]
         assert won["train_data_content_hash"] and won["compared_with"] == "base model tessera/tiny-chat"
         assert (won["promotion_metric"], won["promotion_measure"]) == ("eval_loss", "per token")  # one tokenizer
+
+        # no champion either, but started from the last checkpoint of "first": that checkpoint is what the new version
+        # must beat, scored as "first"'s own version was (the same weights), not the base model
+        start = fm.get_checkpoints("first")[-1]
+        from_checkpoint = retrain(**{**common, "register_to": NAME + "_from_checkpoint"}, **worse, source_version=2,
+                                  custom_weights_path=start.path, run_name="from-checkpoint")
+        assert from_checkpoint.decision.incumbent == f"base model {start.path}"
+        assert from_checkpoint.decision.incumbent_value == pytest.approx(first.decision.challenger_value, rel=1e-4)
 
         # killed while scoring the champion (an out-of-memory kill, say): the next retrain of that data decides
         killed_at("before-incumbent", **worse, source_version=2, run_name="killed-scoring")

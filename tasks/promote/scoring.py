@@ -48,11 +48,17 @@ def registered_score(model_uri: str, prepared: PreparedData) -> Score:
     return score_on(loaded.model, prepared.path, loaded.tokenizer.pad_token_id or 0)
 
 
-def base_score(weights: str, prepared: PreparedData) -> Score:
+def base_score(folder: str, prepared: PreparedData, checkpoint: str | None = None) -> Score:
+    """The score of the model a run started from: a Hugging Face folder, with a checkpoint's weights over it when
+    the run started from one (tessera.core.weights.load_sources)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+    from tessera.core.checkpoints import load_model_weights
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint)
     if torch.cuda.is_available():
         model.to("cuda")
     return score_on(model, prepared.path, model.config.pad_token_id or 0)

@@ -22,7 +22,9 @@ from tasks.validate import eval_is_training_data
 from tessera.core import registry, runs
 from tessera.core.config import RunConfig
 from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.run_plan import ResolvedRun
 from tessera.core.tracking import mlflow_client
+from tessera.core.weights import load_sources
 
 
 def require_eval_data(config: RunConfig) -> None:
@@ -80,13 +82,13 @@ def plan_retrain(config: RunConfig, source_version: int | None = None, force: bo
 
 @task(name="evaluate-and-promote")
 def promote_model(
-    config: RunConfig, registered: RegisteredVersion, eval_prepared: PreparedData, retrain: RetrainPlan, *,
+    run: ResolvedRun, registered: RegisteredVersion, eval_prepared: PreparedData, retrain: RetrainPlan, *,
     metric: str = "eval_loss", margin: float = 0.0, margin_mode: str = "relative",
 ) -> Decision:
     """Score the new version and the incumbent on the same pinned eval set, decide, then record the decision on the
-    new version and move @champion (record_on_version). Records it as a table artifact and an event too."""
-    from tessera.core.catalog import resolve_model
-
+    new version and move @champion (record_on_version). Records it as a table artifact and an event too. With no
+    champion yet, the incumbent is the model the run started from: the base model, or its custom weights."""
+    config = run.config
     log = stage_logger()
     client = mlflow_client()
     name = registered.name
@@ -103,8 +105,8 @@ def promote_model(
         incumbent_label = f"{incumbent} (@{CHAMPION})"
         incumbent_stops = logged_metric(client, champion.run_id, "eval_stop_rate")
     else:
-        weights = config.custom_weights_path or resolve_model(config.model, config.context_length).path
-        theirs, incumbent_score = eval_prepared, base_score(weights, eval_prepared)
+        folder, checkpoint = load_sources(run.weights, run.model.path)
+        theirs, incumbent_score = eval_prepared, base_score(folder, eval_prepared, checkpoint)
         incumbent = incumbent_label = f"base model {config.custom_weights_path or config.model}"
         incumbent_stops = logged_metric(client, challenger_run, "base_stop_rate")
     # the same rows (cache key) mean the same tokens: per token; else per byte of the text both were scored on

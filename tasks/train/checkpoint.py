@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tasks.train import distributed
 from tessera.core import checkpoints
@@ -135,13 +135,6 @@ class Checkpointer:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if info.world_size == dist.get_world_size() and _rng_file(path, self.rank).exists():
             set_rng_state(torch.load(_rng_file(path, self.rank), weights_only=False))
-
-
-def load_weights(model, path: str) -> None:
-    """Only the weights of a checkpoint (another run's, to start from: not its optimizer or position)."""
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
 
 
 def info_now(step: int, plan, tokens_seen: int, world: int, reason: str, train_loss: float | None,

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.train import distributed
-from tasks.train.checkpoint import Checkpointer, info_now, load_weights
+from tasks.train.checkpoint import Checkpointer, info_now
 from tasks.train.data import PackedRows, Step, steps
 from tasks.train.evaluation import (
     STOP_CHECK_PROMPTS, STOP_CHECK_TOKENS, data_prompts, greedy_answers, repetition, stop_rate, summed_loss,
@@ -34,11 +34,13 @@ from tasks.train.loss import loss_sum
 from tasks.train.parallel import Parallelism
 from tasks.train.precision import autocast, compute_dtype
 from tasks.train.report import PREEMPTED_EXIT, Reporter, fail, peers_lost, progress_line, say_peers_lost, write_outcome
+from tessera.core import checkpoints
 from tessera.core.config import TaskType
 from tessera.core.generation import prompt_ids, stop_token_ids
 from tessera.core.paths import replacing_dir
 from tessera.core.processes import exit_when_gone
 from tessera.core.training import TrainJob, lr_at, unsupported_head_feature, unsupported_model_message
+from tessera.core.weights import load_sources
 
 
 class WorkerError(Exception):
@@ -63,8 +65,7 @@ def load_model(job: TrainJob, parallel: Parallelism):
         if s.compile:
             model.base_model.compile()  # in place: parameter names (and the saved checkpoint) stay the same
 
-    start = job.starting_weights
-    weights = start.path if start is not None and start.kind != "checkpoint" else job.model_path
+    weights, checkpoint = load_sources(job.starting_weights, job.model_path)
     try:
         config = AutoConfig.from_pretrained(weights)
         stored = config.dtype or torch.float32
@@ -74,9 +75,9 @@ def load_model(job: TrainJob, parallel: Parallelism):
             model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, attn_implementation=s.attn_implementation)
             prepare(model)
             model.to(parallel.device)
-        if start is not None and start.kind == "checkpoint":
-            weights = start.path
-            load_weights(model, start.path)
+        if checkpoint is not None:
+            weights = checkpoint
+            checkpoints.load_model_weights(model, checkpoint)
     except Exception as exc:  # a missing, truncated or foreign weights file: one message, not a traceback
         raise WorkerError(f"could not load the model weights from {weights}: {type(exc).__name__}: {exc}") from exc
     stored = getattr(torch, stored) if isinstance(stored, str) else stored

@@ -1,8 +1,8 @@
 """A training run's checkpoints: where they live, which are complete, what each holds, and which are kept.
 
 The training worker writes them (tasks/train/checkpoint.py: model and optimizer sharded with
-torch.distributed.checkpoint, each rank's random state beside them); this module only reads folders and JSON, so
-fm.get_checkpoints and `tessera runs checkpoints` list them without torch. A checkpoint is a folder `step_<N>`
+torch.distributed.checkpoint, each rank's random state beside them); this module reads folders and JSON, so
+fm.get_checkpoints and `tessera runs checkpoints` list them without torch (only load_model_weights imports it). A checkpoint is a folder `step_<N>`
 under the run's checkpoint root; it counts only once `checkpoint.json` is in it, which rank 0 writes after every
 rank's data and DCP's own `.metadata` are on disk. A folder without it (a save that a kill cut short) is never
 resumed from, and is removed once a later checkpoint is complete.
@@ -98,3 +98,14 @@ def resumable_note(root: Path | str | None, name: str) -> str:
     """What a failed or stopped run's message adds when it can be continued."""
     last = latest(root)
     return f"; resumable from {last.label}: tessera runs resume {name}" if last else ""
+
+
+def load_model_weights(model, folder: str | Path) -> None:
+    """Only the model weights of a checkpoint, into `model` (of the architecture it was saved from): another run's,
+    to start from or to score, not its optimizer or position. Works in a process group or outside one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])

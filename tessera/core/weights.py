@@ -33,6 +33,16 @@ class StartingWeights(BaseModel):
     path: str  # a checkpoint folder, or a Hugging Face model directory
 
 
+def load_sources(weights: StartingWeights | None, base_path: str) -> tuple[str, str | None]:
+    """Where a model that starts from `weights` loads from: the Hugging Face folder, and the checkpoint whose weights
+    then go over it (None but for a checkpoint, which holds only tensors: they load into the base model's)."""
+    if weights is None:
+        return base_path, None
+    if weights.kind == "checkpoint":
+        return base_path, weights.path
+    return weights.path, None
+
+
 def architecture(config: dict) -> dict:
     return {k: config.get(k) for k in ARCHITECTURE_KEYS if k in config}
 
