@@ -131,17 +131,23 @@ def _task_class_names_for_mlflow():
         pipelines.check_task = check_task
 
 
+# What the train stage opens first (MLflow's SQLite stores), then what registering needs (MLflow's transformers flavor,
+# which imports transformers' pipelines and torch: ~5 s of one core). In this order a module both need is imported
+# once, by whichever thread gets to it first, and the flavor's imports overlap the workers' start, not the stage's.
+IMPORTED_WHILE_TRAINING = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                           "mlflow.transformers", "transformers.pipelines")
+
+
 def import_while_training() -> None:
-    """Registering needs MLflow's transformers flavor, whose imports (transformers' pipelines and torch) take ~5 s of
-    one core: started on a thread of their own while the workers train, they are done by the time the model is. An
-    import that fails here fails again, with its message, where the register stage makes it."""
+    """IMPORTED_WHILE_TRAINING, on a thread of its own: done by the time the model is trained. An import that fails
+    here fails again, with its message, where a stage makes it."""
     import importlib
     import threading
 
     def import_flavor() -> None:
         with suppress(Exception):
-            importlib.import_module("mlflow.transformers")
-            importlib.import_module("transformers.pipelines")
+            for module in IMPORTED_WHILE_TRAINING:
+                importlib.import_module(module)
 
     threading.Thread(target=import_flavor, name="register-imports", daemon=True).start()
 
