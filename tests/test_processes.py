@@ -116,3 +116,21 @@ def test_a_write_that_fails_leaves_the_previous_content(tmp_path, monkeypatch):
         write_atomic(path, json.dumps({"status": "COMPLETED"}))
     assert json.loads(path.read_text()) == {"status": "RUNNING"}
     assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_the_kernel_s_reports_of_out_of_memory_kills_are_counted():
+    """Where the cgroup keeps no count (no memory.events: this machine), the kernel's own report of each kill is the
+    evidence that a SIGKILL came from the OOM killer; other kernel messages about memory are not."""
+    from tessera.core.processes import kernel_log, oom_kills_reported
+
+    reports = [
+        "Out of memory: Killed process 4242 (python) total-vm:9126824kB, anon-rss:7735012kB, file-rss:0kB",
+        "Memory cgroup out of memory: Killed process 77 (pt_main_thread) total-vm:2097152kB, anon-rss:1048576kB",
+        "oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),task=python,pid=4242,uid=0",  # the same kill, once more
+        "python invoked oom-killer: gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE|__GFP_COMP), order=0, oom_score_adj=0",
+        "EXT4-fs (vda): mounted filesystem r/w without journal",
+    ]
+    assert oom_kills_reported(reports) == 2
+    if os.access("/dev/kmsg", os.R_OK):  # read for real, where it can be: whole messages, none of the record header
+        messages = kernel_log()
+        assert messages and not any(m[:1].isdigit() and ";" in m[:30] for m in messages[:5]), messages[:5]

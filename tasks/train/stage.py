@@ -42,8 +42,8 @@ class WorkersDied(TesseraError):
 
 def failure(output: list[str], returncode: int, plan: RunPlan, out_of_memory: bool) -> TesseraError:
     """The one message for failed workers, as the error to raise: the worker's own (never retried), an out-of-memory
-    kill (never retried: told from other deaths by the cgroup's count of them, `out_of_memory`, not by the signal
-    alone), else a death a retry may get past (WorkersDied)."""
+    kill (never retried: told from other deaths by the count of them, the cgroup's or the kernel log's:
+    `out_of_memory`, not by the signal alone), else a death a retry may get past (WorkersDied)."""
     for line in output:
         if ERROR_MARKER in line:
             return TesseraError(line.split(ERROR_MARKER, 1)[1].strip())

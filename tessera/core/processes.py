@@ -8,6 +8,8 @@ matches both is ever signalled.
 
 from __future__ import annotations
 
+import re
+
 import socket
 import time
 from contextlib import suppress
@@ -135,9 +137,10 @@ def stop_tree(pid: int | None, started: float | None = None, grace: float = 30, 
 
 
 def oom_kill_count() -> int:
-    """Processes the kernel's out-of-memory killer has killed in this cgroup (v2 `memory.events`, v1
-    `memory.oom_control`); 0 where neither is readable. A rise across a run is the evidence that it was the OOM killer
-    that sent a SIGKILL, which the signal alone does not tell."""
+    """Processes the kernel's out-of-memory killer has killed: in this cgroup (v2 `memory.events`, v1
+    `memory.oom_control`), else as the kernel's log reports them (/dev/kmsg, where readable); 0 where neither is. A
+    rise across a run is the evidence that it was the OOM killer that sent a SIGKILL, which the signal alone does not
+    tell."""
     from pathlib import Path
 
     for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
@@ -148,7 +151,42 @@ def oom_kill_count() -> int:
                     return int(value)
         except (OSError, ValueError):
             continue
-    return 0
+    return oom_kills_reported(kernel_log())
+
+
+# the kernel's report of each process its OOM killer ends: "Out of memory: Killed process 4242 (python) ..." or, for a
+# cgroup's limit, "Memory cgroup out of memory: Killed process 4242 (python) ..."
+OOM_KILL_REPORT = re.compile(r"out of memory: Killed process \d+", re.IGNORECASE)
+
+
+def oom_kills_reported(messages: list[str]) -> int:
+    return sum(1 for message in messages if OOM_KILL_REPORT.search(message))
+
+
+def kernel_log() -> list[str]:
+    """The messages in the kernel's ring buffer (/dev/kmsg: one record a read, "<prio>,<seq>,<usec>,<flags>;<text>"),
+    without blocking; [] where it cannot be read (most containers)."""
+    import os
+
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return []
+    messages = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BrokenPipeError:  # records overwritten while reading: go on with the next one
+                continue
+            except OSError:  # BlockingIOError: read to the end
+                break
+            if not record:
+                break
+            messages.append(record.decode(errors="replace").partition(";")[2].split("\n", 1)[0])
+    finally:
+        os.close(fd)
+    return messages
 
 
 def exit_when_gone(pid: int, started: float | None, poll: float = 1.0) -> None:
