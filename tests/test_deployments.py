@@ -91,8 +91,9 @@ def worker(deployed):
                                stdout=open(Path(env["TESSERA_HOME"]) / "worker.log", "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     yield env
-    # SIGTERM, then SIGKILL for what is left after the grace: a worker stopping while a scheduled run it just
-    # submitted starts can spend minutes retrying that run's state updates (seen once: over 60 s)
+    # no new runs first: a worker stopped while a scheduled run it has just submitted starts can spend minutes
+    # retrying that run's state updates (seen once: over 60 s); SIGKILL for whatever is left after the grace
+    api(env["PREFECT_API_URL"], "/work_pools/tessera", {"is_paused": True}, method="PATCH")
     stop_tree(process.pid, grace=30, popen=process)
 
 
