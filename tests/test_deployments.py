@@ -91,10 +91,10 @@ def worker(deployed):
                                stdout=open(Path(env["TESSERA_HOME"]) / "worker.log", "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     yield env
-    # no new runs first: a worker stopped while a scheduled run it has just submitted starts can spend minutes
-    # retrying that run's state updates (seen once: over 60 s); SIGKILL for whatever is left after the grace
+    # no new runs first; then SIGTERM, and SIGKILL for whatever is left after the grace: the worker stops in under a
+    # second, but stopped while a scheduled run it has just submitted starts, it was seen to take over 60 s
     api(env["PREFECT_API_URL"], "/work_pools/tessera", {"is_paused": True}, method="PATCH")
-    stop_tree(process.pid, grace=30, popen=process)
+    stop_tree(process.pid, grace=10, popen=process)
 
 
 def worker_log(env) -> str:
