@@ -26,7 +26,7 @@ from tessera.core.config import RunConfig, RunParameters, build_run_config
 from tessera.core.errors import TesseraError
 from tessera.core.paths import apply_engine_defaults, tessera_home
 from tessera.core.prefect_server import use_prefect_api
-from tessera.core.processes import stop_tree
+from tessera.core.processes import skip_final_collection, stop_tree
 from tessera.core.runs import RunRecord, RunStatus
 from tessera.core.run_plan import resolve_run
 
@@ -494,4 +494,7 @@ def _execute(name: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_execute(sys.argv[1]))
+    try:
+        sys.exit(_execute(sys.argv[1]))
+    finally:
+        skip_final_collection()

@@ -189,6 +189,16 @@ def kernel_log() -> list[str]:
     return messages
 
 
+def skip_final_collection() -> None:
+    """Spare this process the garbage collection Python runs over all its objects as it exits: with torch and
+    transformers imported that is over a second of one core for nothing (measured: 1.1-1.2 s -> 0.15 s at exit). The
+    objects alive now are moved out of the collector's sight (gc.freeze); exit handlers and flushes still run. Call
+    it when a process's work is done."""
+    import gc
+
+    gc.freeze()
+
+
 def exit_when_gone(pid: int, started: float | None, poll: float = 1.0) -> None:
     """End this process (exit code 1) within `poll` seconds of the process `pid` (started at `started`) ending: a
     child in a session of its own (a training worker) then never outlives the process that owns its work, even one
