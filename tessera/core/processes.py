@@ -9,7 +9,6 @@ matches both is ever signalled.
 from __future__ import annotations
 
 import re
-
 import socket
 import time
 from contextlib import suppress
