@@ -70,7 +70,8 @@ def test_a_store_whose_creation_was_killed_midway_is_not_left_half_made(tmp_path
 
     monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "fresh-home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    killed = subprocess.run([sys.executable, "-c", KILLED_MIDWAY_THROUGH_MIGRATIONS], capture_output=True, text=True, timeout=120)
+    killed = subprocess.run([sys.executable, "-c", KILLED_MIDWAY_THROUGH_MIGRATIONS], capture_output=True, text=True,
+                            timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     client = mlflow_client()
     run = client.create_run(experiment_id(client, "/after/a/kill"))

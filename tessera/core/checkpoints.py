@@ -2,10 +2,10 @@
 
 The training worker writes them (tasks/train/checkpoint.py: model and optimizer sharded with
 torch.distributed.checkpoint, each rank's random state beside them); this module reads folders and JSON, so
-fm.get_checkpoints and `tessera runs checkpoints` list them without torch (only load_model_weights imports it). A checkpoint is a folder `step_<N>`
-under the run's checkpoint root; it counts only once `checkpoint.json` is in it, which rank 0 writes after every
-rank's data and DCP's own `.metadata` are on disk. A folder without it (a save that a kill cut short) is never
-resumed from, and is removed once a later checkpoint is complete.
+fm.get_checkpoints and `tessera runs checkpoints` list them without torch (only load_model_weights imports it). A
+checkpoint is a folder `step_<N>` under the run's checkpoint root; it counts only once `checkpoint.json` is in it,
+which rank 0 writes after every rank's data and DCP's own `.metadata` are on disk. A folder without it (a save that
+a kill cut short) is never resumed from, and is removed once a later checkpoint is complete.
 """
 
 from __future__ import annotations
