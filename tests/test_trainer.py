@@ -460,6 +460,60 @@ def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_i
     assert record.estimated_end_time is not None
 
 
+def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_resume_without_them_here_downloads_one(
+        trainer_home, uninterrupted, mlflow_server, monkeypatch):
+    """With a tracking server (its artifacts proxied: nothing on this machine), the checkpoints the workers write here
+    are copied to the MLflow run's artifacts as they complete. The worker is killed after a checkpoint (no retry: the
+    run fails, resumable) and the local folder is removed (the run resumed on another host, or a disk lost): the
+    resume downloads the newest checkpoint and ends as the uninterrupted run did."""
+    import shutil
+
+    from tasks.train.mirror import CheckpointMirror
+    from tasks.train.stage import train_model
+    from tasks.validate import data_report
+    from tessera.core import checkpoints, runs
+    from tessera.core.errors import TesseraError
+    from tessera.core.run_plan import resolve_run
+    from tessera.core.tracking import mlflow_client
+
+    _, data = trainer_home
+    prepared, reference, _, _ = uninterrupted
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    stopped: list = []
+    watcher = stop_the_worker_after_a_checkpoint(signal.SIGKILL, stopped)
+    with pytest.raises(TesseraError, match="resumable from step") as failed:
+        run_stage(data, "60ba", {**RESUME_SETTINGS, "train_retries": 0}, eval_data_path=str(data))
+    watcher.join()
+    assert stopped, "the worker finished before it could be stopped"
+    name = failed.value.args[0].rsplit("tessera runs resume ", 1)[1].split()[0]
+    record = runs.load(name)
+    client = mlflow_client()
+    assert client.get_run(record.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    local = checkpoints.list_checkpoints(record.checkpoint_dir)
+    there = CheckpointMirror(client, record.run_id, record.checkpoint_dir).remote_complete()
+    assert there == [os.path.basename(c.path) for c in local] and local[-1].step >= stopped[0].step
+
+    shutil.rmtree(record.checkpoint_dir)  # as on another host
+    config = record.config
+    run = resolve_run(config)
+    trained = train_model.fn(run, prepared, data_report(run, prepared), prepare_eval(config))
+    assert trained.mlflow_run_id == record.run_id
+    resumed = [e["message"] for e in runs.read_events(name) if e["message"].startswith("resumed from the checkpoint at")]
+    assert resumed == [f"resumed from the checkpoint at {local[-1].label}, 1 process(es) then, 1 now: "
+                       f"{checkpoints.folder(record.checkpoint_dir, local[-1].step)}"], resumed
+    assert metric(trained.mlflow_run_id, "loss") == pytest.approx(reference, rel=1e-5, abs=1e-6)  # each step once
+    # there as here: the kept ones (keep_checkpoints), the final one last; those pruned here are deleted there
+    kept = [os.path.basename(c.path) for c in checkpoints.list_checkpoints(record.checkpoint_dir)]
+    assert CheckpointMirror(client, record.run_id, record.checkpoint_dir).remote_complete() == kept
+    assert kept[-1] == os.path.basename(checkpoints.folder(record.checkpoint_dir, 60)) and len(kept) < 60 // 7
+
+
+def prepare_eval(config):
+    from tasks.prepare.stage import prepare
+
+    return prepare(config, config.eval_data_path)
+
+
 def test_a_run_starts_from_each_form_of_custom_weights(trainer_home, uninterrupted):
     """An earlier run's checkpoint (its folder, or its runs:/ URI), a registered version of it, or its model directory:
     the new run's first loss on the same data is the earlier run's trained loss, not the base model's."""

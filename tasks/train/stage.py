@@ -5,6 +5,7 @@ worker that dies ends the stage with one message saying why and what to change, 
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 import re
 import signal
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
+from tasks.train.mirror import CheckpointMirror
 from tasks.train.nodes import worker_command
 from tasks.train.report import ERROR_MARKER, PEERS_LOST_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
@@ -207,8 +209,13 @@ def train_model(
     else:
         exp_id = experiment_id(client, config.experiment)
         relay.open(client, exp_id, client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id)
-    root = checkpoint_root(config, client.get_run(relay.run_id).info.artifact_uri)
+    artifact_uri = client.get_run(relay.run_id).info.artifact_uri
+    root = checkpoint_root(config, artifact_uri)
     runs.update(config.name, experiment_id=relay.experiment_id, run_id=relay.run_id, checkpoint_dir=str(root))
+    mirror = None
+    if not config.training_config.checkpoint_dir and local_artifact_path(artifact_uri) is None:
+        mirror = CheckpointMirror(client, relay.run_id, root)  # checkpoints copied to the remote artifact store too
+        mirror.restore()  # a resume where they are not (another host): the newest one from there
 
     def log_inputs() -> None:
         """The run's params and data report, while the workers start (their records wait in the pipe meanwhile)."""
@@ -236,8 +243,9 @@ def train_model(
             log.info(join)
             runs.append_event(config.name, "train", join)
         try:
-            launch(job, runs.job_file(config.name), log, plan, relay,
-                   while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)
+            with mirror.while_training() if mirror else contextlib.nullcontext():
+                launch(job, runs.job_file(config.name), log, plan, relay,
+                       while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)
             break
         except WorkersDied as died:
             if attempt == retries:

@@ -80,7 +80,10 @@ def experiment_id(client, name: str) -> str:
 
 
 def local_artifact_path(uri: str) -> Path | None:
-    """An MLflow artifact location as a folder on this machine (file:// or a plain path); None for a remote store."""
-    if uri.startswith("file://") or "://" not in uri:
+    """An MLflow artifact location as a folder on this machine (file:// or a plain path); None for a remote store
+    (s3://, and a tracking server's proxied `mlflow-artifacts:/...`, which has no `//`)."""
+    from urllib.parse import urlparse
+
+    if urlparse(uri).scheme in ("", "file"):
         return Path(uri.removeprefix("file://"))
     return None

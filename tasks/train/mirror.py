@@ -1,0 +1,104 @@
+"""A run's checkpoints copied to its MLflow run's artifacts when those are on a remote store (a tracking server), so
+that losing this machine, and the local folder the workers write to, loses nothing a resume needs.
+
+The workers write each checkpoint to a local folder (tessera.core.checkpoints: complete once its `checkpoint.json`
+is written). While they train, a thread of the train stage copies every complete one to `checkpoints/step_<N>` in
+the MLflow run, its `checkpoint.json` last: there too a checkpoint counts only once that file is in it. Those the
+workers prune (keep_checkpoints) are deleted there as well. A resume on a machine without the local folder (another
+host, a disk lost) first downloads the newest complete one from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from tessera.core import checkpoints
+
+ARTIFACT_DIR = "checkpoints"
+SYNC_EVERY_S = 2.0
+
+log = logging.getLogger("tessera")
+
+
+class CheckpointMirror:
+    def __init__(self, client, run_id: str, root: Path):
+        self.client, self.run_id, self.root = client, run_id, Path(root)
+        self.copied: set[str] = set()  # the folders this mirror copied: only those are deleted when pruned here
+
+    def _remote(self, name: str = "") -> str:
+        return posixpath.join(ARTIFACT_DIR, name) if name else ARTIFACT_DIR
+
+    def remote_complete(self) -> list[str]:
+        """The names of the complete checkpoints in the MLflow run, oldest first."""
+        folders = [f.path.rsplit("/", 1)[-1] for f in self.client.list_artifacts(self.run_id, self._remote()) if f.is_dir]
+        return sorted(name for name in folders if name.startswith(checkpoints.FOLDER_PREFIX) and any(
+            f.path.endswith("/" + checkpoints.INFO_FILE) for f in self.client.list_artifacts(self.run_id, self._remote(name))))
+
+    def sync(self) -> None:
+        """Copy each complete local checkpoint not copied yet, mark last; delete there what was pruned here."""
+        local = {Path(c.path).name: Path(c.path) for c in checkpoints.list_checkpoints(self.root)}
+        for name, folder in sorted(local.items()):
+            if name not in self.copied:
+                self._copy(name, folder)
+        for name in sorted(self.copied - local.keys()):
+            self._delete(name)
+            self.copied.discard(name)
+
+    def _copy(self, name: str, folder: Path) -> None:
+        try:
+            files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != checkpoints.INFO_FILE)
+            for f in files + [folder / checkpoints.INFO_FILE]:
+                parent = f.parent.relative_to(folder).as_posix()
+                self.client.log_artifact(self.run_id, str(f), posixpath.normpath(posixpath.join(self._remote(name), parent)))
+            self.copied.add(name)
+        except Exception as exc:  # noqa: BLE001 - pruned meanwhile, or the store unreachable: tried again next time
+            if folder.is_dir():
+                log.warning("could not copy the checkpoint %s to the MLflow run's artifacts (tried again): %s", name, exc)
+            self._delete(name)  # no half copy left there
+
+    def _delete(self, name: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with contextlib.suppress(Exception):
+            repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            repo.delete_artifacts(self._remote(name))
+
+    def restore(self) -> checkpoints.CheckpointInfo | None:
+        """With no complete checkpoint here, download the newest complete one there; returns what a resume continues
+        from (None: nothing in either place)."""
+        if (here := checkpoints.latest(self.root)) is not None:
+            return here
+        names = self.remote_complete()
+        if not names:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".downloading-", dir=self.root) as tmp:
+            got = self.client.download_artifacts(self.run_id, self._remote(names[-1]), tmp)
+            shutil.move(got, self.root / names[-1])  # whole, or not there: a download cut short is never resumed from
+        self.copied.add(names[-1])
+        return checkpoints.latest(self.root)
+
+    @contextlib.contextmanager
+    def while_training(self) -> Iterator[None]:
+        """Sync every SYNC_EVERY_S on a thread while the block runs, and once more at its end (however it ends)."""
+        stop = threading.Event()
+
+        def keep_syncing() -> None:
+            while not stop.wait(SYNC_EVERY_S):
+                self.sync()
+
+        thread = threading.Thread(target=keep_syncing, name="checkpoint-mirror", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.sync()
