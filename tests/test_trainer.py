@@ -8,6 +8,7 @@ an uninterrupted run's. A bad weights file and an out-of-memory kill each end in
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -472,12 +473,14 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     from tasks.train.stage import train_model
     from tasks.validate import data_report
     from tessera.core import checkpoints, runs
-    from tessera.core.errors import TesseraError
+    from tessera.core.errors import ConfigError, TesseraError
     from tessera.core.run_plan import resolve_run
     from tessera.core.tracking import mlflow_client
+    from tessera.core.weights import resolve_weights
 
-    _, data = trainer_home
+    home, data = trainer_home
     prepared, reference, _, _ = uninterrupted
+    base_config = json.loads((home / "models" / "tiny-chat" / "config.json").read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     stopped: list = []
     watcher = stop_the_worker_after_a_checkpoint(signal.SIGKILL, stopped)
@@ -506,6 +509,16 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     kept = [os.path.basename(c.path) for c in checkpoints.list_checkpoints(record.checkpoint_dir)]
     assert CheckpointMirror(client, record.run_id, record.checkpoint_dir).remote_complete() == kept
     assert kept[-1] == os.path.basename(checkpoints.folder(record.checkpoint_dir, 60)) and len(kept) < 60 // 7
+
+    # another run can start from one by its runs:/ URI: downloaded here once, checked like a local one
+    uri = f"runs:/{record.run_id}/checkpoints/{kept[-1]}"
+    starting = resolve_weights(uri, base_config)
+    assert starting.kind == "checkpoint" and starting.path.startswith(str(runs.run_dir(name).parents[1] / "cache"))
+    here = checkpoints.list_checkpoints(record.checkpoint_dir)[-1]
+    assert checkpoints.list_checkpoints(os.path.dirname(starting.path))[-1].model_dump(exclude={"path"}) == here.model_dump(exclude={"path"})
+    assert resolve_weights(uri, base_config).path == starting.path  # reused, not downloaded again
+    with pytest.raises(ConfigError, match=f"custom_weights_path runs:/{record.run_id}/checkpoints/step_99999999: could not download"):
+        resolve_weights(f"runs:/{record.run_id}/checkpoints/step_99999999", base_config)
 
 
 def prepare_eval(config):

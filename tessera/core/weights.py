@@ -48,13 +48,27 @@ def architecture(config: dict) -> dict:
 
 
 def _local(uri: str, given: str) -> Path:
-    """An artifact location as a folder here; other stores are not read yet."""
+    """An artifact folder as a folder here: where it is, on a store on this file system; else (a tracking server's,
+    an object store's) downloaded once into TESSERA_HOME/cache/artifacts, whole or not at all. What a `runs:/` or
+    `models:/` URI names never changes, so the download is reused."""
+    import hashlib
+    import posixpath
+
+    from tessera.core.paths import replacing_dir, tessera_home
     from tessera.core.tracking import local_artifact_path
 
     if (path := local_artifact_path(uri)) is not None:
         return path
-    raise ConfigError(f"custom_weights_path {given}: its artifacts are at {uri}, not on a file system here; copy the "
-                      "folder here (or to shared storage) and give its path")
+    out = tessera_home() / "cache" / "artifacts" / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    if not out.is_dir():
+        import mlflow
+
+        try:
+            with replacing_dir(out) as staging:
+                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
+        except Exception as exc:  # noqa: BLE001 - missing, or the store unreachable: one message naming it
+            raise ConfigError(f"custom_weights_path {given}: could not download {uri}: {str(exc)[:300]}") from None
+    return out / posixpath.basename(uri.rstrip("/"))
 
 
 def _registered(given: str) -> Path:
@@ -66,7 +80,7 @@ def _registered(given: str) -> Path:
         version = resolve(given, client)
     except NotRegistered as exc:
         raise ConfigError(f"custom_weights_path {exc}") from None
-    return _local(client.get_model_version_download_uri(version.name, version.version), given) / "model"
+    return _local(client.get_model_version_download_uri(version.name, version.version).rstrip("/") + "/model", given)
 
 
 def _run_artifact(given: str) -> Path:
@@ -79,7 +93,7 @@ def _run_artifact(given: str) -> Path:
         artifacts = mlflow_client().get_run(run_id).info.artifact_uri
     except MlflowException:
         raise ConfigError(f"custom_weights_path {given}: no MLflow run {run_id!r}") from None
-    return _local(artifacts, given) / inner
+    return _local(f"{artifacts.rstrip('/')}/{inner}", given)
 
 
 def resolve_weights(given: str, base_config: dict) -> StartingWeights:
