@@ -26,7 +26,7 @@ from tessera.core.config import RunConfig, RunParameters, build_run_config
 from tessera.core.errors import TesseraError
 from tessera.core.paths import apply_engine_defaults, tessera_home
 from tessera.core.prefect_server import use_prefect_api
-from tessera.core.processes import skip_final_collection, stop_tree
+from tessera.core.processes import redeliver_lost_sigterms, skip_final_collection, stop_tree
 from tessera.core.runs import RunRecord, RunStatus
 from tessera.core.run_plan import resolve_run
 
@@ -229,10 +229,11 @@ def get_checkpoints(run_or_name: TrainingRun | str) -> list[CheckpointInfo]:
     return list_checkpoints(runs.load(name).checkpoint_dir)
 
 
-# a SIGTERM that reaches the flow while Python runs a finalizer is lost (tessera.core.processes.stop_tree): it is sent
-# again this often, long enough after the first for Prefect to have ended the flow run in the normal case (a repeat
-# cuts its crash handling short, leaving the flow run Running); once the train stage is stopping its workers, it
-# ignores the repeats (tasks.train.stage.launch)
+# a SIGTERM that reaches the flow while Python runs a finalizer is lost (tessera.core.processes.stop_tree); the run's
+# process sends it to itself again at once (redeliver_lost_sigterms); as a last resort it is sent again this often,
+# long enough after the first for Prefect to have ended the flow run in the normal case (a repeat cuts its crash
+# handling short, leaving the flow run Running); once the train stage is stopping its workers, it ignores the
+# repeats (tasks.train.stage.launch)
 FLOW_SIGTERM_RESEND_S = 15.0
 FLOW_STOP_GRACE_S = 60.0  # for the flow to stop its workers (they save a checkpoint) and run its hooks, then SIGKILL
 
@@ -494,6 +495,7 @@ def _execute(name: str) -> int:
 
 
 if __name__ == "__main__":
+    redeliver_lost_sigterms()
     try:
         sys.exit(_execute(sys.argv[1]))
     finally:

@@ -134,3 +134,38 @@ def test_the_kernel_s_reports_of_out_of_memory_kills_are_counted():
     if os.access("/dev/kmsg", os.R_OK):  # read for real, where it can be: whole messages, none of the record header
         messages = kernel_log()
         assert messages and not any(m[:1].isdigit() and ";" in m[:30] for m in messages[:5]), messages[:5]
+
+
+LOST_SIGTERM = """
+import os, signal, sys, time
+from tessera.core.processes import redeliver_lost_sigterms
+
+class TerminationSignal(BaseException):  # as Prefect's flow engine raises it from its SIGTERM handler
+    pass
+
+def handler(signum, frame):
+    raise TerminationSignal()
+
+class Finalized:
+    def __del__(self):  # the SIGTERM lands here: its exception is one Python ignores
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+signal.signal(signal.SIGTERM, handler)
+if sys.argv[1] == "redeliver":
+    redeliver_lost_sigterms()
+try:
+    Finalized()
+    time.sleep(2)
+    print("the SIGTERM was lost")
+except TerminationSignal:
+    print("stopped by the SIGTERM")
+"""
+
+
+@pytest.mark.parametrize("redeliver", [True, False], ids=["redelivered", "lost-without"])
+def test_a_sigterm_whose_exception_a_finalizer_swallowed_is_delivered_again(redeliver):
+    out = subprocess.run([sys.executable, "-c", LOST_SIGTERM, "redeliver" if redeliver else "no"],
+                         capture_output=True, text=True, timeout=60)
+    assert "Exception ignored in" in out.stderr and "TerminationSignal" in out.stderr  # the first one was swallowed
+    assert out.stdout.strip() == ("stopped by the SIGTERM" if redeliver else "the SIGTERM was lost"), out
