@@ -154,6 +154,9 @@ class Finalized:
 signal.signal(signal.SIGTERM, handler)
 if sys.argv[1] == "redeliver":
     redeliver_lost_sigterms()
+    installed = sys.unraisablehook
+    redeliver_lost_sigterms()
+    assert sys.unraisablehook is installed  # once per process, however often it is called
 try:
     Finalized()
     time.sleep(2)
@@ -169,3 +172,4 @@ def test_a_sigterm_whose_exception_a_finalizer_swallowed_is_delivered_again(rede
                          capture_output=True, text=True, timeout=60)
     assert "Exception ignored in" in out.stderr and "TerminationSignal" in out.stderr  # the first one was swallowed
     assert out.stdout.strip() == ("stopped by the SIGTERM" if redeliver else "the SIGTERM was lost"), out
+    assert out.returncode == 0, out.stderr

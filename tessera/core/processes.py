@@ -193,19 +193,22 @@ def redeliver_lost_sigterms() -> None:
     lost: Python prints "Exception ignored in ... __del__" and goes on (seen: a `regex` object's __del__ during
     tokenization, so an fm.cancel waited for its 15 s resend). Every exception Python ignores goes through
     sys.unraisablehook: for a TerminationSignal, this process sends itself the SIGTERM again, from a thread, so that
-    it lands outside the finalizer."""
+    it lands outside the finalizer. Installed once per process, however often it is called."""
     import os
     import signal
     import sys
     import threading
 
     previous = sys.unraisablehook
+    if getattr(previous, "redelivers_sigterms", False):
+        return
 
     def hook(unraisable) -> None:
         previous(unraisable)
         if unraisable.exc_type is not None and unraisable.exc_type.__name__ == "TerminationSignal":
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
+    hook.redelivers_sigterms = True
     sys.unraisablehook = hook
 
 

@@ -22,7 +22,7 @@ from tessera.core.checkpoints import resumable_note
 from tessera.core.config import RunConfig, RunParameters, new_run_name
 from tessera.core.errors import TesseraError
 from tessera.core.paths import file_lock, runs_dir, write_atomic
-from tessera.core.processes import CREATE_TIME_TOLERANCE, create_time, process_alive
+from tessera.core.processes import CREATE_TIME_TOLERANCE, create_time, process_alive, redeliver_lost_sigterms
 from tessera.core.weights import StartingWeights
 
 
@@ -271,6 +271,7 @@ def cancelled(record: RunRecord) -> bool:
 
 
 def on_running(flow, flow_run, state) -> None:
+    redeliver_lost_sigterms()  # the flow's process, here or on a worker: a cancel's SIGTERM is never lost to a finalizer
     name = _run_name(flow_run)
     try:
         ensure_record(name, flow_run.parameters)
