@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/tessera demo
 
 # Two test processes (pytest-xdist), a test file each at a time, so that a module's servers are started once:
-# 8.8 min instead of 14.6 on 2 cores (README, "Tests").
+# 8.8-9.5 min instead of 14.6 on 2 cores (README, "Development").
 test: $(STAMP) real-model
 	$(BIN)/python -m pytest -ra -n 2 --dist loadfile
 
