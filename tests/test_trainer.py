@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -491,9 +492,10 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     name = failed.value.args[0].rsplit("tessera runs resume ", 1)[1].split()[0]
     record = runs.load(name)
     client = mlflow_client()
-    assert client.get_run(record.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    artifact_uri = client.get_run(record.run_id).info.artifact_uri
+    assert artifact_uri.startswith("mlflow-artifacts:")
     local = checkpoints.list_checkpoints(record.checkpoint_dir)
-    there = CheckpointMirror(client, record.run_id, record.checkpoint_dir).remote_complete()
+    there = CheckpointMirror(client, record.run_id, artifact_uri, record.checkpoint_dir).remote_complete()
     assert there == [os.path.basename(c.path) for c in local] and local[-1].step >= stopped[0].step
 
     shutil.rmtree(record.checkpoint_dir)  # as on another host
@@ -507,7 +509,7 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     assert metric(trained.mlflow_run_id, "loss") == pytest.approx(reference, rel=1e-5, abs=1e-6)  # each step once
     # there as here: the kept ones (keep_checkpoints), the final one last; those pruned here are deleted there
     kept = [os.path.basename(c.path) for c in checkpoints.list_checkpoints(record.checkpoint_dir)]
-    assert CheckpointMirror(client, record.run_id, record.checkpoint_dir).remote_complete() == kept
+    assert CheckpointMirror(client, record.run_id, artifact_uri, record.checkpoint_dir).remote_complete() == kept
     assert kept[-1] == os.path.basename(checkpoints.folder(record.checkpoint_dir, 60)) and len(kept) < 60 // 7
 
     # another run can start from one by its runs:/ URI: downloaded here once, checked like a local one
@@ -515,7 +517,8 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     starting = resolve_weights(uri, base_config)
     assert starting.kind == "checkpoint" and starting.path.startswith(str(runs.run_dir(name).parents[1] / "cache"))
     here = checkpoints.list_checkpoints(record.checkpoint_dir)[-1]
-    assert checkpoints.list_checkpoints(os.path.dirname(starting.path))[-1].model_dump(exclude={"path"}) == here.model_dump(exclude={"path"})
+    downloaded = checkpoints.CheckpointInfo.model_validate_json((Path(starting.path) / checkpoints.INFO_FILE).read_text())
+    assert downloaded.model_dump(exclude={"path"}) == here.model_dump(exclude={"path"})
     assert resolve_weights(uri, base_config).path == starting.path  # reused, not downloaded again
     with pytest.raises(ConfigError, match=f"custom_weights_path runs:/{record.run_id}/checkpoints/step_99999999: could not download"):
         resolve_weights(f"runs:/{record.run_id}/checkpoints/step_99999999", base_config)
@@ -530,8 +533,6 @@ def prepare_eval(config):
 def test_a_run_starts_from_each_form_of_custom_weights(trainer_home, uninterrupted):
     """An earlier run's checkpoint (its folder, or its runs:/ URI), a registered version of it, or its model directory:
     the new run's first loss on the same data is the earlier run's trained loss, not the base model's."""
-    from pathlib import Path
-
     from tasks.register import register_model
     from tessera.core import checkpoints, runs
     from tessera.core.tracking import mlflow_client

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import posixpath
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from tessera.core import checkpoints
+from tessera.core.tracking import download_folder
 
 ARTIFACT_DIR = "checkpoints"
 SYNC_EVERY_S = 2.0
@@ -28,18 +26,15 @@ log = logging.getLogger("tessera")
 
 
 class CheckpointMirror:
-    def __init__(self, client, run_id: str, root: Path):
-        self.client, self.run_id, self.root = client, run_id, Path(root)
+    def __init__(self, client, run_id: str, artifact_uri: str, root: Path):
+        self.client, self.run_id, self.artifact_uri, self.root = client, run_id, artifact_uri.rstrip("/"), Path(root)
         self.copied: set[str] = set()  # the folders this mirror copied: only those are deleted when pruned here
-
-    def _remote(self, name: str = "") -> str:
-        return posixpath.join(ARTIFACT_DIR, name) if name else ARTIFACT_DIR
 
     def remote_complete(self) -> list[str]:
         """The names of the complete checkpoints in the MLflow run, oldest first."""
-        folders = [f.path.rsplit("/", 1)[-1] for f in self.client.list_artifacts(self.run_id, self._remote()) if f.is_dir]
+        folders = [f.path.rsplit("/", 1)[-1] for f in self.client.list_artifacts(self.run_id, ARTIFACT_DIR) if f.is_dir]
         return sorted(name for name in folders if name.startswith(checkpoints.FOLDER_PREFIX) and any(
-            f.path.endswith("/" + checkpoints.INFO_FILE) for f in self.client.list_artifacts(self.run_id, self._remote(name))))
+            f.path.endswith("/" + checkpoints.INFO_FILE) for f in self.client.list_artifacts(self.run_id, f"{ARTIFACT_DIR}/{name}")))
 
     def sync(self) -> None:
         """Copy each complete local checkpoint not copied yet, mark last; delete there what was pruned here."""
@@ -55,8 +50,8 @@ class CheckpointMirror:
         try:
             files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != checkpoints.INFO_FILE)
             for f in files + [folder / checkpoints.INFO_FILE]:
-                parent = f.parent.relative_to(folder).as_posix()
-                self.client.log_artifact(self.run_id, str(f), posixpath.normpath(posixpath.join(self._remote(name), parent)))
+                inner = f.parent.relative_to(folder).as_posix()
+                self.client.log_artifact(self.run_id, str(f), f"{ARTIFACT_DIR}/{name}" + ("" if inner == "." else f"/{inner}"))
             self.copied.add(name)
         except Exception as exc:  # noqa: BLE001 - pruned meanwhile, or the store unreachable: tried again next time
             if folder.is_dir():
@@ -67,23 +62,16 @@ class CheckpointMirror:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         with contextlib.suppress(Exception):
-            repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
-            repo.delete_artifacts(self._remote(name))
+            get_artifact_repository(self.artifact_uri).delete_artifacts(f"{ARTIFACT_DIR}/{name}")
 
-    def restore(self) -> checkpoints.CheckpointInfo | None:
-        """With no complete checkpoint here, download the newest complete one there; returns what a resume continues
-        from (None: nothing in either place)."""
-        if (here := checkpoints.latest(self.root)) is not None:
-            return here
-        names = self.remote_complete()
-        if not names:
-            return None
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".downloading-", dir=self.root) as tmp:
-            got = self.client.download_artifacts(self.run_id, self._remote(names[-1]), tmp)
-            shutil.move(got, self.root / names[-1])  # whole, or not there: a download cut short is never resumed from
-        self.copied.add(names[-1])
-        return checkpoints.latest(self.root)
+    def restore(self) -> None:
+        """With no complete checkpoint here, download the newest complete one there (whole or not at all: a download
+        cut short is never resumed from)."""
+        if checkpoints.latest(self.root) is not None:
+            return
+        if names := self.remote_complete():
+            download_folder(f"{self.artifact_uri}/{ARTIFACT_DIR}/{names[-1]}", self.root / names[-1])
+            self.copied.add(names[-1])
 
     @contextlib.contextmanager
     def while_training(self) -> Iterator[None]:

@@ -214,7 +214,7 @@ def train_model(
     runs.update(config.name, experiment_id=relay.experiment_id, run_id=relay.run_id, checkpoint_dir=str(root))
     mirror = None
     if not config.training_config.checkpoint_dir and local_artifact_path(artifact_uri) is None:
-        mirror = CheckpointMirror(client, relay.run_id, root)  # checkpoints copied to the remote artifact store too
+        mirror = CheckpointMirror(client, relay.run_id, artifact_uri, root)  # checkpoints copied to the remote store too
         mirror.restore()  # a resume where they are not (another host): the newest one from there
 
     def log_inputs() -> None:

@@ -87,3 +87,22 @@ def local_artifact_path(uri: str) -> Path | None:
     if urlparse(uri).scheme in ("", "file"):
         return Path(uri.removeprefix("file://"))
     return None
+
+
+def download_folder(uri: str, out: Path) -> Path:
+    """The artifact folder at `uri` (a remote store's) as the folder `out`, whole or not at all: downloaded beside
+    it, then renamed into place. If another process put it there first, theirs is kept."""
+    import os
+    import tempfile
+
+    import mlflow
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".downloading-", dir=out.parent) as tmp:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        try:
+            os.rename(got, out)
+        except OSError:
+            if not out.is_dir():
+                raise
+    return out

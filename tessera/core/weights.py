@@ -49,26 +49,22 @@ def architecture(config: dict) -> dict:
 
 def _local(uri: str, given: str) -> Path:
     """An artifact folder as a folder here: where it is, on a store on this file system; else (a tracking server's,
-    an object store's) downloaded once into TESSERA_HOME/cache/artifacts, whole or not at all. What a `runs:/` or
-    `models:/` URI names never changes, so the download is reused."""
+    an object store's) downloaded once into TESSERA_HOME/cache/artifacts. What a `runs:/` or `models:/` URI names
+    never changes, so the download is reused."""
     import hashlib
-    import posixpath
 
-    from tessera.core.paths import replacing_dir, tessera_home
-    from tessera.core.tracking import local_artifact_path
+    from tessera.core.paths import tessera_home
+    from tessera.core.tracking import download_folder, local_artifact_path
 
     if (path := local_artifact_path(uri)) is not None:
         return path
     out = tessera_home() / "cache" / "artifacts" / hashlib.sha256(uri.encode()).hexdigest()[:20]
     if not out.is_dir():
-        import mlflow
-
         try:
-            with replacing_dir(out) as staging:
-                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
+            download_folder(uri, out)
         except Exception as exc:  # noqa: BLE001 - missing, or the store unreachable: one message naming it
             raise ConfigError(f"custom_weights_path {given}: could not download {uri}: {str(exc)[:300]}") from None
-    return out / posixpath.basename(uri.rstrip("/"))
+    return out
 
 
 def _registered(given: str) -> Path:
