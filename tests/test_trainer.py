@@ -604,6 +604,25 @@ def test_an_out_of_memory_kill_is_told_by_evidence_and_never_retried():
     assert not isinstance(said, WorkersDied) and str(said) == "could not load the model weights"
 
 
+def test_the_rendezvous_lives_on_node_0_and_its_loss_is_a_lost_node():
+    """Node 0's torchrun hosts the rendezvous store, a joined node's never does (on one host either could bind it
+    first, and losing it would end node 0's torchrun); a torchrun that lost it anyway tells a lost node."""
+    from types import SimpleNamespace
+
+    from tasks.train.nodes import worker_command
+    from tasks.train.stage import WorkersDied, failure
+    from tessera.core.config import TrainingSettings
+
+    settings = TrainingSettings(nnodes=2, nproc_per_node=1, rdzv_endpoint="127.0.0.1:29400")
+    node_0, _ = worker_command("job.json", settings, "run-1")
+    joined, _ = worker_command("job.json", settings, "run-1", joining=True)
+    assert "--rdzv-conf=is_host=true" in node_0 and "--rdzv-conf=is_host=false" in joined
+    torchrun = ["W1206 dynamic_rendezvous.py:1298] The node has failed to shutdown the rendezvous",
+                "torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d store has failed."]
+    lost = failure(torchrun, 1, SimpleNamespace(), out_of_memory=False)
+    assert isinstance(lost, WorkersDied) and "lost contact with another" in str(lost) and "C10d store" in str(lost)
+
+
 def test_a_bad_weights_file_ends_the_stage_with_one_message(trainer_home, tiny_model_dir, tmp_path):
     from tessera.core.errors import TesseraError
 

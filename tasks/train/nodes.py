@@ -20,12 +20,16 @@ from tessera.core.processes import free_port, stop_tree
 from tessera.core.training import TrainJob
 
 
-def worker_command(job_file: str, settings: TrainingSettings, run_name: str) -> tuple[list[str], dict[str, str]]:
+def worker_command(job_file: str, settings: TrainingSettings, run_name: str,
+                   joining: bool = False) -> tuple[list[str], dict[str, str]]:
     """How this node's worker processes start, and their environment. Several go through torchrun, which starts and
     watches them; a lone one is started directly, with the environment torchrun would give it (a group of one on
     a free local port): torchrun's own start costs seconds and has nothing to coordinate. Over several nodes, every
     node's torchrun meets the others at the run's rdzv_endpoint (c10d, the run's name as its id), and none restarts
-    its workers itself: a lost node fails the run, which resumes from its last checkpoint.
+    its workers itself: a lost node fails the run, which resumes from its last checkpoint. The rendezvous store lives
+    in node 0's torchrun, never in a `joining` node's: left to guess (both on one host, or a joined node quicker to
+    bind the port), a joined node could hold it, and losing that node would end node 0's torchrun with a store error
+    instead of its workers noticing the lost peer.
 
     A sharded model gathers and frees every layer's weights and gradients at each micro-batch. On a CPU, glibc's
     dynamic mmap threshold then keeps those frees resident; a fixed threshold of 1 MB hands them back (measured on a
@@ -39,7 +43,7 @@ def worker_command(job_file: str, settings: TrainingSettings, run_name: str) -> 
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if settings.nnodes > 1:
         return [*torchrun, f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}",
-                f"--rdzv-id={run_name}", "--max-restarts=0", *worker], env
+                f"--rdzv-id={run_name}", f"--rdzv-conf=is_host={str(not joining).lower()}", "--max-restarts=0", *worker], env
     if nproc > 1:
         return [*torchrun, "--standalone", *worker], env
     group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
@@ -68,7 +72,7 @@ def join(run_name: str, wait_s: float = 600, say: Callable[[str], None] = print)
     with tempfile.TemporaryDirectory(prefix="tessera-join-") as tmp:
         local = Path(tmp) / runs.job_file(run_name).name
         local.write_text(here.model_dump_json())
-        cmd, env = worker_command(str(local), job.settings, run_name)
+        cmd, env = worker_command(str(local), job.settings, run_name, joining=True)
         say(f"joining run {run_name}: {job.settings.nnodes} nodes of {job.settings.nproc_per_node} process(es) "
             f"at {job.settings.rdzv_endpoint}")
         proc = subprocess.Popen(cmd, env=env)

@@ -62,6 +62,7 @@ def failure(output: list[str], returncode: int, plan: RunPlan, out_of_memory: bo
     if killed:
         return WorkersDied("a training process was killed (SIGKILL, and not by the out-of-memory killer)")
     lost = [line.split(PEERS_LOST_MARKER, 1)[1].strip() for line in output if PEERS_LOST_MARKER in line]
+    lost += [line.strip() for line in output if "RendezvousConnectionError:" in line]  # torchrun's own: the rendezvous is gone
     if lost:
         return WorkersDied(f"a training process lost contact with another (a process or a node died): {lost[0][:300]}")
     if returncode == PREEMPTED_EXIT:
