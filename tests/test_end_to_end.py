@@ -187,3 +187,63 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
     assert tracking_client().search_registered_models() == []
     with pytest.raises(Exception, match="already finished"):
         fm.cancel(run.name)
+
+
+def test_an_fsdp_run_trains_registers_and_serves_the_answers_of_the_same_run_with_ddp(home):
+    """fm.create with parallelism fsdp over 2 processes: the flow trains (sharded), writes the model whole, registers
+    it and serves it (serve_to). Its weights are the DDP run's (fp32 on both sides), and its endpoint answers what
+    the DDP run's model answers, greedy, on prompts it never saw."""
+    import torch
+    from openai import OpenAI
+    from safetensors.torch import load_file
+
+    from tasks.serve import endpoints
+    from tasks.serve.model_server import start_endpoint
+    from tessera import foundation_model as fm
+    from tessera.core.tracking import mlflow_client
+
+    path = write_jsonl(home / "chat.jsonl", DATA)
+    started = {
+        kind: fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to=f"main.finetuning.{kind}",
+                        training_duration="12ba", learning_rate=2e-3, serve_to="sharded" if kind == "fsdp" else None,
+                        training_config={"parallelism": kind, "nproc_per_node": 2, "precision": "fp32"})
+        for kind in ("fsdp", "ddp")
+    }
+    try:
+        done = {kind: wait_for(run.name) for kind, run in started.items()}
+        for kind, run in done.items():
+            assert run.status.value == "COMPLETED", (kind, run.details)
+            assert mlflow_client().get_run(run.run_id).data.params["train.parallelism"] == kind
+        assert {k: r.registered_model_version for k, r in done.items()} == {
+            "fsdp": "models:/main.finetuning.fsdp/1", "ddp": "models:/main.finetuning.ddp/1"}
+
+        import mlflow
+
+        folders = {kind: mlflow.artifacts.download_artifacts(run.registered_model_version, dst_path=str(home / kind))
+                   for kind, run in done.items()}
+        weights = {kind: load_file(next(Path(folder).rglob("model.safetensors"))) for kind, folder in folders.items()}
+        assert weights["fsdp"].keys() == weights["ddp"].keys()
+        base = load_file(str(home / "models" / "tiny-chat" / "model.safetensors"))
+        moved = max((weights["ddp"][k] - base[k]).abs().max().item() for k in base)
+        apart = max((weights["fsdp"][k] - weights["ddp"][k]).abs().max().item() for k in base)
+        assert moved > 1e-2 and apart < 1e-4, (moved, apart)  # trained, and trained alike
+        assert all(weights["fsdp"][k].dtype == base[k].dtype == torch.float32 for k in base)
+
+        sharded = endpoints.get("sharded")
+        assert sharded.status is endpoints.EndpointStatus.READY and sharded.model_uri == "models:/main.finetuning.fsdp/1"
+        prompts = ["Tell me about the sea.", "What is two plus two?", "Write a word."]
+
+        def answers(url: str) -> list[str]:
+            client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+            return [client.chat.completions.create(model="m", messages=[{"role": "user", "content": p}], temperature=0,
+                                                   max_tokens=16).choices[0].message.content for p in prompts]
+
+        served = answers(sharded.local_url)
+        with start_endpoint(done["ddp"].registered_model_version, log_file=home / "ddp-endpoint.log") as ddp:
+            assert served == answers(ddp.url)
+        assert all(served), served
+    finally:
+        try:
+            endpoints.stop("sharded")
+        except Exception:  # noqa: BLE001 - never started
+            pass

@@ -119,3 +119,9 @@ def test_the_worker_reads_its_rows_without_datasets_pandas_prefect_or_mlflow(hom
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == f"{prepared.stats.rows} []"
+
+
+def test_a_rank_without_rows_gets_one_untrained_padding_row(packed_rows):
+    """A sharded model's every forward is a collective: a rank whose share of a step is empty must still run one."""
+    ids, labels, pos = collate(packed_rows, [], 7)
+    assert ids.tolist() == [[7]] and labels.tolist() == [[IGNORE_INDEX]] and pos.tolist() == [[0]]

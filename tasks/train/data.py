@@ -39,10 +39,10 @@ class PackedRows:
         """(input_ids, labels, position_ids) of these rows, padded to the longest. Padding is an 'example' of
         its own (positions from 0) with no loss, so it never joins the last example's attention block. No rows give
         one row of one padding token: a micro-batch with nothing to train, for a rank that ran out of rows."""
-        width = int(self.tokens[rows].max()) if len(rows) else 1
-        ids = np.full((len(rows), width), pad_id, np.int64)
-        labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
-        pos = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
+        width, height = (int(self.tokens[rows].max()), len(rows)) if len(rows) else (1, 1)
+        ids = np.full((height, width), pad_id, np.int64)
+        labels = np.full((height, width), IGNORE_INDEX, np.int64)
+        pos = np.tile(np.arange(width, dtype=np.int64), (height, 1))
         parts = np.searchsorted(self.first_rows, rows, side="right") - 1  # the record batch holding each row
         for i, (part, k) in enumerate(zip(parts, rows - self.first_rows[parts])):
             r = self.parts[part]
