@@ -154,8 +154,12 @@ def _start(config: RunConfig) -> TrainingRun:
 def resume(run_or_name: TrainingRun | str) -> TrainingRun:
     """Continue a FAILED or STOPPED run from its last checkpoint, in the same MLflow run, on the data version it
     pinned when it was created (no newer data); a run with no checkpoint starts its training over. The only way a
-    STOPPED run is reopened."""
-    run = get(run_or_name)
+    STOPPED run is reopened. A run with no record here (it ran on another machine sharing the tracking server) is
+    looked up in MLflow by its name."""
+    name = run_or_name.name if isinstance(run_or_name, TrainingRun) else run_or_name
+    if not runs.exists(name):
+        _record_from_tracking(name)
+    run = get(name)
     if run.status not in (RunStatus.FAILED, RunStatus.STOPPED):
         raise TesseraError(f"run {run.name} is {run.status.value}: only a FAILED or STOPPED run can be resumed")
     record = runs.load(run.name)
@@ -165,9 +169,49 @@ def resume(run_or_name: TrainingRun | str) -> TrainingRun:
     found = list_checkpoints(record.checkpoint_dir)
     runs.update(run.name, status=RunStatus.PENDING, completed_at=None, details=None, pid=None, pid_create_time=None,
                 prefect_flow_run_id=None)
-    where = f"the checkpoint at {found[-1].label}" if found else "the start of training (no checkpoint)"
+    if found:
+        where = f"the checkpoint at {found[-1].label}"
+    else:  # a run recorded here from MLflow has not looked for its checkpoints yet: its train stage does
+        where = "the start of training (no checkpoint)" if record.checkpoint_dir else "its newest checkpoint, if its MLflow run keeps one"
     runs.append_event(run.name, "run", f"reopened: it continues from {where}")
     return _start(record.config)
+
+
+def _record_from_tracking(name: str) -> None:
+    """The record of a run that has none here, made from its MLflow run (found by its name tag on the tracking server
+    this host shares with the one that trained it), so that it resumes here: its configuration (tables pinned to the
+    versions it read), its MLflow run, FAILED. Its checkpoints come from that MLflow run's artifacts (the train
+    stage's CheckpointMirror) or from a checkpoint_dir both hosts reach; its data is prepared again here (a resume
+    refuses other data). A run still heard from (tessera.core.tracking.heartbeat) or completed is refused."""
+    import json
+    import tempfile
+
+    from tessera.core import tracking
+
+    client = tracking.mlflow_client()
+    found = tracking.find_run(client, name)
+    if found is None:
+        raise TesseraError(f"no training run named {name!r} here (runs live in {runs.runs_dir()}) nor in MLflow at "
+                           f"{client.tracking_uri}")
+    info, host = found.info, found.data.tags.get(tracking.HOST_TAG, "another host")
+    where = f"on {host} (MLflow run {info.run_id})"
+    if info.status == "FINISHED":
+        raise TesseraError(f"run {name} completed {where}: there is nothing to resume")
+    silent = tracking.silent_for(found)
+    if info.status == "RUNNING" and silent is not None and silent < 3 * tracking.heartbeat_s():
+        raise TesseraError(f"run {name} is still training {where}, last heard from {silent:.0f} s ago: cancel it "
+                           "there, or resume it here once it has stopped")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = RunConfig.model_validate(json.loads(Path(client.download_artifacts(
+                info.run_id, tracking.RUN_CONFIG_ARTIFACT, tmp)).read_text()))
+    except Exception:  # noqa: BLE001 - started by a Tessera that did not keep it, or killed before it did
+        raise TesseraError(f"run {name} ran {where}, which keeps no {tracking.RUN_CONFIG_ARTIFACT}: resume it on "
+                           f"{host}") from None
+    started = dt.datetime.fromtimestamp(info.start_time / 1000, dt.timezone.utc)
+    runs.save(RunRecord(config=config, status=RunStatus.FAILED, created_at=started, completed_at=runs.now(),
+                        experiment_id=info.experiment_id, run_id=info.run_id, details=f"it ran {where}"))
+    runs.append_event(name, "run", f"recorded here from its MLflow run {info.run_id}: it ran on {host}")
 
 
 def delete(run_or_name: TrainingRun | str) -> list[Path]:

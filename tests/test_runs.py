@@ -497,6 +497,51 @@ def test_cancel_never_signals_a_process_that_only_has_the_runs_pid(fresh_home):
         other.wait()
 
 
+def test_a_run_with_no_record_here_is_looked_up_in_mlflow_and_refused_while_heard_from_or_once_completed(home):
+    """fm.resume on a host without the run's record finds its MLflow run by its name tag; it refuses one that
+    completed, one still heard from (its heartbeat), and one whose MLflow run keeps no configuration, recording
+    nothing here. A resume also refuses data prepared otherwise than when the run started."""
+    from types import SimpleNamespace
+
+    from tasks.train.stage import same_data
+    from tessera import foundation_model as fm
+    from tessera.core import runs, tracking
+    from tessera.core.errors import TesseraError
+
+    client = tracking.mlflow_client()
+    experiment = tracking.experiment_id(client, "/elsewhere")
+
+    def mlflow_run(name: str, status: str, heard_ago: float | None = None) -> str:
+        tags = {tracking.RUN_NAME_TAG: name, tracking.HOST_TAG: "gpu-7"}
+        if heard_ago is not None:
+            tags[tracking.HEARTBEAT_TAG] = f"{time.time() - heard_ago:.0f}"
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    done = mlflow_run("done-1", "FINISHED")
+    live = mlflow_run("live-1", "RUNNING", heard_ago=5)
+    lost = mlflow_run("lost-1", "RUNNING", heard_ago=1000)  # its host gone: the lookup goes on, to its configuration
+    refusals = {
+        "done-1": f"run done-1 completed on gpu-7 (MLflow run {done}): there is nothing to resume",
+        "live-1": f"run live-1 is still training on gpu-7 (MLflow run {live}), last heard from",
+        "lost-1": f"run lost-1 ran on gpu-7 (MLflow run {lost}), which keeps no tessera/run_config.json: resume it on gpu-7",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(TesseraError) as refused:
+            fm.resume(name)
+        assert str(refused.value).startswith(message), str(refused.value)
+        assert not runs.exists(name)
+
+    prepared = SimpleNamespace(cache_key="b2", lineage={"source.path": "/data/chat.jsonl"})
+    same_data("run-1", "b2", prepared)
+    same_data("run-1", None, prepared)  # a run from before the key was logged
+    with pytest.raises(TesseraError, match="run run-1 cannot resume on other data: .* prepared as a1 when it started and "
+                                           "is b2 now \\(the data at /data/chat.jsonl"):
+        same_data("run-1", "a1", prepared)
+
+
 # --- 2. embedded stores created once, under a lock ---------------------------------------------------------------
 
 def test_home_lock_excludes_other_processes(fresh_home):

@@ -462,25 +462,23 @@ def test_a_stopped_worker_is_restarted_from_its_checkpoint_and_the_run_ends_as_i
     assert record.estimated_end_time is not None
 
 
-def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_resume_without_them_here_downloads_one(
-        trainer_home, uninterrupted, mlflow_server, monkeypatch):
+def test_with_a_remote_artifact_store_a_run_resumes_on_another_host_from_the_checkpoints_copied_there(
+        trainer_home, uninterrupted, mlflow_server, monkeypatch, tmp_path):
     """With a tracking server (its artifacts proxied: nothing on this machine), the checkpoints the workers write here
     are copied to the MLflow run's artifacts as they complete. The worker is killed after a checkpoint (no retry: the
-    run fails, resumable) and the local folder is removed (the run resumed on another host, or a disk lost): the
-    resume downloads the newest checkpoint and ends as the uninterrupted run did."""
-    import shutil
-
+    run fails, resumable). On another host (a TESSERA_HOME of its own: no record of the run, no checkpoint, no
+    prepared data) fm.resume finds the run in MLflow by its name, prepares the same rows again, downloads the newest
+    checkpoint and ends as the uninterrupted run did, in the same MLflow run."""
     from tasks.train.mirror import CheckpointMirror
-    from tasks.train.stage import train_model
-    from tasks.validate import data_report
+    from tessera import foundation_model as fm
     from tessera.core import checkpoints, runs
     from tessera.core.errors import ConfigError, TesseraError
-    from tessera.core.run_plan import resolve_run
+    from tessera.core.paths import prepared_dir
     from tessera.core.tracking import mlflow_client
     from tessera.core.weights import resolve_weights
 
     home, data = trainer_home
-    prepared, reference, _, _ = uninterrupted
+    _, reference, _, _ = uninterrupted
     base_config = json.loads((home / "models" / "tiny-chat" / "config.json").read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     stopped: list = []
@@ -498,27 +496,46 @@ def test_with_a_remote_artifact_store_the_checkpoints_are_copied_there_and_a_res
     there = CheckpointMirror(client, record.run_id, artifact_uri, record.checkpoint_dir).remote_complete()
     assert there == [os.path.basename(c.path) for c in local] and local[-1].step >= stopped[0].step
 
-    shutil.rmtree(record.checkpoint_dir)  # as on another host
-    config = record.config
-    run = resolve_run(config)
-    trained = train_model.fn(run, prepared, data_report(run, prepared), prepare_eval(config))
-    assert trained.mlflow_run_id == record.run_id
-    resumed = [e["message"] for e in runs.read_events(name) if e["message"].startswith("resumed from the checkpoint at")]
+    other = tmp_path / "other-host"  # the same model and data paths, nothing else of the run
+    (other / "models").mkdir(parents=True)
+    (other / "models" / "tiny-chat").symlink_to((home / "models" / "tiny-chat").resolve())
+    monkeypatch.setenv("TESSERA_HOME", str(other))
+    with pytest.raises(TesseraError, match=f"no training run named '{name}x' here .* nor in MLflow at {mlflow_server}"):
+        fm.resume(name + "x")
+    fm.resume(name)
+    deadline = time.time() + 240
+    while not (done := fm.get(name)).status.finished:
+        assert time.time() < deadline, fm.get_events(name)[-5:]
+        time.sleep(0.5)
+    events = [e["message"] for e in fm.get_events(name)]
+    assert done.status.value == "COMPLETED", (done.details, events)
+    assert done.run_id == record.run_id and runs.load(name).config == record.config
+    tags = client.get_run(record.run_id).data.tags
+    assert tags["tessera.host"] == runs.this_host() and time.time() - float(tags["tessera.heartbeat"]) < 120
+    assert f"recorded here from its MLflow run {record.run_id}: it ran on {runs.this_host()}" in events
+    here = runs.load(name).checkpoint_dir
+    assert here.startswith(str(other))
+    resumed = [m for m in events if m.startswith("resumed from the checkpoint at")]
     assert resumed == [f"resumed from the checkpoint at {local[-1].label}, 1 process(es) then, 1 now: "
-                       f"{checkpoints.folder(record.checkpoint_dir, local[-1].step)}"], resumed
-    assert metric(trained.mlflow_run_id, "loss") == pytest.approx(reference, rel=1e-5, abs=1e-6)  # each step once
+                       f"{checkpoints.folder(here, local[-1].step)}"], resumed
+    assert metric(record.run_id, "loss") == pytest.approx(reference, rel=1e-5, abs=1e-6)  # each step once
+    key = client.get_run(record.run_id).data.params["prepared_data.cache_key"]
+    assert (prepared_dir() / key / "manifest.json").is_file()  # prepared again here, alike
     # there as here: the kept ones (keep_checkpoints), the final one last; those pruned here are deleted there
-    kept = [os.path.basename(c.path) for c in checkpoints.list_checkpoints(record.checkpoint_dir)]
-    assert CheckpointMirror(client, record.run_id, artifact_uri, record.checkpoint_dir).remote_complete() == kept
-    assert kept[-1] == os.path.basename(checkpoints.folder(record.checkpoint_dir, 60)) and len(kept) < 60 // 7
+    kept = [os.path.basename(c.path) for c in checkpoints.list_checkpoints(here)]
+    assert CheckpointMirror(client, record.run_id, artifact_uri, here).remote_complete() == kept
+    assert kept[-1] == os.path.basename(checkpoints.folder(here, 60)) and len(kept) < 60 // 7
+    with pytest.raises(TesseraError, match=f"run {name} is COMPLETED"):
+        fm.resume(name)
+    monkeypatch.setenv("TESSERA_HOME", str(home))
 
     # another run can start from one by its runs:/ URI: downloaded here once, checked like a local one
     uri = f"runs:/{record.run_id}/checkpoints/{kept[-1]}"
     starting = resolve_weights(uri, base_config)
     assert starting.kind == "checkpoint" and starting.path.startswith(str(runs.run_dir(name).parents[1] / "cache"))
-    here = checkpoints.list_checkpoints(record.checkpoint_dir)[-1]
+    final = checkpoints.list_checkpoints(here)[-1]
     downloaded = checkpoints.CheckpointInfo.model_validate_json((Path(starting.path) / checkpoints.INFO_FILE).read_text())
-    assert downloaded.model_dump(exclude={"path"}) == here.model_dump(exclude={"path"})
+    assert downloaded.model_dump(exclude={"path"}) == final.model_dump(exclude={"path"})
     assert resolve_weights(uri, base_config).path == starting.path  # reused, not downloaded again
     with pytest.raises(ConfigError, match=f"custom_weights_path runs:/{record.run_id}/checkpoints/step_99999999: could not download"):
         resolve_weights(f"runs:/{record.run_id}/checkpoints/step_99999999", base_config)

@@ -26,7 +26,8 @@ from tessera.core import checkpoints, runs
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
 from tessera.core.processes import oom_kill_count, stop_tree
-from tessera.core.tracking import experiment_id, local_artifact_path, mlflow_client
+from tessera.core.tracking import (HOST_TAG, RUN_CONFIG_ARTIFACT, RUN_NAME_TAG, experiment_id, heartbeat,
+                                   local_artifact_path, mlflow_client)
 from tessera.core.run_plan import ResolvedRun, RunPlan
 from tessera.core.training import TrainJob
 
@@ -180,6 +181,16 @@ def train_job(run: ResolvedRun, plan: RunPlan, prepared: PreparedData, eval_prep
     ).owned_here()
 
 
+def same_data(name: str, started_on: str | None, prepared: PreparedData) -> None:
+    """A resume trains on the prepared rows the run started on (the same prepared-data key: its data and the model's
+    tokenizer unchanged, here or on another host), never on other data: that is a new run."""
+    if started_on is not None and started_on != prepared.cache_key:
+        raise TesseraError(
+            f"run {name} cannot resume on other data: its training data was prepared as {started_on} when it started "
+            f"and is {prepared.cache_key} now (the data at {prepared.lineage.get('source.path', 'its train_data_path')} "
+            "or the model's tokenizer changed since). Start a new run to train on the data as it is now")
+
+
 def checkpoint_root(config: RunConfig, artifact_uri: str) -> Path:
     """Where the run's checkpoints go: under the training_config's checkpoint_dir, else in the MLflow run's artifacts
     when they are on a file system here, else beside the run's record."""
@@ -204,12 +215,15 @@ def train_model(
     relay = MlflowRelay()
     client = mlflow_client()
     known_run = runs.load(config.name).run_id
-    if known_run:  # a resumed run goes on in its MLflow run
+    if known_run:  # a resumed run goes on in its MLflow run, on the data it started on
+        same_data(config.name, client.get_run(known_run).data.params.get("prepared_data.cache_key"), prepared)
         client.update_run(known_run, status="RUNNING")
+        client.set_tag(known_run, HOST_TAG, runs.this_host())
         relay.open(client, client.get_run(known_run).info.experiment_id, known_run, resumed=True)
     else:
         exp_id = experiment_id(client, config.experiment)
-        relay.open(client, exp_id, client.create_run(exp_id, run_name=config.name, tags={"tessera.run_name": config.name}).info.run_id)
+        tags = {RUN_NAME_TAG: config.name, HOST_TAG: runs.this_host()}
+        relay.open(client, exp_id, client.create_run(exp_id, run_name=config.name, tags=tags).info.run_id)
     artifact_uri = client.get_run(relay.run_id).info.artifact_uri
     root = checkpoint_root(config, artifact_uri)
     runs.update(config.name, experiment_id=relay.experiment_id, run_id=relay.run_id, checkpoint_dir=str(root))
@@ -230,6 +244,7 @@ def train_model(
             **prepared.lineage,
             **plan.effective(),
         })
+        client.log_dict(relay.run_id, config.model_dump(mode="json"), RUN_CONFIG_ARTIFACT)  # a resume elsewhere reads it
         client.log_dict(relay.run_id, report.model_dump(mode="json"), "data_report/report.json")
         client.log_text(relay.run_id, report.render(), "data_report/report.txt")
         client.log_artifact(relay.run_id, str(histogram_png(report, runs.run_dir(config.name) / "token_lengths.png")), "data_report")
@@ -244,7 +259,7 @@ def train_model(
             log.info(join)
             runs.append_event(config.name, "train", join)
         try:
-            with mirror.while_training() if mirror else contextlib.nullcontext():
+            with heartbeat(client, relay.run_id), mirror.while_training() if mirror else contextlib.nullcontext():
                 launch(job, runs.job_file(config.name), log, plan, relay,
                        while_starting=log_inputs if attempt == 0 and not known_run else lambda: None)
             break

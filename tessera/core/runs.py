@@ -88,6 +88,10 @@ def save(record: RunRecord) -> RunRecord:
     return record
 
 
+def exists(name: str) -> bool:
+    return _record_file(name).exists()
+
+
 def load(name: str) -> RunRecord:
     path = _record_file(name)
     if not path.exists():

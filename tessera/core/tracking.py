@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tessera.core.paths import file_lock, mlflow_artifacts_root, mlflow_tracking_uri
 
 _ready: set[str] = set()  # SQLite stores this process has seen created
+
+# What a run's MLflow run keeps of it, so that another host reaching the same tracking server can find the run by
+# its name, tell whether it still trains, and resume it (tessera.sdk.resume) without the run's record.
+RUN_NAME_TAG = "tessera.run_name"
+HOST_TAG = "tessera.host"  # the host training it
+HEARTBEAT_TAG = "tessera.heartbeat"  # unix time, set every heartbeat_s() while its training processes run
+RUN_CONFIG_ARTIFACT = "tessera/run_config.json"  # the run's configuration, its tables pinned to the versions read
 
 
 def _sqlite_lock(uri: str):
@@ -106,3 +118,44 @@ def download_folder(uri: str, out: Path) -> Path:
             if not out.is_dir():
                 raise
     return out
+
+
+def heartbeat_s() -> float:
+    """How often a training run's MLflow run says it lives (TESSERA_HEARTBEAT_S, default 30 s); one unheard of for
+    three times that has stopped."""
+    return float(os.environ.get("TESSERA_HEARTBEAT_S", "30"))
+
+
+@contextlib.contextmanager
+def heartbeat(client, run_id: str) -> Iterator[None]:
+    """Set the MLflow run's HEARTBEAT_TAG now and every heartbeat_s() while the block runs (on a thread)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # the server unreachable for a moment: the next beat
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            if stop.wait(heartbeat_s()):
+                return
+
+    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def silent_for(run) -> float | None:
+    """Seconds since a RUNNING MLflow run's last heartbeat; None when it has none."""
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    return None if beat is None else time.time() - float(beat)
+
+
+def find_run(client, name: str):
+    """The newest MLflow run of the training run `name` (its RUN_NAME_TAG), in any experiment; None if none."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{RUN_NAME_TAG}` = '{name}'", order_by=["attributes.start_time DESC"],
+                               max_results=1) if experiments else []
+    return found[0] if found else None
