@@ -5,7 +5,7 @@ Composition only; logic is in tasks/."""
 from __future__ import annotations
 
 from prefect import flow, runtime
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Failed, State
 
 from tasks.serve.stage import deploy_endpoint
 from tasks.prepare.stage import prepare_data
@@ -32,6 +32,8 @@ def finetune(run_name: str | None = None, **run_parameters) -> str | State:
     record = runs.ensure_record(name, runtime.flow_run.parameters)
     if runs.cancelled(record):  # fm.cancel got there before this flow run started: it ends Cancelled, trains nothing
         return Cancelled(message=f"run {name} was cancelled before it started")
+    if crashed := runs.crashed_too_often(record, runtime.flow_run.run_count):  # rescheduled by automations.yaml
+        return Failed(message=crashed)
     run = resolve_inputs(record)
     config = run.config
     prepared = prepare_data(config)

@@ -313,3 +313,49 @@ def test_a_cancel_from_the_ui_ends_the_run_stopped(worker):
         time.sleep(1)
         status = sdk(env, f"r = fm.get('{name}'); print(json.dumps([r.status.value, r.registered_model_version]))")
     assert status == ["STOPPED", None], status
+
+
+def test_a_crashed_finetune_run_is_scheduled_again_and_resumes_from_its_checkpoint(worker):
+    """automations.yaml, created as the README says: the flow run's process killed after a checkpoint (what a machine
+    restart or an out-of-memory kill of the flow does) ends it Crashed; the automation schedules it again, the worker
+    runs it, and it resumes from the checkpoint: the same flow run and MLflow run, each step logged once."""
+    env, url = worker, worker["PREFECT_API_URL"]
+    made = subprocess.run([*PREFECT, "automation", "create", "--from-file", "automations.yaml"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    names = {a["name"] for a in api(url, "/automations/filter")}
+    assert {"tessera-resume-crashed-training", "tessera-crash-unresponsive-flow-runs"} <= names, names
+
+    started = subprocess.run([*PREFECT, "deployment", "run", "finetune/finetune", "--params", json.dumps(
+        {"training_duration": "400ba", "register_to": "main.crash.bot", "training_config": {"checkpoint_every": 20}})],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    [flow_run] = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id(env, "finetune/finetune")]}},
+                                                "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+    run_dir = Path(env["TESSERA_HOME"]) / "runs" / f"tiny-chat-{flow_run['id'].replace('-', '')[-6:]}"
+    from tessera.core import checkpoints
+
+    deadline = time.time() + 180
+    while True:  # until it has a checkpoint, still training
+        record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+        if record.get("checkpoint_dir") and checkpoints.latest(record["checkpoint_dir"]) and record["status"] == "RUNNING":
+            break
+        assert time.time() < deadline and record.get("status") not in ("COMPLETED", "FAILED"), (record, worker_log(env))
+        time.sleep(0.5)
+    os.kill(record["pid"], signal.SIGKILL)  # the flow run's process, on the worker
+
+    deadline = time.time() + 240
+    while (now := api(url, f"/flow_runs/{flow_run['id']}", method="GET"))["state"]["type"] != "COMPLETED":
+        assert time.time() < deadline and now["state"]["type"] not in ("FAILED", "CANCELLED"), (now["state"], worker_log(env))
+        time.sleep(1)
+    assert now["run_count"] == 2, now["run_count"]
+    states = [s["type"] for s in api(url, f"/flow_run_states/?flow_run_id={flow_run['id']}", method="GET")]
+    assert "CRASHED" in states and states.index("CRASHED") < len(states) - 1 - states[::-1].index("SCHEDULED"), states
+    name = run_dir.name
+    status, events, steps, version = sdk(env, (
+        f"r = fm.get('{name}'); from tessera.core.tracking import mlflow_client; "
+        "steps = [m.step for m in mlflow_client().get_metric_history(r.run_id, 'loss')]; "
+        f"print(json.dumps([r.status.value, [e['message'] for e in fm.get_events('{name}')], steps, r.registered_model_version]))"))
+    assert status == "COMPLETED" and version == "models:/main.crash.bot/1", (status, events)
+    assert sum(m.startswith("resumed from the checkpoint at step") for m in events) == 1, events
+    assert sorted(steps) == sorted(set(steps)) and max(steps) == 400, steps  # each logged step once, to the end

@@ -542,6 +542,18 @@ def test_a_run_with_no_record_here_is_looked_up_in_mlflow_and_refused_while_hear
         same_data("run-1", "a1", prepared)
 
 
+def test_a_flow_run_scheduled_again_after_crashes_runs_only_train_retries_times_more():
+    """automations.yaml reschedules a crashed flow run; the flow refuses a run_count past 1 + train_retries."""
+    from tessera.core import runs
+    from tessera.core.config import build_run_config
+
+    config = build_run_config(model="tessera/tiny-chat", train_data_path="d.jsonl", register_to="main.a.b", name="run-1",
+                              training_config={"train_retries": 2})
+    record = runs.RunRecord(config=config, created_at=runs.now())
+    assert [runs.crashed_too_often(record, n) for n in (1, 2, 3)] == [None, None, None]
+    assert runs.crashed_too_often(record, 4).startswith("run run-1 crashed 3 time(s): not run again (training_config train_retries 2)")
+
+
 # --- 2. embedded stores created once, under a lock ---------------------------------------------------------------
 
 def test_home_lock_excludes_other_processes(fresh_home):

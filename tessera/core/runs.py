@@ -274,6 +274,16 @@ def cancelled(record: RunRecord) -> bool:
     return record.status in (RunStatus.TERMINATING, RunStatus.STOPPED)
 
 
+def crashed_too_often(record: RunRecord, run_count: int) -> str | None:
+    """Why a flow run Prefect scheduled again after crashes (automations.yaml) must not run once more: it has run
+    1 + training_config train_retries times already. None when it may."""
+    retries = record.config.training_config.train_retries
+    if run_count <= 1 + retries:
+        return None
+    return (f"run {record.config.name} crashed {run_count - 1} time(s): not run again (training_config train_retries "
+            f"{retries})" + resumable_note(record.checkpoint_dir, record.config.name))
+
+
 def on_running(flow, flow_run, state) -> None:
     redeliver_lost_sigterms()  # the flow's process, here or on a worker: a cancel's SIGTERM is never lost to a finalizer
     name = _run_name(flow_run)
