@@ -7,12 +7,14 @@ BentoML or datasets; 64 MiB may travel with the command):
     python bench/gpu_check.py            # there, with .gpu-wheels carried beside the working tree
 
 It prints a line for each of:
-  train    10 optimizer steps through the worker's own step (tasks/train/worker.py: train_step), bf16 autocast over
-           fp32 master weights, in a process group made by the trainer's own function (NCCL on a GPU), with the
-           logging window's collective; SmolLM2-135M's architecture with random weights (the real ones are too big
-           to carry), the same packed batch each step, so the loss must fall
-  packed   the packed-isolation check on this device's attention path: each packed example's per-token losses
-           equal those of the example alone
+  train    10 optimizer steps through the worker's own step (tasks/train/worker.py: train_step) with the trainer's
+           attention kernel for this device (tessera.core.run_plan.resolve_attention), bf16 autocast over fp32 master
+           weights, in a process group made by the trainer's own function (NCCL on a GPU), with the logging window's
+           collective; SmolLM2-135M's architecture with random weights (the real ones are too big to carry), the same
+           packed batch each step, so the loss must fall
+  packed   the packed-isolation check on each attention kernel the trainer may use on this device (sdpa, and on
+           a GPU flex_attention, the trainer's default there): each packed example's per-token losses equal those
+           of the example alone
   memory   the memory plan's estimate (tessera/core/memory.py, runtime overhead left out) against
            torch.cuda.max_memory_allocated of the steps above
   serve    a generation through the serving stage's batching engine (tasks/serve/engine.py), in-process
@@ -131,7 +133,7 @@ LLAMA_1B = dict(
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM: the spec sheets' figure
 
 
-def check_mfu(device, cuda: bool) -> bool:
+def check_mfu(device, cuda: bool, attention: str) -> bool:
     """Tokens/s, MFU and peak memory of the trainer's own step on a ~1B Llama, sequence 2048, bf16, packed rows.
     MFU = (6 x parameters + 12 x layers x hidden x sequence) x tokens/s / the GPU's dense bf16 peak."""
     import torch
@@ -140,7 +142,7 @@ def check_mfu(device, cuda: bool) -> bool:
     shape = LLAMA_1B if cuda else {**SMOLLM2_135M, "num_hidden_layers": 2}
     rows, context = (4, 2048) if cuda else (1, 256)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(device).train()
+    model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation=attention)).to(device).train()
     model.config.use_cache = False
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -152,7 +154,7 @@ def check_mfu(device, cuda: bool) -> bool:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mfu = f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "n/a (no peak figure for this device)"
     memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
-    report("mfu", True, f"{parameters / 1e9:.2f}B parameters, {rows}x{context} tokens a step: {tokens_per_s:,.0f} tok/s, "
+    report("mfu", True, f"{parameters / 1e9:.2f}B parameters, {rows}x{context} tokens a step, {attention}: {tokens_per_s:,.0f} tok/s, "
                         f"MFU {mfu} ((6 x params + 12 x layers x hidden x seq) x tok/s / dense bf16 peak){memory}")
     return True
 
@@ -190,7 +192,7 @@ def check_packed(model, device, context: int) -> bool:
                                                  f"{worst:.4f} (bound 0.05); without restarting positions {leak:.2f}")
 
 
-def check_memory(model_config: dict, device, rows: int, context: int) -> bool:
+def check_memory(model_config: dict, device, rows: int, context: int, attention: str) -> bool:
     import torch
 
     from tessera.core.memory import RUNTIME_BYTES, Architecture, estimate
@@ -198,7 +200,8 @@ def check_memory(model_config: dict, device, rows: int, context: int) -> bool:
     if device.type != "cuda":
         return report("memory", True, "skipped: torch.cuda.max_memory_allocated needs a GPU")
     arch = Architecture.from_config(model_config)
-    planned = estimate(arch, "cuda", context, rows, precision="bf16", activation_checkpointing=False)
+    planned = estimate(arch, "cuda", context, rows, precision="bf16", activation_checkpointing=False,
+                       dense_mask=attention != "flex_attention")
     planned_bytes = planned.total - RUNTIME_BYTES["cuda"]  # the CUDA context and workspaces: not allocated tensors
     measured = torch.cuda.max_memory_allocated(device)
     ratio = planned_bytes / measured
@@ -249,6 +252,7 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.train import distributed
+    from tessera.core.run_plan import resolve_attention
     from tessera.core.tiny_model import build_tiny_chat
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -264,17 +268,22 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"device  {name}; torch {torch.__version__}; backend {torch.distributed.get_backend()}", flush=True)
 
+    attention = resolve_attention("auto", device.type)[0]  # what the trainer uses on this device
+    results = []
+    for kernel in dict.fromkeys(["sdpa", attention]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation=kernel)).to(device)
+        results.append(check_packed(model, device, 512))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to(device).train()
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation=attention)).to(device).train()
     model.config.use_cache = False
-    results = [check_packed(model, device, 512)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     ok, _ = check_train(model, device, rows, context, steps)
-    results += [ok, check_memory(SMOLLM2_135M, device, rows, context)]
+    results += [ok, check_memory(SMOLLM2_135M, device, rows, context, attention)]
     del model
     if args.mfu:
-        results.append(check_mfu(device, cuda))
+        results.append(check_mfu(device, cuda, attention))
     with tempfile.TemporaryDirectory() as tmp:
         results.append(check_serve(build_tiny_chat(Path(tmp) / "tiny-chat"), device))
     torch.distributed.destroy_process_group()

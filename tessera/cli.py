@@ -355,7 +355,8 @@ def cmd_plan(args) -> int:
     decided, sources = hardware_settings(settings, hardware)
     nproc = decided.get("nproc_per_node", settings.nproc_per_node)
     print(f"{args.model}: {parameters_text(arch.parameters)}, context {context_length} tokens, {decided['precision']} "
-          f"compute ({sources['precision']}), {nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}"
+          f"compute ({sources['precision']}), {decided['attn_implementation']} attention, "
+          f"{nproc} training process{'es' if nproc != 1 else ''} on {hardware.describe()}"
           + (f", on each of {settings.nnodes} nodes" if settings.nnodes > 1 else ""))
     try:
         _, _, plan = plan_settings(settings, arch, hardware, context_length, args.model)

@@ -60,6 +60,34 @@ def test_checkpointing_and_context_scale_activations():
     assert act(4096, 1, False) > act(1024, 4, False) + 0.5 * GB
 
 
+def test_flex_attention_counts_no_quadratic_mask_and_is_the_default_on_cuda_only():
+    """FlexAttention keeps a block mask, not an L x L one: its activations are linear in the context (sdpa's are not),
+    which lets a longer micro-batch fit. auto picks it on CUDA; on a CPU (no FlexAttention backward) sdpa, and
+    flex_attention set there is refused."""
+    from tessera.core.run_plan import plan_settings, resolve_attention
+    from tessera.core.config import TrainingSettings
+
+    def act(t, rows, dense_mask):
+        return estimate(LLAMA_31_8B, "cuda", t, rows, precision="bf16", activation_checkpointing=False,
+                        dense_mask=dense_mask).parts["activations"]
+
+    def growth(dense_mask):  # what each further 4096 tokens of one row add
+        return act(12288, 1, dense_mask) - act(8192, 1, dense_mask), act(8192, 1, dense_mask) - act(4096, 1, dense_mask)
+
+    assert growth(False)[0] == growth(False)[1]  # linear in the context
+    assert growth(True)[0] > growth(True)[1] + 2 * GB  # the mask: quadratic
+    assert act(8192, 1, True) - act(8192, 1, False) > 4 * GB  # a 2-byte 8192 x 8192 mask in each of 32 layers alone
+    assert resolve_attention("auto", "cuda")[0] == "flex_attention" and resolve_attention("auto", "cpu")[0] == "sdpa"
+    assert resolve_attention("eager", "cuda") == ("eager", "set by the run")
+    with pytest.raises(ConfigError, match="FlexAttention has no backward pass on a CPU; use sdpa"):
+        resolve_attention("flex_attention", "cpu")
+    eight = Hardware(device="cuda", count=8, memory_bytes=80 * GB)
+    planned = {attn: plan_settings(TrainingSettings(attn_implementation=attn), LLAMA_31_8B, eight, 16384, "llama")
+               for attn in ("auto", "sdpa")}
+    assert planned["auto"][0]["attn_implementation"] == "flex_attention"
+    assert planned["auto"][2].total_bytes < planned["sdpa"][2].total_bytes
+
+
 # --- the chooser ------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ def job_for(model_dir, **settings):
     return TrainJob(
         run_name="precision", model_path=str(model_dir), task_type=TaskType.CHAT_COMPLETION, prepared_path="-",
         output_dir="-", checkpoint_dir="-", context_length=128, micro_rows=1, plan=plan, learning_rate=1e-5,
-        settings=TrainingSettings(**settings),
+        settings=TrainingSettings(**{"attn_implementation": "sdpa", **settings}),  # as the plan resolves it on a CPU
     )
 
 

@@ -100,7 +100,10 @@ class TrainingSettings(BaseModel):
     activation_checkpointing: bool | None = Field(
         None, description="recompute each layer in the backward pass instead of keeping its activations (default: the memory plan decides)"
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel (both keep packed examples apart)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto", description="attention kernel (each keeps packed examples apart); auto: flex_attention on CUDA (no "
+                            "L x L mask per row), sdpa on a CPU (FlexAttention has no backward there)"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="compute precision over fp32 master weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32"
     )

@@ -93,20 +93,22 @@ class Architecture(BaseModel):
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embeddings + h
 
-    def layer_bytes_per_token(self, compute_bytes: int, context_length: int) -> int:
+    def layer_bytes_per_token(self, compute_bytes: int, context_length: int, dense_mask: bool = True) -> int:
         """What autograd keeps of one decoder layer per token (Llama-style; counted on transformers 5.23).
 
         With packed rows and no attention mask, transformers builds a block-causal mask, and that mask
         costs twice: sdpa then repeats k/v to every head (its GQA path needs no mask) and keeps its own
-        copy of the mask in the compute dtype, per layer: compute_bytes * T per token, O(T^2) per row.
+        copy of the mask in the compute dtype, per layer: compute_bytes * T per token, O(T^2) per row. FlexAttention
+        (`dense_mask` False) keeps a block mask of a few bytes per 128x128 block instead, and k/v at their own heads.
         """
         h, i, heads, d = self.hidden_size, self.intermediate_size, self.num_attention_heads, self.dims_per_head
         c = compute_bytes
         residual = 16 * h  # fp32: each norm's input (the residual stream) and its normalized input
         # autocast casts the norm's output once per projection (q, k, v, gate, up); fp32 shares one per norm
         linear_inputs = 5 * c * h if c < 4 else 2 * 4 * h
-        attention = 4 * c * heads * d + 4 * heads  # q, k, v (k/v at every head), output; fp32 log-sum-exp
-        mask = c * context_length
+        kv_heads = heads if dense_mask else self.num_key_value_heads
+        attention = 2 * c * heads * d + 2 * c * kv_heads * d + 4 * heads  # q, k, v, output; fp32 log-sum-exp
+        mask = c * context_length if dense_mask else 0
         mlp = 4 * c * i * self.num_experts_per_tok  # gate, silu(gate), up, their product
         norm_stats = 2 * 4  # each norm's 1/rms
         return residual + linear_inputs + attention + mask + mlp + norm_stats
@@ -220,13 +222,14 @@ class Estimate(BaseModel):
 
 
 def estimate(arch: Architecture, device: str, context_length: int, rows: int, *, precision: str,
-             activation_checkpointing: bool, nproc: int = 1, sharded: bool = False) -> Estimate:
+             activation_checkpointing: bool, nproc: int = 1, sharded: bool = False, dense_mask: bool = True) -> Estimate:
     """Per-process bytes of a training step of `rows` packed rows of `context_length` tokens; `sharded`: FSDP over
-    the `nproc` processes."""
+    the `nproc` processes; `dense_mask`: an attention that builds the packed rows' L x L mask (sdpa, eager), not
+    FlexAttention's block mask."""
     c = 2 if precision == "bf16" else 4
     p, h, layers = arch.parameters, arch.hidden_size, arch.num_hidden_layers
     tokens = rows * context_length
-    layer = arch.layer_bytes_per_token(c, context_length)
+    layer = arch.layer_bytes_per_token(c, context_length, dense_mask)
     cast_weights = 2 * arch.layer_matrix_parameters if c < 4 else 0  # autocast's bf16 copies, kept for backward
     if activation_checkpointing:  # each layer's input kept; one layer recomputed at a time in the backward
         activations = tokens * (layers * 4 * h + layer) + cast_weights
@@ -234,7 +237,7 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
             activations += tokens * layers * CPU_CHECKPOINT_SLACK * h
     else:
         activations = tokens * layers * layer + layers * cast_weights
-    activations += rows * context_length**2 + tokens * 8 * h  # the boolean mask; the final norm's input and output
+    activations += (rows * context_length**2 if dense_mask else 0) + tokens * 8 * h  # the boolean mask; the final norm's input and output
     chunk = min(loss_chunk_tokens(arch.vocab_size), tokens)
     # the chunk; the gathered hidden states; the fp32 gradient of the head's weight, accumulated over the chunks
     # before autograd adds it to the weight's own gradient (2.1 GB for a 128k vocabulary at hidden size 4096)
@@ -260,7 +263,7 @@ def estimate(arch: Architecture, device: str, context_length: int, rows: int, *,
 
 def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, precision: str,
                 micro_batch_tokens: int | None, activation_checkpointing: bool | None, nproc: int,
-                parallelism: str = "auto", nnodes: int = 1) -> MemoryPlan:
+                parallelism: str = "auto", nnodes: int = 1, dense_mask: bool = True) -> MemoryPlan:
     """Choose the parallelism, the micro-batch and activation checkpointing for this model, context and hardware.
 
     Policy: values the run set are kept (only the None and auto ones are chosen). Parallelism auto is ddp when it
@@ -281,7 +284,7 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
         kinds = ["ddp"]
     for kind in kinds:
         found = _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-                        world, sharded=kind == "fsdp")
+                        world, sharded=kind == "fsdp", dense_mask=dense_mask)
         if found is not None:
             rows, ckpt, sizes, why = found
             if parallelism == "auto":
@@ -296,7 +299,7 @@ def plan_memory(arch: Architecture, hardware: Hardware, context_length: int, *, 
                 estimate_bytes=sizes.parts, total_bytes=sizes.total, budget_bytes=budget, decided=decided,
             )
     raise ConfigError(_refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens,
-                               activation_checkpointing, world, sharded=kinds[-1] == "fsdp"))
+                               activation_checkpointing, world, sharded=kinds[-1] == "fsdp", dense_mask=dense_mask))
 
 
 def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
@@ -304,7 +307,7 @@ def _set_rows(micro_batch_tokens: int, context_length: int) -> int:
 
 
 def _choose(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-            nproc, sharded=False):
+            nproc, sharded=False, dense_mask=True):
     """(rows, checkpointing, sizes, why) of the policy's choice, or None when nothing allowed fits."""
     if micro_batch_tokens is not None:
         candidates = [_set_rows(micro_batch_tokens, context_length)]
@@ -315,7 +318,7 @@ def _choose(arch, hardware, context_length, budget, precision, micro_batch_token
     for ckpt in modes:
         for rows in candidates:
             sizes = estimate(arch, hardware.device, context_length, rows, precision=precision,
-                             activation_checkpointing=ckpt, nproc=nproc, sharded=sharded)
+                             activation_checkpointing=ckpt, nproc=nproc, sharded=sharded, dense_mask=dense_mask)
             if sizes.total <= budget:
                 return rows, ckpt, sizes, _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing)
     return None
@@ -334,12 +337,12 @@ def _why(rows, ckpt, candidates, micro_batch_tokens, activation_checkpointing) -
 
 
 def _refusal(arch, hardware, context_length, budget, precision, micro_batch_tokens, activation_checkpointing,
-             nproc, sharded=False) -> str:
+             nproc, sharded=False, dense_mask=True) -> str:
     """Why nothing fits, and every change that would."""
     rows = _set_rows(micro_batch_tokens, context_length) if micro_batch_tokens is not None else 1
     ckpt = activation_checkpointing is not False  # the least memory the run's settings allow
     least = estimate(arch, hardware.device, context_length, rows, precision=precision, activation_checkpointing=ckpt,
-                     nproc=nproc, sharded=sharded)
+                     nproc=nproc, sharded=sharded, dense_mask=dense_mask)
     states = sum(least.parts[k] for k in ("weights", "gradients", "optimizer"))
     head = (
         f"does not fit {hardware.describe()}: {_count(rows, 'row')} of {context_length} tokens "
@@ -350,7 +353,7 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
     if hardware.device == "cuda":
         head += f", sharded over {_count(nproc, 'GPU')} (fsdp)" if sharded else ", and with parallelism ddp every GPU keeps all of them"
     fixes = []
-    fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc, sharded=sharded)
+    fixed = dict(hardware=hardware, budget=budget, precision=precision, nproc=nproc, sharded=sharded, dense_mask=dense_mask)
     if micro_batch_tokens is not None and rows > 1:
         found = _choose(arch, context_length=context_length, micro_batch_tokens=None,
                         activation_checkpointing=activation_checkpointing, **fixed)
@@ -368,12 +371,13 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
     if hardware.device == "cpu":
         if nproc > 1 and _choose(arch, hardware=hardware, budget=hardware.memory_bytes, context_length=context_length,
                                  precision=precision, micro_batch_tokens=micro_batch_tokens,
-                                 activation_checkpointing=activation_checkpointing, nproc=1):
+                                 activation_checkpointing=activation_checkpointing, nproc=1, dense_mask=dense_mask):
             fixes.append("nproc_per_node 1 (processes on a CPU share its RAM)")
         needed = math.ceil(least.total * nproc / CPU_RAM_SHARE)
         fixes.append(f"a machine with {_gb(needed)} of available RAM")
     else:
-        gpus = _fewest_gpus(arch, hardware, context_length, precision, micro_batch_tokens, activation_checkpointing)
+        gpus = _fewest_gpus(arch, hardware, context_length, precision, micro_batch_tokens, activation_checkpointing,
+                            dense_mask=dense_mask)
         if gpus is not None and gpus <= nproc:
             fixes.append("parallelism: fsdp")
         elif gpus is not None:
@@ -383,11 +387,11 @@ def _refusal(arch, hardware, context_length, budget, precision, micro_batch_toke
 
 
 def _fewest_gpus(arch, hardware, context_length, precision, micro_batch_tokens, activation_checkpointing,
-                 most: int = 1 << 16) -> int | None:
+                 most: int = 1 << 16, dense_mask: bool = True) -> int | None:
     """The fewest GPUs of this size over which fsdp fits (a binary search: more GPUs never need more each)."""
     def fits(n: int) -> bool:
         return _choose(arch, hardware, context_length, hardware.memory_bytes, precision, micro_batch_tokens,
-                       activation_checkpointing, n, sharded=True) is not None
+                       activation_checkpointing, n, sharded=True, dense_mask=dense_mask) is not None
 
     if not fits(most):
         return None

@@ -50,6 +50,20 @@ def resolve_precision(setting: str, device: str) -> tuple[str, str]:
     return "fp32", "auto: a CPU without native bf16"
 
 
+def resolve_attention(setting: str, device: str) -> tuple[str, str]:
+    """(the attention kernel, why) for the run's `attn_implementation` on a "cpu" or "cuda" device. Every kernel keeps
+    packed examples apart (tests/test_packed_attention.py; bench/gpu_check.py on a GPU); sdpa and eager build an
+    L x L mask per packed row, FlexAttention a block mask of a few bytes per 128 x 128 tokens."""
+    if setting == "flex_attention" and device == "cpu":
+        raise ConfigError("training_config attn_implementation flex_attention: FlexAttention has no backward pass on a "
+                          "CPU; use sdpa (or auto)")
+    if setting != "auto":
+        return setting, "set by the run"
+    if device == "cuda":
+        return "flex_attention", "auto: a CUDA device (no L x L mask for packed rows)"
+    return "sdpa", "auto: a CPU (FlexAttention has no backward there)"
+
+
 def default_rows_per_step(rows: int, context_length: int) -> int:
     """At least 8 optimizer steps per epoch when there are at least 8 rows, and at most 128k tokens a step."""
     cap = max(1, DEFAULT_MAX_GLOBAL_BATCH_TOKENS // context_length)
@@ -105,8 +119,8 @@ class RunPlan(BaseModel):
 
 
 def hardware_settings(settings: TrainingSettings, hardware: Hardware) -> tuple[dict, dict[str, str]]:
-    """The processes and the precision, where the run leaves them to the hardware. Returns (the settings decided,
-    where every setting came from)."""
+    """The processes, the precision and the attention kernel, where the run leaves them to the hardware. Returns
+    (the settings decided, where every setting came from)."""
     # a value is the run's when it differs from the default (the set-or-not mark does not survive JSON)
     sources = {k: ("default" if getattr(settings, k) == f.default else "run") for k, f in TrainingSettings.model_fields.items()}
     updates: dict = {}
@@ -114,6 +128,8 @@ def hardware_settings(settings: TrainingSettings, hardware: Hardware) -> tuple[d
         updates["nproc_per_node"], sources["nproc_per_node"] = (hardware.count if hardware.device == "cuda" else 1), "hardware"
     updates["precision"], why = resolve_precision(settings.precision, hardware.device)
     sources["precision"] = f"default ({why})" if settings.precision == "auto" else why
+    updates["attn_implementation"], why = resolve_attention(settings.attn_implementation, hardware.device)
+    sources["attn_implementation"] = f"default ({why})" if settings.attn_implementation == "auto" else why
     return updates, sources
 
 
@@ -129,6 +145,7 @@ def plan_settings(settings: TrainingSettings, architecture: Architecture | None,
         architecture, hardware, context_length, precision=updates["precision"],
         micro_batch_tokens=settings.micro_batch_tokens, activation_checkpointing=settings.activation_checkpointing,
         nproc=updates.get("nproc_per_node", settings.nproc_per_node), parallelism=settings.parallelism, nnodes=settings.nnodes,
+        dense_mask=updates["attn_implementation"] != "flex_attention",
     )
     for key in ("micro_batch_tokens", "activation_checkpointing"):
         if getattr(settings, key) is None:
