@@ -191,33 +191,35 @@ def test_cancel_stops_the_flow_and_torchrun_and_registers_nothing(home):
 
 def test_an_fsdp_run_trains_registers_and_serves_the_answers_of_the_same_run_with_ddp(home):
     """fm.create with parallelism fsdp over 2 processes: the flow trains (sharded), writes the model whole, registers
-    it and serves it (serve_to). Its weights are the DDP run's (fp32 on both sides), and its endpoint answers what
-    the DDP run's model answers, greedy, on prompts it never saw."""
+    it and serves it (serve_to). Its weights are the DDP run's (fp32 on both sides), and its endpoint answers, greedy,
+    on prompts neither run trained on, what the DDP run's trainer answered with its final weights (its eval-prompt
+    generations: the trainer and the endpoint render and stop alike, tests/test_serve.py)."""
+    import mlflow
     import torch
     from openai import OpenAI
     from safetensors.torch import load_file
 
     from tasks.serve import endpoints
-    from tasks.serve.model_server import start_endpoint
     from tessera import foundation_model as fm
     from tessera.core.tracking import mlflow_client
 
     path = write_jsonl(home / "chat.jsonl", DATA)
+    prompts = ["Tell me about the sea.", "What is two plus two?", "Write a word."]
     started = {
         kind: fm.create(model="tessera/tiny-chat", train_data_path=str(path), register_to=f"main.finetuning.{kind}",
-                        training_duration="12ba", learning_rate=2e-3, serve_to="sharded" if kind == "fsdp" else None,
+                        eval_prompts=prompts, training_duration="12ba", learning_rate=2e-3,
+                        serve_to="sharded" if kind == "fsdp" else None,
                         training_config={"parallelism": kind, "nproc_per_node": 2, "precision": "fp32"})
         for kind in ("fsdp", "ddp")
     }
     try:
         done = {kind: wait_for(run.name) for kind, run in started.items()}
+        client = mlflow_client()
         for kind, run in done.items():
             assert run.status.value == "COMPLETED", (kind, run.details)
-            assert mlflow_client().get_run(run.run_id).data.params["train.parallelism"] == kind
+            assert client.get_run(run.run_id).data.params["train.parallelism"] == kind
         assert {k: r.registered_model_version for k, r in done.items()} == {
             "fsdp": "models:/main.finetuning.fsdp/1", "ddp": "models:/main.finetuning.ddp/1"}
-
-        import mlflow
 
         folders = {kind: mlflow.artifacts.download_artifacts(run.registered_model_version, dst_path=str(home / kind))
                    for kind, run in done.items()}
@@ -229,19 +231,20 @@ def test_an_fsdp_run_trains_registers_and_serves_the_answers_of_the_same_run_wit
         assert moved > 1e-2 and apart < 1e-4, (moved, apart)  # trained, and trained alike
         assert all(weights["fsdp"][k].dtype == base[k].dtype == torch.float32 for k in base)
 
+        table = json.loads(Path(client.download_artifacts(done["ddp"].run_id, "eval_prompts.json")).read_text())
+        final = [dict(zip(table["columns"], row)) for row in table["data"] if row[table["columns"].index("step")] == 12]
+        ddp_answers = [(r["prompt"], r["response"], r["finish_reason"]) for r in final]
+        assert [p for p, _, _ in ddp_answers] == prompts and any(r for _, r, _ in ddp_answers), ddp_answers
+
         sharded = endpoints.get("sharded")
         assert sharded.status is endpoints.EndpointStatus.READY and sharded.model_uri == "models:/main.finetuning.fsdp/1"
-        prompts = ["Tell me about the sea.", "What is two plus two?", "Write a word."]
-
-        def answers(url: str) -> list[str]:
-            client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-            return [client.chat.completions.create(model="m", messages=[{"role": "user", "content": p}], temperature=0,
-                                                   max_tokens=16).choices[0].message.content for p in prompts]
-
-        served = answers(sharded.local_url)
-        with start_endpoint(done["ddp"].registered_model_version, log_file=home / "ddp-endpoint.log") as ddp:
-            assert served == answers(ddp.url)
-        assert all(served), served
+        openai = OpenAI(base_url=f"{sharded.local_url}/v1", api_key="unused")
+        served = []
+        for prompt in prompts:
+            choice = openai.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                                    temperature=0, max_tokens=64).choices[0]
+            served.append((prompt, choice.message.content, choice.finish_reason))
+        assert served == ddp_answers
     finally:
         try:
             endpoints.stop("sharded")
