@@ -47,7 +47,9 @@ def prefect_server(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    # not an earlier test's MLflow store (mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI in os.environ): the home's own
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = dict(inherited, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_UI_ENABLED="false",
                TESSERA_HOME=str(home / "tessera"), TESSERA_WORK_POOL="tessera",  # fm.create submits to the pool
                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5",
@@ -277,14 +279,17 @@ def test_a_schedule_runs_its_flow(worker):
     """watch-data on a short interval (the test's, instead of its 5 minutes): the scheduler makes runs, the worker runs them."""
     env, url = worker, worker["PREFECT_API_URL"]
     ident = deployment_id(env, "watch-sources/watch-data")
-    api(url, f"/deployments/{ident}/schedules", [{"schedule": {"interval": 5}, "active": True}])
-    deadline = time.time() + 120
-    while True:
-        runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
-        if any(r["auto_scheduled"] for r in runs):
-            break
-        assert time.time() < deadline, worker_log(env)
-        time.sleep(2)
+    [schedule] = api(url, f"/deployments/{ident}/schedules", [{"schedule": {"interval": 5}, "active": True}])
+    try:
+        deadline = time.time() + 120
+        while True:
+            runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [ident]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+            if any(r["auto_scheduled"] for r in runs):
+                break
+            assert time.time() < deadline, worker_log(env)
+            time.sleep(2)
+    finally:  # a flow run every 5 s would load the machine for the module's later tests
+        api(url, f"/deployments/{ident}/schedules/{schedule['id']}", method="DELETE")
 
 
 def test_a_cancel_from_the_ui_ends_the_run_stopped(worker):
