@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from tessera.core import checkpoints
+from tessera.core.periodic import every
 from tessera.core.tracking import download_folder
 
 ARTIFACT_DIR = "checkpoints"
@@ -73,20 +72,6 @@ class CheckpointMirror:
             download_folder(f"{self.artifact_uri}/{ARTIFACT_DIR}/{names[-1]}", self.root / names[-1])
             self.copied.add(names[-1])
 
-    @contextlib.contextmanager
-    def while_training(self) -> Iterator[None]:
+    def while_training(self) -> contextlib.AbstractContextManager[None]:
         """Sync every SYNC_EVERY_S on a thread while the block runs, and once more at its end (however it ends)."""
-        stop = threading.Event()
-
-        def keep_syncing() -> None:
-            while not stop.wait(SYNC_EVERY_S):
-                self.sync()
-
-        thread = threading.Thread(target=keep_syncing, name="checkpoint-mirror", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            self.sync()
+        return every(SYNC_EVERY_S, self.sync, "checkpoint-mirror", last=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from tessera.core.paths import file_lock, mlflow_artifacts_root, mlflow_tracking_uri
+from tessera.core.periodic import every
 
 _ready: set[str] = set()  # SQLite stores this process has seen created
 
@@ -126,25 +125,13 @@ def heartbeat_s() -> float:
     return float(os.environ.get("TESSERA_HEARTBEAT_S", "30"))
 
 
-@contextlib.contextmanager
-def heartbeat(client, run_id: str) -> Iterator[None]:
+def heartbeat(client, run_id: str) -> contextlib.AbstractContextManager[None]:
     """Set the MLflow run's HEARTBEAT_TAG now and every heartbeat_s() while the block runs (on a thread)."""
-    stop = threading.Event()
-
     def beat() -> None:
-        while True:
-            with contextlib.suppress(Exception):  # the server unreachable for a moment: the next beat
-                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
-            if stop.wait(heartbeat_s()):
-                return
+        with contextlib.suppress(Exception):  # the server unreachable for a moment: the next beat
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
 
-    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return every(heartbeat_s(), beat, "mlflow-heartbeat", first=True)
 
 
 def silent_for(run) -> float | None:
