@@ -183,8 +183,7 @@ def _record_from_tracking(name: str) -> None:
     versions it read), its MLflow run, FAILED. Its checkpoints come from that MLflow run's artifacts (the train
     stage's CheckpointMirror) or from a checkpoint_dir both hosts reach; its data is prepared again here (a resume
     refuses other data). A run still heard from (tessera.core.tracking.heartbeat) or completed is refused."""
-    import json
-    import tempfile
+    import mlflow
 
     from tessera.core import tracking
 
@@ -202,15 +201,14 @@ def _record_from_tracking(name: str) -> None:
         raise TesseraError(f"run {name} is still training {where}, last heard from {silent:.0f} s ago: cancel it "
                            "there, or resume it here once it has stopped")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            config = RunConfig.model_validate(json.loads(Path(client.download_artifacts(
-                info.run_id, tracking.RUN_CONFIG_ARTIFACT, tmp)).read_text()))
+        config = RunConfig.model_validate(mlflow.artifacts.load_dict(f"runs:/{info.run_id}/{tracking.RUN_CONFIG_ARTIFACT}"))
     except Exception:  # noqa: BLE001 - started by a Tessera that did not keep it, or killed before it did
         raise TesseraError(f"run {name} ran {where}, which keeps no {tracking.RUN_CONFIG_ARTIFACT}: resume it on "
                            f"{host}") from None
     started = dt.datetime.fromtimestamp(info.start_time / 1000, dt.timezone.utc)
-    runs.save(RunRecord(config=config, status=RunStatus.FAILED, created_at=started, completed_at=runs.now(),
-                        experiment_id=info.experiment_id, run_id=info.run_id, details=f"it ran {where}"))
+    # FAILED: what resume reopens (it then clears the status, the details and the process at once)
+    runs.save(RunRecord(config=config, status=RunStatus.FAILED, created_at=started, experiment_id=info.experiment_id,
+                        run_id=info.run_id))
     runs.append_event(name, "run", f"recorded here from its MLflow run {info.run_id}: it ran on {host}")
 
 

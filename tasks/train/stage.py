@@ -216,15 +216,17 @@ def train_model(
     client = mlflow_client()
     known_run = runs.load(config.name).run_id
     if known_run:  # a resumed run goes on in its MLflow run, on the data it started on
-        same_data(config.name, client.get_run(known_run).data.params.get("prepared_data.cache_key"), prepared)
+        mlflow_run = client.get_run(known_run)
+        same_data(config.name, mlflow_run.data.params.get("prepared_data.cache_key"), prepared)
         client.update_run(known_run, status="RUNNING")
         client.set_tag(known_run, HOST_TAG, runs.this_host())
-        relay.open(client, client.get_run(known_run).info.experiment_id, known_run, resumed=True)
+        relay.open(client, mlflow_run.info.experiment_id, known_run, resumed=True)
     else:
         exp_id = experiment_id(client, config.experiment)
         tags = {RUN_NAME_TAG: config.name, HOST_TAG: runs.this_host()}
-        relay.open(client, exp_id, client.create_run(exp_id, run_name=config.name, tags=tags).info.run_id)
-    artifact_uri = client.get_run(relay.run_id).info.artifact_uri
+        mlflow_run = client.create_run(exp_id, run_name=config.name, tags=tags)
+        relay.open(client, exp_id, mlflow_run.info.run_id)
+    artifact_uri = mlflow_run.info.artifact_uri
     root = checkpoint_root(config, artifact_uri)
     runs.update(config.name, experiment_id=relay.experiment_id, run_id=relay.run_id, checkpoint_dir=str(root))
     mirror = None

@@ -94,7 +94,7 @@ def exists(name: str) -> bool:
 
 def load(name: str) -> RunRecord:
     path = _record_file(name)
-    if not path.exists():
+    if not exists(name):
         raise TesseraError(f"no training run named {name!r} (runs live in {runs_dir()})")
     try:
         return RunRecord.model_validate_json(path.read_text())
