@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from tasks import stage_logger
 from tasks.train.stage import TrainedModel
-from tessera.core import runs
+from tessera.core import registry, runs
 from tessera.core.config import RunConfig, TaskType
 from tessera.core.tracking import mlflow_client
 
@@ -173,25 +173,35 @@ def log_model_folder(model_dir: str | Path, task: str, registered_model_name: st
 @task(name="register-model")
 def register_model(config: RunConfig, trained: TrainedModel) -> RegisteredVersion:
     """Log the trained model's folder as the run's model and register it (log_model_folder), tagged with its lineage,
-    as @challenger."""
+    as @challenger. A flow run that gets here again after registering (rescheduled after a crash past this stage, or
+    resumed after its deploy step failed) gets back the version its MLflow run made, not a second copy of the same
+    weights; @challenger then moves to it only if no newer version was registered meanwhile."""
     import mlflow
 
     client = mlflow_client()
     name = config.registered_model_name
     task_name = "llm/v1/chat" if config.task_type is TaskType.CHAT_COMPLETION else "llm/v1/completions"
     try:
-        with mlflow.start_run(run_id=trained.mlflow_run_id):
-            info = log_model_folder(trained.model_dir, task_name, name)
-        version = str(info.registered_model_version)
+        known = registry.versions(client, name)  # newest first
+        mine = [v for v in known if v.run_id == trained.mlflow_run_id]
+        if mine:
+            version = str(mine[0].version)
+        else:
+            with mlflow.start_run(run_id=trained.mlflow_run_id):
+                info = log_model_folder(trained.model_dir, task_name, name)
+            version = str(info.registered_model_version)
         for key, value in version_tags(config, trained, client).items():
             client.set_model_version_tag(name, version, key, value)
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        if not mine or str(known[0].version) == version:
+            client.set_registered_model_alias(name, CHALLENGER, version)
     except Exception:
         client.set_terminated(trained.mlflow_run_id, "FAILED")
         raise
     client.set_terminated(trained.mlflow_run_id, "FINISHED")
     registered = RegisteredVersion(name=name, version=version)
     runs.update(config.name, registered_version=registered.uri)
-    runs.append_event(config.name, "register", f"registered {registered.uri} (alias @{CHALLENGER})")
-    stage_logger().info("registered %s as @%s", registered.uri, CHALLENGER)
+    said = (f"{registered.uri} was registered by this run already: kept, nothing registered again" if mine
+            else f"registered {registered.uri} (alias @{CHALLENGER})")
+    runs.append_event(config.name, "register", said)
+    stage_logger().info(said)
     return registered

@@ -95,6 +95,28 @@ def test_same_fine_tune_twice_adds_version_2_with_challenger(home, tiny_model_di
     check_requirements("models:/main.test.support_bot@challenger")
 
 
+def test_a_run_registering_again_gets_its_own_version_back_and_leaves_a_newer_challenger(home, tiny_model_dir):
+    """A flow run that reaches the register stage again (rescheduled after a crash past it, or resumed after its
+    deploy step failed) registers no second copy of the same weights."""
+    from tessera.core.tracking import mlflow_client
+
+    name, client = "main.test.again", mlflow_client()
+    config, trained = fine_tune(tiny_model_dir, name)
+    assert register_model.fn(config, trained).uri == f"models:/{name}/1"
+    client.delete_registered_model_alias(name, "challenger")  # as if it crashed between making the version and the alias
+    assert register_model.fn(config, trained).uri == f"models:/{name}/1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    assert runs.read_events(config.name)[-1]["message"] == f"models:/{name}/1 was registered by this run already: kept, nothing registered again"
+
+    later, trained_later = fine_tune(tiny_model_dir, name, losses=(1.5, 0.5))
+    assert register_model.fn(later, trained_later).uri == f"models:/{name}/2"
+    assert register_model.fn(config, trained).uri == f"models:/{name}/1"  # the first run, once more
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"  # the newer run keeps it
+    assert {str(v.version): v.run_id for v in client.search_model_versions(f"name='{name}'")} == {
+        "1": trained.mlflow_run_id, "2": trained_later.mlflow_run_id}
+    assert client.get_model_version(name, "1").tags["train_loss"] == "1.25"
+
+
 def test_two_part_register_to_names_the_model_after_the_run(home, tiny_model_dir):
     from tessera.core.tracking import mlflow_client
 
