@@ -415,6 +415,38 @@ def test_a_stopped_run_resumes_and_a_killed_flow_leaves_no_worker_and_resumes_to
     assert sum(m.startswith("resumed from the checkpoint at step") for m in events) == 2
 
 
+def test_metric_records_a_killed_stage_never_read_are_logged_by_the_stage_that_resumes(home):
+    """A train stage killed while its worker's records still sat unread in the pipe (their steps behind a checkpoint
+    the worker had already saved, so the resumed worker never makes them again): the worker also appended them to
+    the run's metrics file, and the resuming stage logs the ones MLflow lacks, each step once."""
+    from tasks.train.report import METRICS_FILE, RECORD_MARKER, MlflowRelay, Reporter
+    from tessera.core import runs
+    from tessera.core.training import TrainJob
+    from tessera.core.tracking import experiment_id, mlflow_client
+
+    client = mlflow_client()
+    exp = experiment_id(client, "/relay")
+    run_id = client.create_run(exp).info.run_id
+    job = TrainJob.model_construct(run_name="relayed")
+    runs.run_dir("relayed").mkdir(parents=True)
+    first, worker = MlflowRelay(), Reporter(job, rank=0)
+    first.open(client, exp, run_id)
+    for step in range(5, 45, 5):  # the worker got to step 40; the stage read up to step 15, then it was killed
+        worker.metrics(step, loss=100.0 / step)
+        if step <= 15:
+            last = (runs.run_dir("relayed") / METRICS_FILE).read_text().splitlines()[-1]
+            assert last.startswith(RECORD_MARKER) and first.handle(last)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 10, 15]
+
+    resumed = MlflowRelay()
+    resumed.open(client, exp, run_id, resumed_run="relayed")  # the checkpoint was at step 30: the worker goes on from 35
+    for step in (35, 40, 45):
+        resumed.handle(RECORD_MARKER + json.dumps({"kind": "metrics", "step": step, "time_ms": 0, "values": {"loss": 100.0 / step}}))
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(5, 50, 5))
+    assert all(m.value == pytest.approx(100.0 / m.step) for m in history)
+
+
 # --- 4. liveness: pid, start time, host --------------------------------------------------------------------------
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tessera.core.paths import write_atomic
-from tessera.core.runs import append_event, update
+from tessera.core.runs import append_event, run_dir, update
 from tessera.core.training import TrainJob
 
 ERROR_MARKER = "TESSERA_TRAIN_ERROR: "  # the train stage turns a line starting with this into the run's one message
@@ -25,6 +25,9 @@ SIGTERM_GRACE_S = 30  # between SIGTERM and SIGKILL, the train stage's and torch
 PREEMPTED_EXIT = 143  # a worker's exit code (128 + SIGTERM) once it saved a checkpoint on SIGTERM: resumable
 ETA_EVERY_S = 10.0
 EVAL_TABLE = "eval_prompts.json"  # the eval prompts' answers at each evaluation, checkpoint and the end
+# the worker's metric records are also appended to this file in the run's folder: a train stage killed with records
+# still unread in the pipe (their steps behind a checkpoint already saved) leaves them to the stage that resumes the run
+METRICS_FILE = "metrics.jsonl"
 
 
 class Reporter:
@@ -40,7 +43,11 @@ class Reporter:
 
     def _record(self, kind: str, **fields) -> None:
         if self.active:
-            print(RECORD_MARKER + json.dumps({"kind": kind, **fields}), flush=True)
+            line = RECORD_MARKER + json.dumps({"kind": kind, **fields})
+            if kind == "metrics":  # in the file first: what the stage reads is there too
+                with open(run_dir(self.job.run_name) / METRICS_FILE, "a") as f:
+                    f.write(line + "\n")
+            print(line, flush=True)
 
     def metrics(self, step: int, **values: float) -> None:
         self._record("metrics", step=step, time_ms=int(time.time() * 1000), values={k: float(v) for k, v in values.items()})
@@ -70,13 +77,17 @@ class MlflowRelay:
         self.client, self.experiment_id, self.run_id = None, None, None
         self.logged: dict[str, int] = {}  # each metric's last logged step: a resumed worker's earlier steps are not logged twice
 
-    def open(self, client, experiment_id: str, run_id: str, resumed: bool = False) -> None:
-        """Log to this MLflow run; `resumed`: a run logged to before (a retry, fm.resume), whose metrics' last steps
-        are read so that each step stays in its history once (MLflow cannot delete a point)."""
+    def open(self, client, experiment_id: str, run_id: str, resumed_run: str | None = None) -> None:
+        """Log to this MLflow run. `resumed_run`: the name of a run logged to before (a retry, fm.resume), whose
+        metrics' last steps are read so that each step stays in its history once (MLflow cannot delete a point), and
+        whose metric records that an earlier stage never logged (killed with them unread) are logged now."""
         self.client, self.experiment_id, self.run_id = client, experiment_id, run_id
-        if resumed:
+        if resumed_run is not None:
             for key in client.get_run(run_id).data.metrics:
                 self.logged[key] = max(m.step for m in client.get_metric_history(run_id, key))
+            written = run_dir(resumed_run) / METRICS_FILE
+            for line in written.read_text().splitlines() if written.is_file() else []:
+                self.handle(line)
 
     def end(self, status: str) -> None:
         """The MLflow run ends FAILED or KILLED with the stage (FINISHED is the register stage's to say)."""

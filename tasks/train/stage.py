@@ -220,7 +220,7 @@ def train_model(
         same_data(config.name, mlflow_run.data.params.get("prepared_data.cache_key"), prepared)
         client.update_run(known_run, status="RUNNING")
         client.set_tag(known_run, HOST_TAG, runs.this_host())
-        relay.open(client, mlflow_run.info.experiment_id, known_run, resumed=True)
+        relay.open(client, mlflow_run.info.experiment_id, known_run, resumed_run=config.name)
     else:
         exp_id = experiment_id(client, config.experiment)
         tags = {RUN_NAME_TAG: config.name, HOST_TAG: runs.this_host()}
