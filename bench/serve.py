@@ -15,7 +15,8 @@ compares our endpoint (`tessera serve`: router, BentoML, the continuous-batching
 would pick instead, `transformers serve --continuous-batching` on the same weights, and with the ceiling: the same
 continuous-batching manager driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
 clients (4 requests each, after a warm-up round): completion tokens/s and latency p99 from whole answers, TTFT p50
-and p99 from a second, streamed pass. Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
+and p99 from a second, streamed pass. Both servers run at once and are measured in turns, `--rounds` times (2;
+each round's ours/peer@16 is printed), and each figure is the median over the rounds. Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
 """
 
 from __future__ import annotations
@@ -206,36 +207,37 @@ def peer_comparison(args) -> None:
     with mlflow.start_run(experiment_id=experiment_id(mlflow_client(), "/bench/serve")):
         log_model_folder(model_dir, "llm/v1/chat", "bench.serve.peer")
     uri = "models:/bench.serve.peer/1"
-    results = {}
 
+    # both servers up at once, measured in alternating order round after round: this VM's speed drifts by +-15%
+    # within an hour, more than the differences measured, so one server's figures must not all come from one hour
     endpoints.serve(uri, name="bench", port=free_port())
+    port, peer, rounds = free_port(), None, {}
     try:
-        url = endpoints.get("bench").url
-        for clients in CLIENTS:
-            results["ours", clients] = chat_load(url, clients, args.requests_per_client, args.new_tokens, uri)
-    finally:
-        endpoints.stop("bench")
-
-    port = free_port()
-    peer = subprocess.Popen([str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
-                             "--host", "127.0.0.1", "--port", str(port), str(model_dir)],
-                            stdout=open(home / "peer.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
+        peer = subprocess.Popen([str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
+                                 "--host", "127.0.0.1", "--port", str(port), str(model_dir)],
+                                stdout=open(home / "peer.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        servers = {"ours": (endpoints.get("bench").url, uri), "peer": (f"http://127.0.0.1:{port}", str(model_dir))}
         deadline = time.monotonic() + 300
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{servers['peer'][0]}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if peer.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve did not start: {(home / 'peer.log').read_text()[-2000:]}")
             time.sleep(1)
-        for clients in CLIENTS:
-            results["peer", clients] = chat_load(url, clients, args.requests_per_client, args.new_tokens, str(model_dir))
+        for r in range(args.rounds):
+            for clients in CLIENTS:
+                for who in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+                    url, model = servers[who]
+                    rounds.setdefault((who, clients), []).append(chat_load(url, clients, args.requests_per_client, args.new_tokens, model))
+            print(f"round {r + 1}: ours/peer@16={rounds['ours', 16][-1]['tok_s'] / rounds['peer', 16][-1]['tok_s']:.2f}", flush=True)
     finally:
-        stop_tree(peer.pid, grace=10, popen=peer)
+        endpoints.stop("bench")
+        if peer is not None:
+            stop_tree(peer.pid, grace=10, popen=peer)
+    results = {key: {field: statistics.median(r[field] for r in runs) for field in runs[0]} for key, runs in rounds.items()}
 
     for clients in CLIENTS:
         results["ceiling", clients] = in_process_ceiling(model_dir, clients, args.requests_per_client, args.new_tokens)
@@ -245,7 +247,7 @@ def peer_comparison(args) -> None:
         for clients in CLIENTS:
             r = results[who, clients]
             print(f"{who:>8} {clients:>7} {r['tok_s']:8.1f} {r.get('p99_ms', float('nan')):8.0f} {r.get('ttft_p50_ms', float('nan')):9.0f} "
-                  f"{r.get('ttft_p99_ms', float('nan')):9.0f} {r['tokens']:7}")
+                  f"{r.get('ttft_p99_ms', float('nan')):9.0f} {int(r['tokens']):7}")
     ours = results["ours", 16]
     print(f"serve ours/peer@16={ours['tok_s'] / results['peer', 16]['tok_s']:.2f} "
           f"ours/ceiling@16={ours['tok_s'] / results['ceiling', 16]['tok_s']:.2f} ttft_p50_ms={ours['ttft_p50_ms']:.0f} "
@@ -258,6 +260,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--peer", action="store_true", help="ours against transformers serve --continuous-batching and the in-process ceiling")
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2", help="with --peer: the model served")
+    parser.add_argument("--rounds", type=int, default=2, help="with --peer: rounds of both servers, in alternating order (medians)")
     args = parser.parse_args()
     if args.peer:
         return peer_comparison(args)
