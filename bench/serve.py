@@ -16,7 +16,8 @@ would pick instead, `transformers serve --continuous-batching` on the same weigh
 continuous-batching manager driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
 clients (4 requests each, after a warm-up round): completion tokens/s and latency p99 from whole answers, TTFT p50
 and p99 from a second, streamed pass. Both servers run at once and are measured in turns, `--rounds` times (2;
-each round's ours/peer@16 is printed), and each figure is the median over the rounds. Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
+each round's ours/peer@16 is printed), and each figure is the median over the rounds.
+Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
 """
 
 from __future__ import annotations
