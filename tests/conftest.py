@@ -46,6 +46,10 @@ def pytest_configure(config):
 
     if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
         return  # pytest-xdist's controller (make test): its test processes each start their own
+    # one fork server for the session's training workers too (tessera.core.forkserver), where a user's home has one
+    # for all its runs: each test's home would otherwise start its own
+    config.forkserver_dir = tempfile.mkdtemp(prefix="tessera-test-workers-")
+    os.environ["TESSERA_FORKSERVER_DIR"] = config.forkserver_dir
     config.prefect_home = tempfile.mkdtemp(prefix="tessera-test-prefect-")
     with _tessera_home(config.prefect_home):
         config.prefect_server = prefect_server.spawn()
@@ -63,8 +67,12 @@ def prefect_server_ready(pytestconfig):
 def pytest_unconfigure(config):
     import shutil
 
+    from tessera.core import forkserver
     from tessera.core.processes import stop_tree
 
+    if getattr(config, "forkserver_dir", None):
+        forkserver.stop_all()
+        shutil.rmtree(config.forkserver_dir, ignore_errors=True)
     if getattr(config, "prefect_home", None):
         process = config.prefect_server[0]
         stop_tree(process.pid, grace=10, popen=process)

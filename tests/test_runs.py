@@ -220,6 +220,19 @@ def _flow_run_state(flow_run_id: str, final: bool = True, timeout: float = 10) -
             time.sleep(0.2)
 
 
+def _workers_of(name: str) -> list:
+    """A local run's training workers that run now: a fork server forked them (tessera.core.forkserver)."""
+    from tessera.core import forkserver
+
+    return [psutil.Process(pid) for pid, cmd in forkserver.forked() if f"/{name}/" in " ".join(cmd)]
+
+
+def _processes_of(name: str, record) -> list:
+    """A local run's processes: its flow's process, what that started, and its training workers."""
+    flow = psutil.Process(record.pid)
+    return [flow, *flow.children(recursive=True), *_workers_of(name)]
+
+
 def _running_local_run(home):
     """A local run (fm.create, no work pool) that trains for long, once its flow run is Running in Prefect."""
     from tessera import foundation_model as fm
@@ -259,7 +272,8 @@ def test_a_local_run_that_does_not_stop_in_time_is_killed_and_shown_cancelled(ho
     run = _running_local_run(home)
     record = runs.load(run.name)
     process = psutil.Process(record.pid)
-    tree = [process, *process.children(recursive=True)]
+    _wait_until(lambda: _workers_of(run.name), "the run's training worker", log=home / "runs" / run.name / "run.log")
+    tree = _processes_of(run.name, record)
     monkeypatch.setattr(sdk, "FLOW_STOP_GRACE_S", 2.0)
     process.suspend()
     fm.cancel(run.name)
@@ -281,8 +295,7 @@ def test_a_cancel_from_the_prefect_ui_stops_a_local_run(home):
 
     run = _running_local_run(home)
     record = runs.load(run.name)
-    process = psutil.Process(record.pid)
-    tree = [process, *process.children(recursive=True)]
+    tree = _processes_of(run.name, record)
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(record.prefect_flow_run_id, Cancelling(message="from the UI"))
     gone, alive = psutil.wait_procs(tree, timeout=90)
@@ -396,7 +409,7 @@ def test_a_stopped_run_resumes_and_a_killed_flow_leaves_no_worker_and_resumes_to
                 "a checkpoint after the resume", log=log)
     record = runs.load(run.name)
     flow = psutil.Process(record.pid)
-    workers = [p for p in flow.children(recursive=True) if "tasks.train.worker" in " ".join(p.cmdline())]
+    workers = _workers_of(run.name)
     assert workers
     flow.kill()
     gone, alive = psutil.wait_procs(workers, timeout=10)

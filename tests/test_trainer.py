@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import suppress
 import signal
 import subprocess
 import sys
@@ -371,25 +372,31 @@ def test_a_rank_failing_after_another_returned_fails_the_spark_launch_naming_it(
 
 
 def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:
-    """A thread that sends `sig` to the training worker (a child of this process) once the run it trains has a
-    complete checkpoint, while it trains on: mid-run, and (with checkpoint_every off the epoch length) mid-epoch."""
+    """A thread that sends `sig` to the training worker (forked for this process's train stage, or its child) once
+    the run it trains has a complete checkpoint, while it trains on: mid-run, and (with checkpoint_every off the epoch
+    length) mid-epoch."""
     import json
 
-    from tessera.core import checkpoints
+    from tessera.core import checkpoints, forkserver
+
+    def workers():
+        for p in psutil.Process().children(recursive=True):
+            with suppress(psutil.Error):
+                yield p.pid, p.cmdline()
+        yield from forkserver.forked()
 
     def watch():
         deadline = time.time() + 120
         while time.time() < deadline and not stopped:
-            for p in psutil.Process().children(recursive=True):
+            for pid, cmd in workers():
                 try:
-                    cmd = p.cmdline()
                     if "tasks.train.worker" in cmd:
                         root = json.loads(open(cmd[-1]).read())["checkpoint_dir"]
                         if checkpoints.latest(root) is not None:
-                            os.kill(p.pid, sig)
+                            os.kill(pid, sig)
                             stopped.append(checkpoints.latest(root))
                             return
-                except (psutil.Error, OSError, ValueError):
+                except (OSError, ValueError):
                     pass
             time.sleep(0.02)
 
