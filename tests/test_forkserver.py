@@ -93,7 +93,9 @@ def test_a_forked_process_is_listed_stopped_by_its_signal_and_outlives_a_stopped
     [server] = server_pids(servers)
     assert psutil.Process(proc.pid).ppid() == server
 
-    assert forkserver.stop_all() == 1  # forks no more, but waits for the process it runs
+    stop = subprocess.run([sys.executable, "-m", "tessera.cli", "server", "stop"], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=60)  # forks no more, but waits for the process it runs
+    assert f"stopped the fork server(s) of training workers in {servers}" in stop.stdout, stop.stdout + stop.stderr
     time.sleep(0.5)
     assert psutil.pid_exists(server) and proc.poll() is None
     assert not list(servers.glob("*.sock"))
