@@ -192,7 +192,7 @@ def peer_comparison(args) -> None:
     os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
     import mlflow
 
-    from tasks.register import log_model_folder
+    from tasks.log_model import log_model_folder
     from tasks.serve import endpoints
     from tessera.core.processes import free_port, stop_tree
     from tessera.core.tracking import experiment_id, mlflow_client
@@ -270,7 +270,7 @@ def main() -> None:
     os.environ.update(TESSERA_HOME=str(home), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
     import mlflow
 
-    from tasks.register import log_model_folder
+    from tasks.log_model import log_model_folder
     from tasks.serve.model_server import start_endpoint
     from tasks.serve.settings import ServeSettings
     from tessera.core.tiny_model import build_tiny_chat

@@ -9,7 +9,7 @@ from prefect.states import Cancelled, Failed, State
 
 from tasks.serve.stage import deploy_endpoint
 from tasks.prepare.stage import prepare_data
-from tasks.register import import_while_training, register_model
+from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
@@ -39,7 +39,6 @@ def finetune(run_name: str | None = None, **run_parameters) -> str | State:
     prepared = prepare_data(config)
     eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length) if config.eval_data_path else None
     report = report_data(run, prepared)
-    import_while_training()
     trained = train_model(run, prepared, report, eval_prepared)
     registered = register_model(config, trained)
     if config.serve_to:

@@ -15,7 +15,7 @@ from tasks.promote.lock import model_lock
 from tasks.promote.stage import RetrainResult, plan_retrain, promote_model, require_eval_data, retrain_result
 from tasks.serve.stage import deploy_endpoint, update_endpoints
 from tasks.prepare.stage import prepare_data
-from tasks.register import import_while_training, register_model
+from tasks.register import register_model
 from tasks.train.stage import train_model
 from tasks.validate import report_data, resolve_inputs
 from tessera.core import runs
@@ -74,7 +74,6 @@ def retrain(
         prepared = prepare_data(config)
         eval_prepared = prepare_data(config, config.eval_data_path, prepared.stats.context_length)
         report = report_data(run, prepared)
-        import_while_training()
         trained = train_model(run, prepared, report, eval_prepared)
         registered = register_model(config, trained)
         decision = promote_model(

@@ -30,7 +30,7 @@ def register_tiny(tiny_model_dir: Path, count: int = 1, broken: bool = False) ->
     weights are cut in half afterwards (a version that registered fine but cannot load)."""
     import mlflow
 
-    from tasks.register import log_model_folder
+    from tasks.log_model import log_model_folder
     from tessera.core.tracking import experiment_id, mlflow_client
 
     client = mlflow_client()

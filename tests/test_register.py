@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from tasks import register as register_stage
-from tasks.register import register_model, serving_requirements
+from tasks import log_model
+from tasks.log_model import serving_requirements
+from tasks.register import register_model
 from tasks.train.stage import TrainedModel
 from tessera.core import runs
 from tessera.core.config import build_run_config
@@ -81,9 +82,9 @@ def declared_requirements(model_uri: str) -> list[str]:
 
 
 def check_requirements(model_uri: str) -> None:
-    declared = register_stage.declared_packages()
+    declared = log_model.declared_packages()
     requirements = declared_requirements(model_uri)
-    names = {register_stage._canonical(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in requirements}
+    names = {log_model._canonical(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in requirements}
     assert {"torch", "transformers", "tokenizers", "accelerate", "mlflow"} <= names, requirements
     assert names <= declared, requirements
     assert all("==" in r and "+" not in r for r in requirements), requirements
@@ -134,12 +135,12 @@ def test_serving_requirements_are_declared_and_public_versions(monkeypatch):
 
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda pkg: "2.13.0+cpu" if pkg == "torch" else real(pkg))
-    monkeypatch.setattr(register_stage, "SERVING_PACKAGES", (*register_stage.SERVING_PACKAGES, "not-a-dependency"))
+    monkeypatch.setattr(log_model, "SERVING_PACKAGES", (*log_model.SERVING_PACKAGES, "not-a-dependency"))
     requirements = serving_requirements()
     assert requirements[0] == "torch==2.13.0"
     assert [r.split("==")[0] for r in requirements] == ["torch", "transformers", "tokenizers", "accelerate"]
     assert all("+" not in r for r in requirements)
-    assert "accelerate" in register_stage.declared_packages()  # pyproject.toml declares what the model needs
+    assert "accelerate" in log_model.declared_packages()  # pyproject.toml declares what the model needs
 
 
 def test_a_flow_run_without_run_name_is_named_after_its_model():

@@ -28,7 +28,7 @@ def register(model_dir: Path, name: str, task: str) -> str:
     """A model directory registered as the register stage does, without training."""
     import mlflow
 
-    from tasks.register import log_model_folder
+    from tasks.log_model import log_model_folder
     from tessera.core.tracking import experiment_id, mlflow_client
 
     with mlflow.start_run(experiment_id=experiment_id(mlflow_client(), "/tests/serve")):

@@ -319,9 +319,11 @@ def serve(address: str, preload: list[str]) -> None:
     import importlib
     import signal
 
-    # numpy's and scipy's OpenBLAS start a pool of threads as they load, unless told to use one; the worker computes
-    # with torch's own threads (started in each forked process, as it needs them), not theirs
+    # Libraries that start threads as they load, unless told not to: numpy's and scipy's OpenBLAS its pool (the
+    # programs compute with torch's own threads, started in each forked process as it needs them), pyarrow's jemalloc
+    # a background thread that returns freed memory
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     for module in preload:
         importlib.import_module(module)
     threads = len(os.listdir("/proc/self/task"))
