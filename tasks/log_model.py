@@ -4,8 +4,8 @@ registered as a new version of a registered model.
     python -m tasks.log_model RUN_ID MODEL_DIR TASK REGISTERED_MODEL_NAME
 
 The flavor imports transformers' pipelines and torch (~4 s of a core), which the flow's own process has no other use
-for: the stage runs this program forked from a fork server that has imported them once (tessera.core.forkserver;
-log_model_warm), and its last line of output is `{"version": "<the version registered>"}`.
+for: the stage runs this program forked from a fork server that has imported them once (tasks/warm.py,
+tessera.core.forkserver; log_model_warm), and its last line of output is `{"version": "<the version registered>"}`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.warm import PROGRAM_IMPORTS
 from tessera.core.errors import TesseraError
 
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate")
@@ -105,9 +106,6 @@ def log_model_folder(model_dir: str | Path, task: str, registered_model_name: st
         )
 
 
-# What the program imports, done once by its fork server (MLflow's stores and the flavor, with transformers' pipelines)
-PROGRAM_IMPORTS = ("tasks.log_model", "mlflow.store.tracking.sqlalchemy_store",
-                   "mlflow.store.model_registry.sqlalchemy_store", "mlflow.transformers", "transformers.pipelines")
 RESULT_MARKER = "TESSERA_LOGGED_MODEL: "
 
 

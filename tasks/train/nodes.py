@@ -20,15 +20,6 @@ from tessera.core.processes import free_port, stop_tree
 from tessera.core.training import TrainJob
 
 
-# What a training worker imports before its first step, done once by the fork server that forks the lone workers
-# (tessera.core.forkserver): the worker's own modules (torch, its distributed checkpointing), and transformers' model,
-# tokenizer and generation code, which the worker imports as it loads the model.
-WORKER_IMPORTS = ("tasks.train.worker", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-                  "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
-                  "transformers.tokenization_utils_tokenizers", "transformers.generation.utils", "safetensors.torch",
-                  "jinja2")
-
-
 def worker_command(job_file: str, settings: TrainingSettings, run_name: str,
                    joining: bool = False) -> tuple[list[str], dict[str, str]]:
     """How this node's worker processes start, and their environment. Several go through torchrun, which starts and

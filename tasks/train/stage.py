@@ -18,9 +18,10 @@ from pydantic import BaseModel
 from tasks import stage_logger
 from tasks.prepare.stage import PreparedData
 from tasks.train.mirror import CheckpointMirror
-from tasks.train.nodes import WORKER_IMPORTS, worker_command
+from tasks.train.nodes import worker_command
 from tasks.train.report import ERROR_MARKER, PEERS_LOST_MARKER, PREEMPTED_EXIT, SIGTERM_GRACE_S, MlflowRelay
 from tasks.validate import DataReport, histogram_png
+from tasks.warm import PROGRAM_IMPORTS
 from tessera.core import checkpoints, forkserver, runs
 from tessera.core.config import RunConfig
 from tessera.core.errors import TesseraError
@@ -135,7 +136,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
             stop_tree(proc.pid, grace=SIGTERM_GRACE_S, popen=proc)
 
     # a lone worker is forked with its imports done; several start cold under torchrun
-    with forkserver.popen(cmd, env, preload=WORKER_IMPORTS) as proc:
+    with forkserver.popen(cmd, env, preload=PROGRAM_IMPORTS) as proc:
         reader = threading.Thread(target=relay_output, name="worker-output", daemon=True)
         reader.start()
         try:
