@@ -47,7 +47,7 @@ IMPORT_TIME_ENV = ("PYTHON", "LD_", "MALLOC_", "OMP_", "MKL_", "KMP_", "GOMP_", 
 def servers_dir() -> Path:
     from tessera.core.paths import tessera_home
 
-    return Path(os.environ.get("TESSERA_FORKSERVER_DIR") or tessera_home() / "workers")
+    return Path(os.environ.get("TESSERA_FORKSERVER_DIR") or tessera_home() / "workers").resolve()
 
 
 def _identity(preload: tuple[str, ...], env: dict[str, str]) -> str:
@@ -56,7 +56,7 @@ def _identity(preload: tuple[str, ...], env: dict[str, str]) -> str:
     import importlib.util
 
     parts = [sys.executable, *preload]
-    for top in sorted({m.split(".")[0] for m in preload}):
+    for top in sorted({m.split(".")[0] for m in preload} | {"tessera"}):  # tessera: the server's own code
         spec = importlib.util.find_spec(top)
         root = Path(spec.origin).parent if spec and spec.origin else None
         if root is None:
