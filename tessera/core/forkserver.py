@@ -51,11 +51,12 @@ def servers_dir() -> Path:
 
 
 def _identity(preload: tuple[str, ...], env: dict[str, str]) -> str:
-    """What makes two servers interchangeable: the interpreter, the preloaded packages' files as they are now (an
+    """What makes two servers interchangeable: the host (a home shared by several machines holds a server of each;
+    a socket reaches only its own host's), the interpreter, the preloaded packages' files as they are now (an
     upgrade or an edit starts a new server) and the import-time environment."""
     import importlib.util
 
-    parts = [sys.executable, *preload]
+    parts = [socket.gethostname(), sys.executable, *preload]
     for top in sorted({m.split(".")[0] for m in preload} | {"tessera"}):  # tessera: the server's own code
         spec = importlib.util.find_spec(top)
         root = Path(spec.origin).parent if spec and spec.origin else None
