@@ -117,6 +117,9 @@ def test_another_import_time_environment_gets_another_server_and_cold_starts_sta
             proc.stdout.read()
     assert len(server_pids(servers)) == 2  # a server's own thread count is fixed as it imports: one per value
     assert isinstance(start("exit", "0", preload=("json",)), subprocess.Popen)  # not a preloaded program
+    with monkeypatch.context() as gpus:  # a GPU machine: a CUDA driver touched in the server would poison forks
+        gpus.setattr(forkserver, "_has_gpus", lambda: True)
+        assert isinstance(start("exit", "0"), subprocess.Popen)
     monkeypatch.setenv("TESSERA_FORKSERVER", "0")
     cold = start("exit", "4")
     assert isinstance(cold, subprocess.Popen) and cold.wait(timeout=30) == 4

@@ -13,7 +13,7 @@ IDLE_S without work. What a cold start would see differently is part of the serv
 ever used by the processes it is right for: the Python, the preloaded packages' files, and the environment that
 modules read as they are imported (IMPORT_TIME_ENV). Everything else of the environment (the run's home, its ports,
 its rank) is set in the forked process before the program runs. Anything that prevents a fork (no fork on this
-platform, TESSERA_FORKSERVER=0, a server that fails to start) falls back to a cold start.
+platform, a machine with GPUs, TESSERA_FORKSERVER=0, a server that fails to start) falls back to a cold start.
 
 A forked process is the server's child, not the caller's: it is known and signalled by its pid (ForkedProcess), and a
 program started so must end by itself when its owner is gone (the training worker watches its train stage's process).
@@ -143,7 +143,7 @@ def popen(cmd: list[str], env: dict[str, str], preload: tuple[str, ...]):
     server of `preload` when `cmd` is this Python running one of those modules (`python -m MODULE ARGS`); cold
     otherwise, and wherever forking is not possible."""
     cold = lambda: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # noqa: E731
-    if (sys.platform != "linux" or os.environ.get("TESSERA_FORKSERVER", "1") == "0" or len(cmd) < 3
+    if (sys.platform != "linux" or os.environ.get("TESSERA_FORKSERVER", "1") == "0" or _has_gpus() or len(cmd) < 3
             or cmd[:2] != [sys.executable, "-m"] or cmd[2] not in preload):
         return cold()
     try:
@@ -172,6 +172,14 @@ def popen(cmd: list[str], env: dict[str, str], preload: tuple[str, ...]):
         print(f"starting cold: the fork server failed ({exc})", file=sys.stderr)
         return cold()
     return ForkedProcess(conn, pid, io.open(read_end, "r", errors="backslashreplace"))
+
+
+def _has_gpus() -> bool:
+    """Whether this machine has NVIDIA or AMD GPUs. There processes start cold: a library that touches the CUDA
+    driver as it is imported would leave every process forked from the server unable to use CUDA ("Cannot
+    re-initialize CUDA in forked subprocess"), and a GPU run's imports are a small part of it."""
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
 
 
 def _connect(preload: tuple[str, ...], env: dict[str, str]) -> socket.socket:
