@@ -288,15 +288,15 @@ def cmd_cache(args) -> int:
 
 def cmd_server(args) -> int:
     """The embedded Prefect server of this TESSERA_HOME, which records the runs started here and shows them in its UI;
-    `stop` also stops the home's fork servers of training workers (tessera.core.forkserver)."""
+    `stop` also stops the home's fork servers (tessera.core.forkserver)."""
     import os
 
     from tessera.core import forkserver, prefect_server
     from tessera.core.paths import apply_engine_defaults
 
     apply_engine_defaults()
-    if args.action == "stop" and forkserver.stop_all():  # they end once the workers they forked have ended
-        print(f"stopped the fork server(s) of training workers in {forkserver.servers_dir()}")
+    if args.action == "stop" and forkserver.stop_all():
+        print(f"stopped the fork server(s) in {forkserver.servers_dir()} (they end once what they forked has ended)")
     if os.environ.get("PREFECT_API_URL"):
         print(f"runs are recorded by the Prefect server you set: PREFECT_API_URL={os.environ['PREFECT_API_URL']} "
               "(the embedded server is used only when it is unset)")

@@ -95,7 +95,7 @@ def test_a_forked_process_is_listed_stopped_by_its_signal_and_outlives_a_stopped
 
     stop = subprocess.run([sys.executable, "-m", "tessera.cli", "server", "stop"], capture_output=True, text=True,
                           env=os.environ.copy(), timeout=60)  # forks no more, but waits for the process it runs
-    assert f"stopped the fork server(s) of training workers in {servers}" in stop.stdout, stop.stdout + stop.stderr
+    assert f"stopped the fork server(s) in {servers}" in stop.stdout, stop.stdout + stop.stderr
     time.sleep(0.5)
     assert psutil.pid_exists(server) and proc.poll() is None
     assert not list(servers.glob("*.sock"))
