@@ -50,18 +50,12 @@ def serving_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg).split('+', 1)[0]}" for pkg in SERVING_PACKAGES if _canonical(pkg) in declared]
 
 
-
-
 def _stored_dtype(model_dir: str | Path) -> str | None:
     """The dtype the trainer wrote the weights in (config.json), as the transformers flavor records it: serving loads
     the model in it."""
-    import json
-
     config = json.loads((Path(model_dir) / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype")
     return f"torch.{dtype}" if dtype else None
-
-
 
 
 @contextmanager
@@ -84,8 +78,6 @@ def _task_class_names_for_mlflow():
         yield
     finally:
         pipelines.check_task = check_task
-
-
 
 
 def log_model_folder(model_dir: str | Path, task: str, registered_model_name: str):

@@ -1,6 +1,6 @@
 """Stage: register. Logs the trained model and tokenizer (chat template included) with MLflow's
-transformers flavor (tasks/log_model.py, in a process forked warm) and registers it as a new version under one UC-style name, tagged with its lineage,
-and points the `challenger` alias at it.
+transformers flavor (tasks/log_model.py, in a process forked warm) and registers it as a new version
+under one UC-style name, tagged with its lineage, and points the `challenger` alias at it.
 
 The store is the embedded SQLite one in TESSERA_HOME, or the MLflow server MLFLOW_TRACKING_URI names
 (artifacts then go through the server: start it with `--artifacts-destination`)."""

@@ -91,7 +91,7 @@ class ForkedProcess:
 
                 while process_alive(self.pid):
                     time.sleep(0.1)
-                self.returncode = 1 if self.returncode is None else self.returncode
+                self.returncode = 1  # its own exit code went with the server
                 return
             self._buffer += chunk
             if b"\n" in self._buffer:
@@ -288,8 +288,9 @@ def _run_forked(request: dict, out_fd: int) -> None:
     code = 1
     try:
         os.setsid()  # a session of its own, as torchrun gives its workers: the server's end does not reach it
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_fd, 1)
@@ -350,9 +351,12 @@ def serve(address: str, preload: list[str]) -> None:
     pid_file = Path(address).with_suffix(".pid")
     write_atomic(pid_file, json.dumps([os.getpid(), create_time(os.getpid())]))
     print(f"fork server {os.getpid()}: {len(sys.modules)} modules imported, listening on {address}", flush=True)
-    running: dict[int, socket.socket] = {}
-    commands: dict[int, list] = {}  # pid -> [start time, the command it runs], in `forked_file` for forked()
+    running: dict[int, tuple[socket.socket, float, list[str]]] = {}  # pid -> its caller, start time, command
     forked_file = Path(address).with_suffix(".forked")
+
+    def record_running() -> None:  # for forked()
+        write_atomic(forked_file, json.dumps({pid: [started, cmd] for pid, (_, started, cmd) in running.items()}))
+
     last_work, stopping = time.monotonic(), []
     # SIGTERM (stop_all, `tessera server stop`) ends it as running out of work does: no new process, and each one
     # running still gets its exit status to its caller
@@ -382,7 +386,7 @@ def serve(address: str, preload: list[str]) -> None:
             pid = os.fork()
             if pid == 0:
                 signal.set_wakeup_fd(-1)
-                for sock in (listener, conn, *running.values()):
+                for sock in (listener, conn, *(caller for caller, _, _ in running.values())):
                     sock.close()
                 os.close(wake_read)
                 os.close(wake_write)
@@ -391,8 +395,8 @@ def serve(address: str, preload: list[str]) -> None:
                 os.close(fd)
             command = [sys.executable, "-m", request["module"], *request["args"]]
             print(f"forked {pid}: {' '.join(command)}", flush=True)
-            running[pid], commands[pid] = conn, [create_time(pid), command]
-            write_atomic(forked_file, json.dumps(commands))
+            running[pid] = (conn, create_time(pid), command)
+            record_running()
             with suppress(OSError):
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         while running:  # the exit status of each forked process that ended goes to its caller
@@ -402,14 +406,13 @@ def serve(address: str, preload: list[str]) -> None:
                 break
             if pid == 0:
                 break
-            conn, code = running.pop(pid, None), os.waitstatus_to_exitcode(status)
-            commands.pop(pid, None)
-            write_atomic(forked_file, json.dumps(commands))
+            conn, _, _ = running.pop(pid)
+            record_running()
+            code = os.waitstatus_to_exitcode(status)
             print(f"{pid} ended: exit code {code}, {usage.ru_utime + usage.ru_stime:.1f} CPU-s", flush=True)
-            if conn is not None:
-                with suppress(OSError):
-                    conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
-                conn.close()
+            with suppress(OSError):
+                conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+            conn.close()
             last_work = time.monotonic()
     if listener.fileno() != -1:
         listener.close()
