@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import suppress
 from types import SimpleNamespace
 
 import psutil
@@ -221,10 +222,17 @@ def _flow_run_state(flow_run_id: str, final: bool = True, timeout: float = 10) -
 
 
 def _workers_of(name: str) -> list:
-    """A local run's training workers that run now: a fork server forked them (tessera.core.forkserver)."""
+    """A local run's training processes that run now: the launcher a fork server forked (tessera.core.forkserver) and
+    the workers it forked (tasks.train.standalone)."""
     from tessera.core import forkserver
 
-    return [psutil.Process(pid) for pid, cmd in forkserver.forked() if f"/{name}/" in " ".join(cmd)]
+    found = []
+    for pid, cmd in forkserver.forked():
+        if f"/{name}/" in " ".join(cmd):
+            with suppress(psutil.Error):
+                launcher = psutil.Process(pid)
+                found += [launcher, *launcher.children()]
+    return found
 
 
 def _processes_of(name: str, record) -> list:

@@ -372,9 +372,9 @@ def test_a_rank_failing_after_another_returned_fails_the_spark_launch_naming_it(
 
 
 def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thread:
-    """A thread that sends `sig` to the training worker (forked for this process's train stage, or its child) once
-    the run it trains has a complete checkpoint, while it trains on: mid-run, and (with checkpoint_every off the epoch
-    length) mid-epoch."""
+    """A thread that sends `sig` to the training worker (a rank forked by the launcher that the fork server forked for
+    this process's train stage, or a child of this process) once the run it trains has a complete checkpoint, while it
+    trains on: mid-run, and (with checkpoint_every off the epoch length) mid-epoch."""
     import json
 
     from tessera.core import checkpoints, forkserver
@@ -383,7 +383,9 @@ def stop_the_worker_after_a_checkpoint(sig: int, stopped: list) -> threading.Thr
         for p in psutil.Process().children(recursive=True):
             with suppress(psutil.Error):
                 yield p.pid, p.cmdline()
-        yield from forkserver.forked()
+        for pid, cmd in forkserver.forked():  # the launcher forked them (tasks.train.standalone): its command
+            with suppress(psutil.Error):
+                yield from ((child.pid, cmd) for child in psutil.Process(pid).children())
 
     def watch():
         deadline = time.time() + 120

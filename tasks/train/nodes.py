@@ -16,39 +16,37 @@ from tasks.train.report import SIGTERM_GRACE_S
 from tessera.core import runs
 from tessera.core.config import TrainingSettings
 from tessera.core.errors import TesseraError
-from tessera.core.processes import free_port, stop_tree
+from tessera.core.processes import stop_tree
 from tessera.core.training import TrainJob
 
 
 def worker_command(job_file: str, settings: TrainingSettings, run_name: str,
                    joining: bool = False) -> tuple[list[str], dict[str, str]]:
-    """How this node's worker processes start, and their environment. Several go through torchrun, which starts and
-    watches them; a lone one is started directly, with the environment torchrun would give it (a group of one on
-    a free local port): torchrun's own start costs seconds and has nothing to coordinate. Over several nodes, every
-    node's torchrun meets the others at the run's rdzv_endpoint (c10d, the run's name as its id), and none restarts
-    its workers itself: a lost node fails the run, which resumes from its last checkpoint. The rendezvous store lives
-    in node 0's torchrun, never in a `joining` node's: left to guess (both on one host, or a joined node quicker to
-    bind the port), a joined node could hold it, and losing that node would end node 0's torchrun with a store error
-    instead of its workers noticing the lost peer.
+    """How this node's worker processes start, and their environment. On one node, tasks.train.standalone forks
+    them as the ranks of one group on a free local port (torchrun's standalone mode, without its seconds of start).
+    Over several nodes, every node's torchrun meets the others at the run's rdzv_endpoint (c10d, the run's name as
+    its id), and none restarts its workers itself: a lost node fails the run, which resumes from its last
+    checkpoint. The rendezvous store lives in node 0's torchrun, never in a `joining` node's: left to guess (both on
+    one host, or a joined node quicker to bind the port), a joined node could hold it, and losing that node would end
+    node 0's torchrun with a store error instead of its workers noticing the lost peer. Several processes on a node
+    get one thread each unless OMP_NUM_THREADS says otherwise, as torchrun gives them.
 
     A sharded model gathers and frees every layer's weights and gradients at each micro-batch. On a CPU, glibc's
     dynamic mmap threshold then keeps those frees resident; a fixed threshold of 1 MB hands them back (measured on a
     100M-parameter model over 2 processes: a peak of 1.73 GB per process without it, 1.50 GB with it)."""
-    worker = ["-m", "tasks.train.worker", job_file]
     env, nproc = dict(os.environ), settings.nproc_per_node
     if settings.parallelism == "fsdp":
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     if settings.launcher == "spark":  # TorchDistributor starts them, from a process holding the Spark session
         return [sys.executable, "-m", "tasks.train.spark_launcher", job_file], env
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if settings.nnodes > 1:
-        return [*torchrun, f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}",
-                f"--rdzv-id={run_name}", f"--rdzv-conf=is_host={str(not joining).lower()}", "--max-restarts=0", *worker], env
     if nproc > 1:
-        return [*torchrun, "--standalone", *worker], env
-    group_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return [sys.executable, *worker], dict(env, **group_of_one)
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if settings.nnodes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={settings.nnodes}",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={run_name}",
+                f"--rdzv-conf=is_host={str(not joining).lower()}", "--max-restarts=0", "-m", "tasks.train.worker",
+                job_file], env
+    return [sys.executable, "-m", "tasks.train.standalone", str(nproc), "tasks.train.worker", job_file], env
 
 
 def join(run_name: str, wait_s: float = 600, say: Callable[[str], None] = print) -> int:

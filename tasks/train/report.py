@@ -21,7 +21,7 @@ from tessera.core.training import TrainJob
 ERROR_MARKER = "TESSERA_TRAIN_ERROR: "  # the train stage turns a line starting with this into the run's one message
 PEERS_LOST_MARKER = "TESSERA_PEERS_LOST: "  # a collective failed: another process (or node) is gone
 RECORD_MARKER = "TESSERA_MLFLOW: "  # a JSON record the train stage logs to the run's MLflow run
-SIGTERM_GRACE_S = 30  # between SIGTERM and SIGKILL, the train stage's and torchrun's: a worker saves a checkpoint in it
+SIGTERM_GRACE_S = 30  # between SIGTERM and SIGKILL, the train stage's and the launchers': a worker saves a checkpoint in it
 PREEMPTED_EXIT = 143  # a worker's exit code (128 + SIGTERM) once it saved a checkpoint on SIGTERM: resumable
 ETA_EVERY_S = 10.0
 EVAL_TABLE = "eval_prompts.json"  # the eval prompts' answers at each evaluation, checkpoint and the end

@@ -135,7 +135,7 @@ def launch(job: TrainJob, job_file, log, plan: RunPlan, relay: MlflowRelay,
             failures.append(exc)
             stop_tree(proc.pid, grace=SIGTERM_GRACE_S, popen=proc)
 
-    # a lone worker is forked with its imports done; several start cold under torchrun
+    # forked with their imports done, on one node (tasks.train.standalone); under torchrun over several
     with forkserver.popen(cmd, env, preload=PROGRAM_IMPORTS) as proc:
         reader = threading.Thread(target=relay_output, name="worker-output", daemon=True)
         reader.start()

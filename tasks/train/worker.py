@@ -1,5 +1,6 @@
-"""The training loop `torchrun` starts, one process per rank. Imports no Prefect and no `datasets` (the rows are read
-with pyarrow), and MLflow only on rank 0 when the run logs to it (tasks/train/report.py): each rank starts fast.
+"""The training loop, one process per rank (started by tasks.train.standalone on one node, by torchrun over
+several). Imports no Prefect and no `datasets` (the rows are read with pyarrow), and MLflow only on rank 0 when the
+run logs to it (tasks/train/report.py): each rank starts fast.
 
 Read top to bottom: setup, the step, evaluation, saving. The train stage has already decided
 everything (tessera.core.training.TrainJob: the exact step plan, micro-batch, precision, checkpointing);
@@ -7,7 +8,7 @@ this loop carries it out. Each step's loss is the sum over every trained token o
 micro-batches, all ranks) divided by their count, which the data loader knows before the step runs;
 gradients are summed over ranks once per step, so 2 processes compute what 1 process computes.
 
-    torchrun --nproc_per_node N -m tasks.train.worker JOB.json
+    python -m tasks.train.standalone N tasks.train.worker JOB.json
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def save(model, tokenizer, out: Path, dtype: torch.dtype) -> None:
 
 def on_sigterm() -> threading.Event:
     """Set when this process gets SIGTERM (a preemption notice, a drained node, a cancel): the loop then finishes the
-    step it is on, saves a checkpoint and exits, within the grace that the train stage
-    and torchrun give it before SIGKILL (tasks.train.report.SIGTERM_GRACE_S)."""
+    step it is on, saves a checkpoint and exits, within the grace that the train stage and its launcher give it
+    before SIGKILL (tasks.train.report.SIGTERM_GRACE_S)."""
     requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: requested.set())
     return requested

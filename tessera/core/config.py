@@ -80,7 +80,8 @@ class TrainingSettings(BaseModel):
         None, description="host:port on node 0 where the nodes meet (required when nnodes > 1): reachable from every node"
     )
     launcher: Literal["torchrun", "spark"] = Field(
-        "torchrun", description="what starts the training processes: torchrun on this node (and the joined ones), or "
+        "torchrun", description="what starts the training processes: torchrun, the node's own (on one node Tessera forks them "
+        "as torchrun's standalone mode would; over several, torchrun's rendezvous), or "
         "spark: Spark's TorchDistributor on the run's data_prep_cluster_id (local[N] runs them on this machine)"
     )
     parallelism: Literal["auto", "ddp", "fsdp"] = Field(

@@ -277,9 +277,10 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), fds
 
 
-def _run_forked(request: dict, out_fd: int) -> None:
-    """In the forked process: become the program `python -m MODULE ARGS` in the request's environment and folder,
-    writing to the caller's pipe, and exit with its exit code. Never returns."""
+def run_as_main(module: str, args: list[str], env: dict[str, str], cwd: str, out_fd: int) -> None:
+    """In a process just forked: become the program `python -m MODULE ARGS` in the environment `env` and the folder
+    `cwd`, in a session of its own, writing to `out_fd` (stdout and stderr), and exit with its exit code. Never
+    returns. The fork server's processes start so, and so do the ranks tasks.train.standalone forks from itself."""
     import atexit
     import runpy
     import signal
@@ -297,17 +298,17 @@ def _run_forked(request: dict, out_fd: int) -> None:
         os.dup2(out_fd, 2)
         os.close(devnull)
         os.close(out_fd)
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(env)
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))  # a pipe: block-buffered stdout, as a cold start's
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1 if unbuffered else -1, closefd=False, errors="backslashreplace")
         sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.argv = [request["module"], *request["args"]]
-        sys.modules.pop(request["module"], None)  # run as __main__ alone, as `python -m` runs it (imported, runpy warns)
+        sys.argv = [module, *args]
+        sys.modules.pop(module, None)  # run as __main__ alone, as `python -m` runs it (imported, runpy warns)
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exc:
             if exc.code is None or isinstance(exc.code, int):
@@ -390,7 +391,7 @@ def serve(address: str, preload: list[str]) -> None:
                     sock.close()
                 os.close(wake_read)
                 os.close(wake_write)
-                _run_forked(request, fds[0])
+                run_as_main(request["module"], request["args"], request["env"], request["cwd"], fds[0])
             for fd in fds:
                 os.close(fd)
             command = [sys.executable, "-m", request["module"], *request["args"]]

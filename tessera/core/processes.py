@@ -237,6 +237,21 @@ def exit_when_gone(pid: int, started: float | None, poll: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-when-owner-gone", daemon=True).start()
 
 
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process, just forked from `parent`, when that process ends, however it ends
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing): a launcher's workers never outlive it, and never train on beside
+    the ones a retry starts. Call it first thing after the fork."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it had ended already
+            os._exit(1)
+
+
 # --- ports for the servers and process groups we start, on this host --------------------------------------------
 
 def free_port(host: str = "127.0.0.1") -> int:
