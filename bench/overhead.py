@@ -2,6 +2,7 @@
 
     python bench/overhead.py                 # a 2-step run of the tiny model on a warm home, 3 times: medians
     python bench/overhead.py --runs 5 --home /tmp/oh
+    python bench/overhead.py --nproc 2             # the same run over 2 processes (tasks/train/standalone.py)
 
 A warm home is what a user has after their first run: the embedded Prefect server running, the base model built,
 the data prepared once. The bench makes it warm with one run it does not count, then times --runs runs of the same
@@ -49,10 +50,10 @@ def event_time(event: dict) -> float:
     return dt.datetime.fromisoformat(event["time"]).timestamp()
 
 
-def one_run(fm, data: str) -> tuple[float, dict[str, float]]:
+def one_run(fm, data: str, nproc: int) -> tuple[float, dict[str, float]]:
     started = time.time()
     run = fm.create(model="tessera/tiny-chat", train_data_path=data, register_to="main.bench.overhead",
-                    training_duration="2ba")
+                    training_duration="2ba", training_config={"nproc_per_node": nproc})
     events = list(fm.get_events(run.name, follow=True, poll=0.05))
     wall = time.time() - started
     status = fm.get(run.name)
@@ -85,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--home", type=Path, help="TESSERA_HOME to use (default: a fresh temporary one)")
+    ap.add_argument("--nproc", type=int, default=1, help="training processes (nproc_per_node)")
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="tessera-overhead-"))
     os.environ["TESSERA_HOME"] = str(home)
@@ -93,11 +95,11 @@ def main() -> None:
 
     data = str(REPO / "tessera" / "assets" / "demo_chat.jsonl")
     t = time.time()
-    one_run(fm, data)
+    one_run(fm, data, args.nproc)
     print(f"warm-up run (server start, model build, data prep): {time.time() - t:.1f} s  home {home}")
     walls, table = [], []
     for i in range(args.runs):
-        wall, phases = one_run(fm, data)
+        wall, phases = one_run(fm, data, args.nproc)
         walls.append(wall)
         table.append(phases)
         print(f"run {i + 1}: {wall:5.1f} s  " + "  ".join(f"{k} {v:4.1f}" for k, v in phases.items()), flush=True)
