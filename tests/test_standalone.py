@@ -16,13 +16,14 @@ import pytest
 PROBE = '''
 import json, os, signal, sys, time
 env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-print(json.dumps({**env, "own_session": os.getsid(0) == os.getpid(), "argv": sys.argv[1:]}), flush=True)
 
 def stop(*_):
     print(f"rank {env['RANK']} stopping", flush=True)
     sys.exit(143)  # as a worker that saved a checkpoint on SIGTERM
 
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, stop)  # before it says it started
+print(json.dumps({**env, "own_session": os.getsid(0) == os.getpid(), "argv": sys.argv[1:],
+                  "torch_before": "torch" in sys.modules}), flush=True)
 what, rank = sys.argv[1], int(env["RANK"])
 if what != "ok" and rank == 1:
     time.sleep(2)  # the others are waiting by then
@@ -66,6 +67,8 @@ def test_every_rank_gets_torchruns_variables_and_a_session_of_its_own(launch):
     assert sorted(r["RANK"] for r in ranks) == sorted(r["LOCAL_RANK"] for r in ranks) == ["0", "1", "2"]
     assert {(r["WORLD_SIZE"], r["LOCAL_WORLD_SIZE"], r["MASTER_ADDR"]) for r in ranks} == {("3", "3", "127.0.0.1")}
     assert len({r["MASTER_PORT"] for r in ranks}) == 1 and all(r["own_session"] and r["argv"] == ["ok"] for r in ranks)
+    # started cold (a machine with GPUs), the launcher imported no torch before forking: CUDA is first touched in a rank
+    assert not any(r["torch_before"] for r in ranks)
 
 
 @pytest.mark.parametrize("what, code", [("fail", 3), ("killed", -signal.SIGKILL)])

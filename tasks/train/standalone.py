@@ -29,6 +29,8 @@ from tasks.train.report import SIGTERM_GRACE_S
 from tessera.core.forkserver import run_as_main
 from tessera.core.processes import die_with_parent, free_port
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
 
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     """The variables torchrun gives a worker of a group of `world` on this node, meeting at 127.0.0.1:`port`."""
@@ -49,12 +51,14 @@ def start_workers(nproc: int, module: str, args: list[str]) -> set[int]:
         pid = os.fork()
         if pid == 0:
             die_with_parent(launcher)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             run_as_main(module, args, env, os.getcwd(), os.dup(1))
         pids.add(pid)
     return pids
 
 
 def main(nproc: int, module: str, args: list[str]) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # one sent while the ranks start waits for the handler
     running = start_workers(nproc, module, args)
     stopping = []
 
@@ -69,6 +73,7 @@ def main(nproc: int, module: str, args: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGALRM, lambda *_: [os.kill(pid, signal.SIGKILL) for pid in running])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     first_failure = 0
     while running:
         pid, status = os.wait()  # a signal's handler runs in it, and the wait goes on
