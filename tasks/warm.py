@@ -5,7 +5,8 @@ imports as it loads the model) and the register stage's program (tasks/log_model
 transformers flavor, which imports transformers' pipelines)."""
 
 PROGRAM_IMPORTS = (
-    "tasks.train.standalone", "tasks.train.worker", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+    "tasks.train.standalone", "tasks.train.worker", "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
     "transformers.tokenization_utils_tokenizers", "transformers.generation.utils", "safetensors.torch", "jinja2",
     "tasks.log_model", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",

@@ -42,8 +42,8 @@ def worker_command(job_file: str, settings: TrainingSettings, run_name: str,
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
     if settings.nnodes > 1:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={settings.nnodes}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={run_name}",
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={run_name}",
                 f"--rdzv-conf=is_host={str(not joining).lower()}", "--max-restarts=0", "-m", "tasks.train.worker",
                 job_file], env
     return [sys.executable, "-m", "tasks.train.standalone", str(nproc), "tasks.train.worker", job_file], env

@@ -51,7 +51,7 @@ def failure(output: list[str], returncode: int, plan: RunPlan, out_of_memory: bo
         if ERROR_MARKER in line:
             return TesseraError(line.split(ERROR_MARKER, 1)[1].strip())
     killed = returncode == -signal.SIGKILL or any(re.search(r"exitcode\s*:\s*-9\b|Signal 9 \(SIGKILL\)", line) for line in output)
-    if killed and out_of_memory:  # the lone worker's own exit, or torchrun's report of one of its workers
+    if killed and out_of_memory:  # the launcher's exit (its first failed rank's), or torchrun's report of a worker
         s = plan.settings
         return TesseraError(
             "a training process was killed by the out-of-memory killer: the run needed more memory than this "

@@ -15,7 +15,7 @@ What the train stage relies on, it does as torchrun does:
   is killed, its workers die with it (and a retry never finds the last attempt's workers training on);
 - SIGTERM or SIGINT here goes to every worker (each saves a checkpoint and exits: a preemption, a cancel);
 - it ends as its first failed worker ended: with the same exit code, or killed by the same signal (a worker killed
-  by SIGKILL reads as -9 to the stage, as a lone worker's own death does); 0 when every one succeeded.
+  by SIGKILL reads as -9 to the stage, as the out-of-memory killer's kills do); 0 when every one succeeded.
 Over several nodes the run uses torchrun, whose rendezvous meets the other nodes (tasks.train.nodes).
 """
 
