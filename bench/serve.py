@@ -12,8 +12,8 @@ Ends with: serve ours/baseline@16=<x> p99_ms=<n> ttft_p50_ms=<n>   (ours at 16 c
     python bench/serve.py --peer [--model smollm2|tiny]
 
 compares our endpoint (`tessera serve`: router, BentoML, the continuous-batching engine) with the server a user
-would pick instead, `transformers serve --continuous-batching` on the same weights, and with the ceiling: the same
-continuous-batching manager driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
+would pick instead, `transformers serve --continuous-batching` on the same weights, and with the ceiling: our
+engine driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
 clients (4 requests each, after a warm-up round): completion tokens/s and latency p99 from whole answers, TTFT p50
 and p99 from a second, streamed pass. Both servers run at once and are measured in turns, `--rounds` times (2;
 each round's ours/peer@16 is printed), and each figure is the median over the rounds.
@@ -142,30 +142,26 @@ def chat_load(url: str, clients: int, requests_per_client: int, max_tokens: int,
 
 
 def in_process_ceiling(model_dir: Path, clients: int, requests_per_client: int, max_tokens: int) -> dict:
-    """The continuous-batching manager our engine drives for greedy requests (tasks/serve/engine.py, with the default
-    settings), fed `clients` requests at a time in-process (each finished one replaced by the next, as a client
-    does): no HTTP, no server, no decoding."""
+    """Our engine (tasks/serve/engine.py, with the default settings) fed `clients` requests at a time in-process,
+    each finished one replaced by the next, as a client does: no HTTP, no server."""
     import asyncio
-    import uuid
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.serve.engine import Engine
+    from tasks.serve.engine import Engine, Sampling
     from tasks.serve.settings import ServeSettings
     from tessera.core.generation import prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine(model, tokenizer, ServeSettings())
-    manager = engine.greedy
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    greedy = Sampling(max_tokens, 0.0, 1.0, [])
 
     async def one(ids: list[int]) -> int:
-        rid, finished = uuid.uuid4().hex, asyncio.get_running_loop().create_future()
-        manager.register_result_handler(rid, lambda out: out.is_finished() and not finished.done() and finished.set_result(out))
-        manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=False, eos_token_id=engine.stop_ids)
-        return len((await finished).generated_tokens)
+        deadline = asyncio.get_running_loop().time() + 600
+        return [delta async for delta in engine.generate(ids, greedy, deadline, incremental=False)][-1].completion_tokens
 
     async def client_loop(c: int) -> int:
         return sum([await one(prompts[(c + i) % len(prompts)]) for i in range(requests_per_client)])

@@ -1,23 +1,20 @@
 """Continuous batching over one model: every running request shares each forward pass.
 
-transformers' continuous-batching manager runs the batch in a background thread with a paged KV cache; results
-come back on the server's asyncio loop. This module turns one request into a stream of text deltas that stop where
-the model's turn ends (any of its end-of-turn tokens) or at a `stop` string, and cancels the work of a request
-that ended before the engine finished it: a stop string found, its client gone, its time run out.
+The batch (tasks.serve.batch) runs in a background thread; results come back on the server's asyncio loop. This
+module turns one request into a stream of text deltas that stop where the model's turn ends (any of its end-of-turn
+tokens) or at a `stop` string, and cancels the work of a request that ended before the engine finished it: a stop
+string found, its client gone, its time run out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tessera.core.generation import stop_token_ids
 from tasks.serve.settings import ServeSettings
-
-# temperature 0 means greedy; the engine samples, and at this temperature sampling is the argmax (STACK.md)
-GREEDY_TEMPERATURE = 1e-5
 
 
 class QueueFull(Exception):
@@ -97,51 +94,22 @@ class _Admission:
 
 
 class Engine(_Admission):
-    """Two continuous-batching managers over the one model: greedy requests (temperature 0) go to one that takes the
-    argmax of each step's logits; requests that sample go to one that applies each request's temperature and top_p,
-    started on the first of them. A manager samples all its sequences or none, and sampling every step (a softmax,
-    top-p's sort of the vocabulary, a draw) costs a greedy batch a third of its speed: measured in-process on
-    SmolLM2-135M, 16 clients, 175 tok/s greedy, 115 through the sampling path at temperature 1e-5. A server that
-    gets both kinds holds two KV caches of kv_cache_tokens each."""
+    """Every request's sequences in one continuous batch (tasks.serve.batch): greedy ones take the argmax, the others
+    are drawn at their own temperature and top_p, side by side in the same steps."""
 
     def __init__(self, model, tokenizer, settings: ServeSettings):
+        from tasks.serve.batch import DenseBatch
+
         super().__init__(model, tokenizer, settings)
-        self.model = model
-        self.greedy = self._start(sampling=False)
-        self.sampling = None
-
-    def _start(self, sampling: bool):
-        from transformers import GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
-
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        # per-request temperature and top_p take effect only when the base config has non-default values of them
-        shape = {"do_sample": True, "temperature": 0.5, "top_p": 0.5} if sampling else {"do_sample": False}
-        base = GenerationConfig(**shape, max_new_tokens=self.settings.default_max_tokens, eos_token_id=self.stop_ids, pad_token_id=pad)
-        # sized explicitly: by default the cache takes 60% of RAM on CPU and 30 s to allocate (STACK.md)
-        batching = ContinuousBatchingConfig(
-            page_size=self.settings.page_size, num_blocks=max(1, self.settings.kv_cache_tokens // self.settings.page_size),
-            max_batch_tokens=self.settings.max_batch_tokens, per_request_processors=sampling,
-        )
-        manager = self.model.init_continuous_batching(generation_config=base, continuous_batching_config=batching)
-        manager.start()
-        return manager
-
-    def _managers(self) -> list:
-        return [m for m in (self.greedy, self.sampling) if m is not None]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.batch = DenseBatch(model, settings.kv_cache_tokens, settings.max_batch_tokens, settings.max_pending, pad)
 
     def close(self) -> None:
-        for manager in self._managers():
-            manager.stop(block=True)
+        self.batch.close()
 
     def in_progress(self) -> int:
-        """Sequences the managers still hold, queued or running: the work they do, whoever still reads it."""
-        held = 0
-        for manager in self._managers():
-            scheduler = getattr(getattr(manager, "batch_processor", None), "scheduler", None)
-            held += manager.input_queue.qsize()
-            held += len(scheduler.active_requests) + len(scheduler.waiting_requests) if scheduler is not None else 0
-        return held
+        """Sequences the batch still holds, waiting or running: the work it does, whoever still reads it."""
+        return self.batch.in_progress()
 
     async def generate(self, ids: list[int], sampling: Sampling, deadline: float,
                        disconnected: Callable[[], object] | None = None, incremental: bool = True) -> AsyncIterator[Delta]:
@@ -150,28 +118,27 @@ class Engine(_Admission):
         Whenever the engine has not finished the sequence itself, it is cancelled: a client gone, a timeout, a stop
         string found. Without `incremental` (nobody streams it, no stop string to look for) the engine reports only
         the finished sequence: less work per token."""
-        rid = uuid.uuid4().hex
+        from tasks.serve.batch import Job
+
+        loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
+
+        def emit(tokens: list[int], finished: bool, error: str | None) -> None:  # called in the batch's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads it any more
+                loop.call_soon_threadsafe(results.put_nowait, (tokens, finished, error))
+
+        job = Job(ids, sampling.max_tokens, sampling.temperature, sampling.top_p,
+                  frozenset() if self.settings.ignore_eos else frozenset(self.stop_ids), emit,
+                  stream=incremental or bool(sampling.stop))
         watch = _Watch(deadline, self.settings.request_timeout_s, disconnected)
-        if sampling.temperature > 0:
-            if self.sampling is None:
-                self.sampling = self._start(sampling=True)
-            manager, draw = self.sampling, {"temperature": max(sampling.temperature, GREEDY_TEMPERATURE), "top_p": sampling.top_p}
-        else:
-            manager, draw = self.greedy, {}
-        manager.register_result_handler(rid, results.put_nowait)
-        manager.add_request(
-            ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=incremental or bool(sampling.stop),
-            eos_token_id=-1 if self.settings.ignore_eos else self.stop_ids, **draw,
-        )
+        self.batch.submit(job)
         sent, finished = "", False  # finished: by the engine, so there is nothing left to cancel
         try:
             while True:
-                out = await _newest(results, watch)
-                finished = out.is_finished()
-                if out.error:
-                    raise EngineError(out.error)
-                text, reason, generated = self.text(list(out.generated_tokens), finished, sampling.stop)
+                tokens, finished, error = await _newest(results, watch)
+                if error:
+                    raise EngineError(error)
+                text, reason, generated = self.text(tokens, finished, sampling.stop)
                 if reason is None:
                     text = _settled(text, sampling.stop)
                 if reason is not None or (len(text) > len(sent) and text.startswith(sent)):
@@ -181,9 +148,7 @@ class Engine(_Admission):
                     return
         finally:
             if not finished:
-                manager.cancel_request(rid)
-            with manager.output_router._lock:  # a cancelled request never finishes, so its handler stays
-                manager.output_router.result_handlers.pop(rid, None)
+                self.batch.cancel(job)
 
 
 class _Watch:
@@ -217,7 +182,7 @@ async def _newest(results: asyncio.Queue, watch: _Watch):
             out = await asyncio.wait_for(results.get(), timeout=wait)
         except TimeoutError:
             continue
-        while not results.empty() and not out.is_finished():
+        while not results.empty() and not out[1]:  # (tokens, finished, error)
             out = results.get_nowait()
         return out
 

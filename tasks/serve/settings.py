@@ -23,7 +23,6 @@ class ServeSettings(BaseModel):
     default_max_tokens: int = Field(512, ge=1, description="new tokens when a request sets no max_tokens")
     max_n: int = Field(8, ge=1, description="most choices one request may ask for")
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache size in tokens, shared by all running requests")
-    page_size: int = Field(64, ge=16, description="tokens per KV cache page")
     max_batch_tokens: int = Field(2048, ge=64, description="most tokens one forward pass of the batch takes")
     engine: Literal["continuous", "sequential"] = Field(
         "continuous", description="sequential: one request at a time with plain generate (the baseline of bench/serve.py)"

@@ -1,0 +1,115 @@
+"""The serving engine's continuous batch (tasks.serve.batch), in-process on the tiny model in fp32: whatever joins,
+leaves, waits or is prefilled in parts beside it, each greedy sequence is the one `generate` makes for its prompt
+alone; sequences that sample run beside greedy ones without changing them; a cancelled one stops."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    """(the model the batch drives, a second copy for `generate`): the batch plugs its attention into its model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()  # noqa: E731
+    return load(), load()
+
+
+class Collector:
+    """Jobs' emitted results, and a way to wait for all of them to finish."""
+
+    def __init__(self):
+        self.finished: dict[int, tuple[list[int], str | None]] = {}
+        self.streamed: dict[int, list[list[int]]] = {}
+        self.done = threading.Condition()
+
+    def job(self, key: int, ids: list[int], max_new_tokens: int, temperature: float = 0.0, stream: bool = True):
+        from tasks.serve.batch import Job
+
+        def emit(tokens, finished, error):
+            with self.done:
+                if finished:
+                    self.finished[key] = (tokens, error)
+                    self.done.notify_all()
+                else:
+                    self.streamed.setdefault(key, []).append(tokens)
+
+        return Job(ids, max_new_tokens, temperature, 0.9, frozenset(), emit, stream=stream)
+
+    def wait(self, keys) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: all(k in self.finished for k in keys), timeout=60), sorted(self.finished)
+
+
+def alone(model, ids: list[int], new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_every_greedy_sequence_is_its_answer_alone_whatever_runs_beside_it(models):
+    from tasks.serve.batch import DenseBatch
+
+    served, reference = models
+    prompts = {k: [(7 * k + 3 * i) % 1000 + 1 for i in range(5 + 6 * k)] for k in range(8)}  # 5..47 tokens
+    new_tokens = {k: 4 + 5 * k for k in prompts}  # 4..39
+    # prompts prefilled in parts of at most 16 tokens together with the running sequences' steps; a cache so small
+    # that later sequences wait for earlier ones to end
+    batch = DenseBatch(served, kv_cache_tokens=200, max_batch_tokens=16, max_rows=8, pad_id=0)
+    results = Collector()
+    try:
+        for k in range(4):
+            batch.submit(results.job(k, prompts[k], new_tokens[k], stream=k % 2 == 0))
+        results.wait([0])  # the rest join a batch that is already running
+        for k in range(4, 8):
+            batch.submit(results.job(k, prompts[k], new_tokens[k]))
+        sampler = results.job(99, prompts[3], 30, temperature=1.0)
+        batch.submit(sampler)
+        results.wait(list(prompts) + [99])
+        assert batch.in_progress() == 0
+    finally:
+        batch.close()
+    for k, ids in prompts.items():
+        tokens, error = results.finished[k]
+        assert error is None
+        assert tokens == alone(reference, ids, new_tokens[k]), k
+    # streamed: every token as it is made, each result the one before it and one more token
+    assert [len(s) for s in results.streamed[0]] == list(range(1, new_tokens[0]))
+    assert 1 not in results.streamed  # not streamed: only the finished sequence
+    assert len(results.finished[99][0]) == 30
+
+
+def test_a_sequence_ends_at_a_stop_token_and_a_cancelled_one_stops(models):
+    from tasks.serve.batch import DenseBatch
+
+    served, reference = models
+    ids = [11, 12, 13, 14, 15]
+    expected = alone(reference, ids, 12)
+    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4, pad_id=0)
+    results = Collector()
+    try:
+        stop_at = expected[5]
+        stopping = results.job(1, ids, 12)
+        stopping.stop_ids = frozenset({stop_at})
+        endless = results.job(2, [1, 2, 3], 480)
+        batch.submit(endless)
+        batch.submit(stopping)
+        results.wait([1])
+        assert results.finished[1][0] == expected[: expected.index(stop_at) + 1]  # the stop token is its last
+        assert batch.in_progress() == 1
+        batch.cancel(endless)
+        for _ in range(200):
+            if batch.in_progress() == 0:
+                break
+            threading.Event().wait(0.01)
+        assert batch.in_progress() == 0 and 2 not in results.finished  # dropped, nothing more said of it
+    finally:
+        batch.close()
