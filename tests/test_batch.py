@@ -113,3 +113,35 @@ def test_a_sequence_ends_at_a_stop_token_and_a_cancelled_one_stops(models):
         assert batch.in_progress() == 0 and 2 not in results.finished  # dropped, nothing more said of it
     finally:
         batch.close()
+
+
+def test_each_row_of_the_cache_holds_its_own_sequence_as_rows_end_and_others_move_into_them(models):
+    """Driven step by step (the loop's thread stopped): after every step, each running sequence's row holds the keys
+    and values a forward of its own tokens alone makes, also after it moved into the row of one that ended."""
+    import torch
+
+    from tasks.serve.batch import DenseBatch, Job
+
+    served, reference = models
+    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=8, max_rows=8, pad_id=0)
+    batch.close()
+    lengths = [(6, 3), (13, 20), (4, 5), (9, 25), (17, 8)]  # (prompt, new tokens): rows end out of order
+    batch.waiting = [Job([(5 * k + i) % 900 + 1 for i in range(p)], n, 0.0, 1.0, frozenset(), lambda *_: None, stream=False)
+                     for k, (p, n) in enumerate(lengths)]
+    moved, steps = False, 0
+    with torch.inference_mode():
+        while batch.running or batch.waiting:
+            slots = {id(job): job.slot for job in batch.running}
+            batch._admit()
+            batch._step()
+            steps += 1
+            moved |= any(slots.get(id(job), job.slot) != job.slot for job in batch.running)
+            for job in batch.running:
+                written = job.prefilled + max(len(job.tokens) - 1, 0)  # the newest token is fed (and written) next
+                if not written:  # waiting for its first part
+                    continue
+                alone = reference(torch.tensor([(job.ids + job.tokens)[:written]]), use_cache=True).past_key_values
+                for layer, own in enumerate(alone.layers):
+                    torch.testing.assert_close(batch.cache.keys[layer][job.slot, :, :written], own.keys[0], atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(batch.cache.values[layer][job.slot, :, :written], own.values[0], atol=1e-4, rtol=1e-4)
+    assert moved and steps > 25

@@ -26,7 +26,8 @@ import torch
 from transformers import AttentionInterface
 
 ATTENTION = "tessera_dense"
-COLUMN_STEP = 256  # the cache grows its columns by this many at a time
+COLUMN_STEP = 256  # the cache's columns are a multiple of this
+ROW_STEP = 8  # and its rows of this: sizes that change less often than the batch does
 
 
 @dataclass(eq=False)
@@ -62,6 +63,12 @@ class Layout:
     parts: list[tuple[int, int, int]]
     held: int  # rows 0..held-1 take part in the generating tokens' attention
     used: int  # columns 0..used-1 are read
+    unseen: torch.Tensor = field(init=False)  # [held, 1, 1, used]: True where a row's generating token must not look
+
+    def __post_init__(self):
+        # each row sees its columns up to the one its generating token is written to (rows not generating: column 0)
+        seen = torch.zeros(self.held, dtype=torch.long, device=self.rows.device).index_put_((self.rows,), self.columns)
+        self.unseen = (torch.arange(self.used, device=self.rows.device)[None, :] > seen[:, None])[:, None, None, :]
 
     def write_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of every token of the forward, in order."""
@@ -79,15 +86,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, layout: 
     out = []
     generating = len(layout.rows)
     if generating:
-        # every held row gets a query (rows not generating: zeros, their result unused), so the keys are read in
-        # place; each row sees its columns up to the one just written
+        # every held row gets a query (rows not generating: zeros, their result unused), so the keys are read in place
         grouped = key.new_zeros(layout.held, heads, dim)  # in the cache's dtype
         grouped[layout.rows] = per_token[:generating].to(key.dtype)
         grouped = grouped.view(layout.held, key_heads, heads // key_heads, dim)
         scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # [held, key heads, group, columns]
-        seen = torch.zeros(layout.held, dtype=torch.long, device=query.device).index_put_((layout.rows,), layout.columns)
-        visible = torch.arange(layout.used, device=query.device)[None, :] <= seen[:, None]
-        scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        scores.masked_fill_(layout.unseen, float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
         out.append(attended.view(layout.held, heads, dim)[layout.rows].to(query.dtype))
     at = generating
@@ -125,19 +129,27 @@ class DenseCache:
         return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
 
     def reserve(self, rows: int, columns: int) -> None:
-        """Room for `rows` rows of `columns` columns, keeping what is held."""
+        """Room for rows 0..rows-1 of `columns` columns, keeping what they hold. Sized to what is asked now (rounded
+        up), not to what was held before: a long row after many short ones does not make many long rows."""
         held_rows, held_columns = self.shape
         if rows <= held_rows and columns <= held_columns:
             return
-        rows, columns = max(rows, held_rows), max(-(-columns // COLUMN_STEP) * COLUMN_STEP, held_columns)
+        rows, columns = -(-rows // ROW_STEP) * ROW_STEP, -(-columns // COLUMN_STEP) * COLUMN_STEP
+        kept_rows, kept_columns = min(rows, held_rows), min(columns, held_columns)
         for store in (self.keys, self.values):
             for layer in range(self.layers):
                 grown = torch.zeros(rows, self.key_heads, columns, self.dim, dtype=self.dtype, device=self.device)
                 if held_rows:
-                    grown[:held_rows, :, :held_columns] = store[layer]
+                    grown[:kept_rows, :, :kept_columns] = store[layer][:kept_rows, :, :kept_columns]
                     store[layer] = grown
                 else:
                     store.append(grown)
+
+    def move(self, source: int, target: int, columns: int) -> None:
+        """Row `source`'s first `columns` columns into row `target` (the rows in use stay 0..n-1)."""
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[target, :, :columns] = layer[source, :, :columns]
 
     def place(self, layout: Layout) -> None:
         self._place = (*layout.write_index(self.device), layout.held, layout.used)
@@ -169,7 +181,7 @@ class DenseBatch:
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.waiting: list[Job] = []
         self.running: list[Job] = []  # in the order they joined: their prompts are prefilled in that order
-        self.slots: list[Job | None] = []
+        self.rows: list[Job] = []  # row i of the cache is rows[i]'s
         self._thread = threading.Thread(target=self._loop, name="tessera-batch", daemon=True)
         self._thread.start()
 
@@ -224,12 +236,10 @@ class DenseBatch:
             if (len(self.running) + 1) * columns > self.kv_cache_tokens and self.running:
                 return  # it waits for rows to end (alone, it fits: the service caps a request at the cache)
             self.waiting.pop(0)
-            job.slot = self.slots.index(None) if None in self.slots else len(self.slots)
-            if job.slot == len(self.slots):
-                self.slots.append(None)
-            self.slots[job.slot] = job
+            job.slot = len(self.rows)
+            self.rows.append(job)
             self.running.append(job)
-            self.cache.reserve(len(self.slots), columns)
+            self.cache.reserve(len(self.rows), columns)
 
     def _step(self) -> None:
         """One forward: a token for every generating job, the next part of the prompts still being prefilled."""
@@ -247,7 +257,7 @@ class DenseBatch:
         layout = Layout(
             rows=torch.tensor([job.slot for job in generating], dtype=torch.long, device=self.device),
             columns=torch.tensor(columns, dtype=torch.long, device=self.device), parts=parts,
-            held=max(job.slot for job in generating + prefilling) + 1,
+            held=len(self.rows),
             used=max([column + 1 for column in columns] + [start + length for _, start, length in parts]),
         )
         ids = [job.tokens[-1] for job in generating] + [t for job, (_, start, n) in zip(prefilling, parts) for t in job.ids[start:start + n]]
@@ -286,7 +296,11 @@ class DenseBatch:
     def _end(self, job: Job, error: str | None = None) -> None:
         if job in self.running:
             self.running.remove(job)
-            self.slots[job.slot] = None
+            last = self.rows.pop()
+            if last is not job:  # the last row takes the freed one: rows in use stay 0..n-1, none read for nothing
+                # its columns: the prompt and its tokens (the newest one's column may not be written yet: moved anyway)
+                self.cache.move(last.slot, job.slot, last.prefilled + len(last.tokens))
+                self.rows[job.slot], last.slot = last, job.slot
         if not job.cancelled:
             job.emit(list(job.tokens), True, error)
 
