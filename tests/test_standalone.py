@@ -18,8 +18,10 @@ import json, os, signal, sys, time
 env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 
 def stop(*_):
-    print(f"rank {env['RANK']} stopping", flush=True)
-    sys.exit(143)  # as a worker that saved a checkpoint on SIGTERM
+    # os.write, not print: a handler's print that lands while the rank's own print holds stdout's lock raises
+    # ("reentrant call"); a loaded run once saw a traceback from this print
+    os.write(1, f"rank {env['RANK']} stopping\\n".encode())
+    os._exit(143)  # as a worker that saved a checkpoint on SIGTERM
 
 signal.signal(signal.SIGTERM, stop)  # before it says it started
 print(json.dumps({**env, "own_session": os.getsid(0) == os.getpid(), "argv": sys.argv[1:],
@@ -87,7 +89,8 @@ def test_sigterm_reaches_every_rank_and_the_launcher_ends_as_they_did(launch):
     assert sorted(r["RANK"] for r in ranks) == ["0", "1"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
-    assert sorted(lines(proc)[1]) == ["rank 0 stopping", "rank 1 stopping"]
+    other = lines(proc)[1]
+    assert sorted(other) == ["rank 0 stopping", "rank 1 stopping"], "\n".join(other)
 
 
 def test_a_launcher_killed_with_sigkill_leaves_no_rank_running(launch):
