@@ -1,6 +1,7 @@
-"""Serving throughput: our continuous-batching endpoint against one request at a time with plain `generate`.
+"""Serving throughput: our continuous-batching endpoint against the same engine one sequence at a time.
 
-Both are the same BentoML service over the same registered model (tessera/tiny-chat, random init), called over HTTP
+Both are the same BentoML service (the baseline with TESSERA_SERVE_ENGINE=sequential: one running sequence) over
+the same registered model (tessera/tiny-chat, random init), called over HTTP
 on 127.0.0.1 with requests of 64 new tokens (end of turn ignored), at 1, 4 and 16 concurrent clients: tokens/s and
 latency from whole (non-streamed) completions, time to first token from a second, streamed pass.
 The in-process ceiling is one static left-padded batch of 16 through `model.generate`.
@@ -149,13 +150,13 @@ class InProcessEngine:
     def __init__(self, model_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from tasks.serve.engine import Engine
+        from tasks.serve.engine import engine_for
         from tasks.serve.settings import ServeSettings
         from tessera.core.generation import prompt_ids
 
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.engine = Engine(model, tokenizer, ServeSettings())
+        self.engine = engine_for(model, tokenizer, ServeSettings())
         self.prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
 
     def load(self, clients: int, requests_per_client: int, max_tokens: int) -> dict:

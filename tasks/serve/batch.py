@@ -56,25 +56,26 @@ class Job:
 @dataclass
 class Layout:
     """Where the tokens of one packed forward belong: the first `len(rows)` generate (one per row in `rows`, at
-    column `columns[i]`), then the prompt parts (row, first column, length), in order."""
+    column `columns[i]`), then the prompt parts (row, first column, length), in order. A token's column is its
+    position in its sequence."""
 
     rows: torch.Tensor  # [generating]
     columns: torch.Tensor  # [generating]
     parts: list[tuple[int, int, int]]
     held: int  # rows 0..held-1 take part in the generating tokens' attention
     used: int  # columns 0..used-1 are read
+    write_rows: torch.Tensor = field(init=False)  # [tokens]: the row of every token of the forward, in order
+    write_columns: torch.Tensor = field(init=False)  # [tokens]: its column
     unseen: torch.Tensor = field(init=False)  # [held, 1, 1, used]: True where a row's generating token must not look
 
     def __post_init__(self):
+        device = self.rows.device
+        self.write_rows = torch.cat([self.rows] + [torch.full((n,), row, device=device) for row, _, n in self.parts])
+        self.write_columns = torch.cat([self.columns] + [torch.arange(at, at + n, device=device)
+                                                         for _, at, n in self.parts])
         # each row sees its columns up to the one its generating token is written to (rows not generating: column 0)
-        seen = torch.zeros(self.held, dtype=torch.long, device=self.rows.device).index_put_((self.rows,), self.columns)
-        self.unseen = (torch.arange(self.used, device=self.rows.device)[None, :] > seen[:, None])[:, None, None, :]
-
-    def write_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, column) of every token of the forward, in order."""
-        rows = [self.rows] + [torch.full((length,), row, device=device) for row, _, length in self.parts]
-        columns = [self.columns] + [torch.arange(start, start + length, device=device) for _, start, length in self.parts]
-        return torch.cat(rows), torch.cat(columns)
+        seen = torch.zeros(self.held, dtype=torch.long, device=device).index_put_((self.rows,), self.columns)
+        self.unseen = (torch.arange(self.used, device=device)[None, :] > seen[:, None])[:, None, None, :]
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, layout: Layout | None = None, **_):
@@ -97,7 +98,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, layout: 
     at = generating
     for row, start, length in layout.parts:
         end = start + length
-        causal = torch.arange(start, end, device=query.device)[:, None] >= torch.arange(end, device=query.device)[None, :]
+        causal = torch.arange(start, end, device=query.device)[:, None] >= torch.arange(end, device=query.device)
         part = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, at:at + length].to(key.dtype), key[row:row + 1, :, :end], value[row:row + 1, :, :end],
             attn_mask=causal, scale=scaling, enable_gqa=heads != key_heads,
@@ -121,7 +122,7 @@ class DenseCache:
         self.dtype, self.device = dtype, device
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._place = None
+        self._place: Layout | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,16 +153,16 @@ class DenseCache:
                 layer[target, :, :columns] = layer[source, :, :columns]
 
     def place(self, layout: Layout) -> None:
-        self._place = (*layout.write_index(self.device), layout.held, layout.used)
+        self._place = layout
 
     def update(self, key, value, layer_idx: int, *_, **__):
         """Called by each attention layer with the forward's keys and values ([1, key heads, tokens, dim]): written
         at their rows and columns; the rows and columns in use come back (views, not copies)."""
-        rows, columns, held, used = self._place
+        at = self._place
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[rows, :, columns] = key[0].transpose(0, 1).to(keys.dtype)
-        values[rows, :, columns] = value[0].transpose(0, 1).to(values.dtype)
-        return keys[:held, :, :used], values[:held, :, :used]
+        keys[at.write_rows, :, at.write_columns] = key[0].transpose(0, 1).to(keys.dtype)
+        values[at.write_rows, :, at.write_columns] = value[0].transpose(0, 1).to(values.dtype)
+        return keys[:at.held, :, :at.used], values[:at.held, :, :at.used]
 
 
 class DenseBatch:
@@ -260,8 +261,8 @@ class DenseBatch:
             held=len(self.rows),
             used=max([column + 1 for column in columns] + [start + length for _, start, length in parts]),
         )
-        ids = [job.tokens[-1] for job in generating] + [t for job, (_, start, n) in zip(prefilling, parts) for t in job.ids[start:start + n]]
-        positions = torch.cat([layout.columns] + [torch.arange(start, start + n) for _, start, n in parts])
+        ids = [job.tokens[-1] for job in generating]
+        ids += [token for job, (_, start, n) in zip(prefilling, parts) for token in job.ids[start:start + n]]
         # the logits wanted: every generating token's, and the last prompt token's of a prompt now whole
         done, keep, at = [], list(range(len(generating))), len(generating)
         for job, (_, start, n) in zip(prefilling, parts):
@@ -273,9 +274,9 @@ class DenseBatch:
         self.cache.place(layout)
         if not keep:  # only parts of prompts, none whole yet: nothing to read from this forward but the cache
             keep = [len(ids) - 1]
-        logits = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=positions[None, :].to(self.device),
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device),
-                            layout=layout).logits[0]
+        ids, keep = torch.tensor([ids], device=self.device), torch.tensor(keep, device=self.device)
+        logits = self.model(input_ids=ids, position_ids=layout.write_columns[None, :], past_key_values=self.cache,
+                            use_cache=True, layout=layout, logits_to_keep=keep).logits[0]
         self._advance(generating + done, logits[: len(generating) + len(done)])
 
     def _advance(self, jobs: list[Job], logits: torch.Tensor) -> None:

@@ -52,16 +52,22 @@ class Sampling:
     stop: list[str]
 
 
-class _Admission:
-    """What both engines share: the context a request may use, admission (429 beyond max_pending), and where the
-    text of a sequence ends (its end-of-turn token or a stop string)."""
+class Engine:
+    """Every request's sequences in one continuous batch (tasks.serve.batch) of at most `rows` running at once:
+    greedy ones take the argmax, the others are drawn at their own temperature and top_p, side by side. Also the
+    context a request may use, admission (429 beyond max_pending), and where the text of a sequence ends (its
+    end-of-turn token or a stop string)."""
 
-    def __init__(self, model, tokenizer, settings: ServeSettings):
+    def __init__(self, model, tokenizer, settings: ServeSettings, rows: int):
+        from tasks.serve.batch import DenseBatch
+
         self.tokenizer, self.settings = tokenizer, settings
         self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         # one request can use the whole cache, never more than the model's positions
         self.context = min(getattr(model.config, "max_position_embeddings", settings.kv_cache_tokens), settings.kv_cache_tokens)
         self.pending = 0  # sequences admitted and not yet over
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.batch = DenseBatch(model, settings.kv_cache_tokens, settings.max_batch_tokens, rows, pad)
 
     def admit(self, sequences: int) -> None:
         """Reserve room for `sequences`, or raise QueueFull (the caller answers 429). Each is given back with
@@ -74,8 +80,11 @@ class _Admission:
         self.pending -= 1
 
     def in_progress(self) -> int:
-        """Sequences being generated or waiting to be."""
-        return self.pending
+        """Sequences the batch still holds, waiting or running: the work it does, whoever still reads it."""
+        return self.batch.in_progress()
+
+    def close(self) -> None:
+        self.batch.close()
 
     def text(self, tokens: list[int], finished: bool, stops: list[str]) -> tuple[str, str | None, int]:
         """(text, finish_reason or None, tokens generated) of a sequence so far: cut at its end-of-turn token or at
@@ -88,28 +97,6 @@ class _Admission:
         if cut is not None:
             text, reason = text[:cut], "stop"
         return text, reason, len(tokens)
-
-    def close(self) -> None:
-        pass
-
-
-class Engine(_Admission):
-    """Every request's sequences in one continuous batch (tasks.serve.batch): greedy ones take the argmax, the others
-    are drawn at their own temperature and top_p, side by side in the same steps."""
-
-    def __init__(self, model, tokenizer, settings: ServeSettings):
-        from tasks.serve.batch import DenseBatch
-
-        super().__init__(model, tokenizer, settings)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.batch = DenseBatch(model, settings.kv_cache_tokens, settings.max_batch_tokens, settings.max_pending, pad)
-
-    def close(self) -> None:
-        self.batch.close()
-
-    def in_progress(self) -> int:
-        """Sequences the batch still holds, waiting or running: the work it does, whoever still reads it."""
-        return self.batch.in_progress()
 
     async def generate(self, ids: list[int], sampling: Sampling, deadline: float,
                        disconnected: Callable[[], object] | None = None, incremental: bool = True) -> AsyncIterator[Delta]:
@@ -187,27 +174,10 @@ async def _newest(results: asyncio.Queue, watch: _Watch):
         return out
 
 
-class SequentialEngine(_Admission):
-    """The baseline bench/serve.py measures against: one request at a time, each with plain `generate`."""
-
-    def __init__(self, model, tokenizer, settings: ServeSettings):
-        super().__init__(model, tokenizer, settings)
-        self.model, self.lock = model, asyncio.Lock()
-
-    async def generate(self, ids: list[int], sampling: Sampling, deadline: float, disconnected=None, incremental=True) -> AsyncIterator[Delta]:
-        from tessera.core.generation import generate
-
-        async with self.lock:
-            tokens, finish = await asyncio.to_thread(
-                generate, self.model, self.tokenizer, ids, sampling.max_tokens, sampling.temperature, sampling.top_p,
-                self.settings.ignore_eos,
-            )
-        text, reason, generated = self.text(tokens, True, sampling.stop)  # the end-of-turn token is already cut
-        yield Delta(text, "stop" if finish == "stop" else reason, generated)
-
-
-def engine_for(model, tokenizer, settings: ServeSettings) -> _Admission:
-    return (Engine if settings.engine == "continuous" else SequentialEngine)(model, tokenizer, settings)
+def engine_for(model, tokenizer, settings: ServeSettings) -> Engine:
+    """The continuous batch, or for `engine: sequential` (bench/serve.py's baseline) the same loop one sequence at a
+    time."""
+    return Engine(model, tokenizer, settings, rows=1 if settings.engine == "sequential" else settings.max_pending)
 
 
 def _settled(text: str, stops: list[str]) -> str:

@@ -25,7 +25,7 @@ class ServeSettings(BaseModel):
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache size in tokens, shared by all running requests")
     max_batch_tokens: int = Field(2048, ge=64, description="most tokens one forward pass of the batch takes")
     engine: Literal["continuous", "sequential"] = Field(
-        "continuous", description="sequential: one request at a time with plain generate (the baseline of bench/serve.py)"
+        "continuous", description="sequential: one sequence at a time through the same loop (the baseline of bench/serve.py)"
     )
     ignore_eos: bool = Field(False, description="always generate max_tokens, past the end of the turn (for benchmarks)")
 
