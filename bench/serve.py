@@ -214,7 +214,7 @@ def peer_comparison(args) -> None:
     # both servers up at once, measured in alternating order round after round: this VM's speed drifts by +-15%
     # within an hour, more than the differences measured, so one server's figures must not all come from one hour
     endpoints.serve(uri, name="bench", port=free_port())
-    port, peer, rounds = free_port(), None, {}
+    port, peer, ceiling, rounds = free_port(), None, None, {}
     try:
         peer = subprocess.Popen([str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
                                  "--host", "127.0.0.1", "--port", str(port), str(model_dir)],
@@ -242,8 +242,9 @@ def peer_comparison(args) -> None:
                     rounds.setdefault((who, clients), []).append(measured)
             print(f"round {r + 1}: ours/peer@16={rounds['ours', 16][-1]['tok_s'] / rounds['peer', 16][-1]['tok_s']:.2f} "
                   f"ours/ceiling@16={rounds['ours', 16][-1]['tok_s'] / rounds['ceiling', 16][-1]['tok_s']:.2f}", flush=True)
-        ceiling.close()
     finally:
+        if ceiling is not None:
+            ceiling.close()
         endpoints.stop("bench")
         if peer is not None:
             stop_tree(peer.pid, grace=10, popen=peer)

@@ -61,6 +61,7 @@ def pytest_configure(config):
 # never the last one left while the other process idles. A file not in the list counts as the longest (it runs early).
 # `TESSERA_TEST_DURATIONS=tests/durations.json make test` writes the list anew from that run.
 DURATIONS = Path(__file__).with_name("durations.json")
+_file_seconds: dict[str, float] = {}  # with TESSERA_TEST_DURATIONS: seconds per file of this run
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,9 +73,6 @@ def pytest_runtest_logreport(report):
     if os.environ.get("TESSERA_TEST_DURATIONS"):
         path = report.nodeid.split("::")[0]
         _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
-
-
-_file_seconds: dict[str, float] = {}
 
 
 def pytest_sessionfinish(session):

@@ -63,7 +63,7 @@ def test_every_greedy_sequence_is_its_answer_alone_whatever_runs_beside_it(model
     new_tokens = {k: 4 + 5 * k for k in prompts}  # 4..39
     # prompts prefilled in parts of at most 16 tokens together with the running sequences' steps; a cache so small
     # that later sequences wait for earlier ones to end
-    batch = DenseBatch(served, kv_cache_tokens=200, max_batch_tokens=16, max_rows=8, pad_id=0)
+    batch = DenseBatch(served, kv_cache_tokens=200, max_batch_tokens=16, max_rows=8)
     results = Collector()
     try:
         for k in range(4):
@@ -93,7 +93,7 @@ def test_a_sequence_ends_at_a_stop_token_and_a_cancelled_one_stops(models):
     served, reference = models
     ids = [11, 12, 13, 14, 15]
     expected = alone(reference, ids, 12)
-    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4, pad_id=0)
+    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4)
     results = Collector()
     try:
         stop_at = expected[5]
@@ -123,7 +123,7 @@ def test_each_row_of_the_cache_holds_its_own_sequence_as_rows_end_and_others_mov
     from tasks.serve.batch import DenseBatch, Job
 
     served, reference = models
-    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=8, max_rows=8, pad_id=0)
+    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=8, max_rows=8)
     batch.close()
     lengths = [(6, 3), (13, 20), (4, 5), (9, 25), (17, 8)]  # (prompt, new tokens): rows end out of order
     batch.waiting = [Job([(5 * k + i) % 900 + 1 for i in range(p)], n, 0.0, 1.0, frozenset(), lambda *_: None, stream=False)

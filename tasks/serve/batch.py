@@ -67,6 +67,7 @@ class Layout:
     write_rows: torch.Tensor = field(init=False)  # [tokens]: the row of every token of the forward, in order
     write_columns: torch.Tensor = field(init=False)  # [tokens]: its column
     unseen: torch.Tensor = field(init=False)  # [held, 1, 1, used]: True where a row's generating token must not look
+    causal: list[torch.Tensor] = field(init=False)  # per part, [length, its last column + 1]: what each token sees
 
     def __post_init__(self):
         device = self.rows.device
@@ -76,6 +77,8 @@ class Layout:
         # each row sees its columns up to the one its generating token is written to (rows not generating: column 0)
         seen = torch.zeros(self.held, dtype=torch.long, device=device).index_put_((self.rows,), self.columns)
         self.unseen = (torch.arange(self.used, device=device)[None, :] > seen[:, None])[:, None, None, :]
+        self.causal = [torch.arange(at, at + n, device=device)[:, None] >= torch.arange(at + n, device=device)
+                       for _, at, n in self.parts]
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, layout: Layout | None = None, **_):
@@ -96,9 +99,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, layout: 
         attended = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
         out.append(attended.view(layout.held, heads, dim)[layout.rows].to(query.dtype))
     at = generating
-    for row, start, length in layout.parts:
+    for (row, start, length), causal in zip(layout.parts, layout.causal):
         end = start + length
-        causal = torch.arange(start, end, device=query.device)[:, None] >= torch.arange(end, device=query.device)
         part = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, at:at + length].to(key.dtype), key[row:row + 1, :, :end], value[row:row + 1, :, :end],
             attn_mask=causal, scale=scaling, enable_gqa=heads != key_heads,
@@ -112,8 +114,8 @@ AttentionInterface.register(ATTENTION, _attention)
 
 
 class DenseCache:
-    """Keys and values of every layer, `[rows, key heads, columns, dim]`, grown (never shrunk) as sequences need.
-    Before each forward the loop says where its tokens go (`place`)."""
+    """Keys and values of every layer, `[rows, key heads, columns, dim]`, resized when a joining sequence needs more
+    rows or columns than are held. Before each forward the loop says where its tokens go (`place`)."""
 
     def __init__(self, config, dtype: torch.dtype, device: torch.device):
         self.layers = config.num_hidden_layers
@@ -169,7 +171,7 @@ class DenseBatch:
     """The generation loop, in a thread of its own: `submit` jobs, `cancel` them; `close` stops it. A job waits
     until a row is free and its columns fit: rows x the longest row's columns stay within `kv_cache_tokens`."""
 
-    def __init__(self, model, kv_cache_tokens: int, max_batch_tokens: int, max_rows: int, pad_id: int):
+    def __init__(self, model, kv_cache_tokens: int, max_batch_tokens: int, max_rows: int):
         model.set_attn_implementation(ATTENTION)
         self.model = model
         self.kv_cache_tokens, self.max_batch_tokens, self.max_rows = kv_cache_tokens, max_batch_tokens, max_rows

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tessera.core.generation import stop_token_ids
 from tasks.serve.settings import ServeSettings
@@ -66,8 +67,7 @@ class Engine:
         # one request can use the whole cache, never more than the model's positions
         self.context = min(getattr(model.config, "max_position_embeddings", settings.kv_cache_tokens), settings.kv_cache_tokens)
         self.pending = 0  # sequences admitted and not yet over
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.batch = DenseBatch(model, settings.kv_cache_tokens, settings.max_batch_tokens, rows, pad)
+        self.batch = DenseBatch(model, settings.kv_cache_tokens, settings.max_batch_tokens, rows)
 
     def admit(self, sequences: int) -> None:
         """Reserve room for `sequences`, or raise QueueFull (the caller answers 429). Each is given back with
@@ -112,7 +112,7 @@ class Engine:
 
         def emit(tokens: list[int], finished: bool, error: str | None) -> None:  # called in the batch's thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads it any more
-                loop.call_soon_threadsafe(results.put_nowait, (tokens, finished, error))
+                loop.call_soon_threadsafe(results.put_nowait, _Result(tokens, finished, error))
 
         job = Job(ids, sampling.max_tokens, sampling.temperature, sampling.top_p,
                   frozenset() if self.settings.ignore_eos else frozenset(self.stop_ids), emit,
@@ -136,6 +136,14 @@ class Engine:
         finally:
             if not finished:
                 self.batch.cancel(job)
+
+
+class _Result(NamedTuple):
+    """What the batch says of a sequence: its tokens so far, whether it is over, why it failed."""
+
+    tokens: list[int]
+    finished: bool
+    error: str | None
 
 
 class _Watch:
@@ -169,7 +177,7 @@ async def _newest(results: asyncio.Queue, watch: _Watch):
             out = await asyncio.wait_for(results.get(), timeout=wait)
         except TimeoutError:
             continue
-        while not results.empty() and not out[1]:  # (tokens, finished, error)
+        while not results.empty() and not out.finished:
             out = results.get_nowait()
         return out
 
