@@ -68,7 +68,7 @@ def chat_uri(tmp_path_factory, tiny_model_dir):
     (home / "models").mkdir()
     (home / "models" / "tiny-chat").symlink_to(tiny_model_dir)
     with environment(TESSERA_HOME=str(home), PREFECT_HOME=str(home / "prefect")):
-        yield register(with_context(tiny_model_dir, home / "long-chat", 1536), CHAT_MODEL, "llm/v1/chat")
+        yield register(with_context(tiny_model_dir, home / "long-chat", 8192), CHAT_MODEL, "llm/v1/chat")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ BAD_REQUESTS = [  # (body, content type, status, the param the error names)
     ({"messages": [{"role": "user", "content": 42}]}, "application/json", 400, "messages.0.content"),
     ({"messages": QUESTION, "max_tokens": 0}, "application/json", 400, "max_tokens"),
     ({"messages": QUESTION, "max_tokens": 1_000_000_000}, "application/json", 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hello " * 2000}]}, "application/json", 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hello " * 9000}]}, "application/json", 400, "messages"),
     ({"messages": QUESTION, "temperature": 3}, "application/json", 400, "temperature"),
     ({"messages": QUESTION, "top_p": 0}, "application/json", 400, "top_p"),
     ({"messages": QUESTION, "seed": 7}, "application/json", 400, "seed"),
@@ -267,8 +267,8 @@ def test_an_api_key_a_full_queue_and_the_time_limit(tight_url):
     # two sequences fill it: a third request is turned away while they run
     with urllib.request.urlopen(urllib.request.Request(
         tight_url + "/v1/chat/completions", headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"},
-        data=json.dumps({"messages": QUESTION, "n": 2, "max_tokens": 1400, "stream": True}).encode(),
-    )) as stream:  # 1400 tokens: ~14 s here, were there no limit
+        data=json.dumps({"messages": QUESTION, "n": 2, "max_tokens": 8000, "stream": True}).encode(),
+    )) as stream:  # 8000 tokens: well past the limit (1400 once finished inside 3 s with the current engine)
         stream.readline()  # the role chunk: both sequences are admitted
         got, answer = post(tight_url, {"messages": QUESTION, "max_tokens": 1}, key="s3cret")
         assert got == 429 and answer["error"]["type"] == "rate_limit_error"
@@ -277,7 +277,7 @@ def test_an_api_key_a_full_queue_and_the_time_limit(tight_url):
     assert events[-1] == "data: [DONE]"
 
     # a sequence that runs past the limit is a 504
-    got, answer = post(tight_url, {"messages": QUESTION, "max_tokens": 1400}, key="s3cret")
+    got, answer = post(tight_url, {"messages": QUESTION, "max_tokens": 8000}, key="s3cret")
     assert got == 504 and answer["error"]["type"] == "timeout_error", answer
     assert post(tight_url, {"messages": QUESTION, "max_tokens": 1}, key="s3cret")[0] == 200  # still serving
 
