@@ -145,3 +145,48 @@ def test_each_row_of_the_cache_holds_its_own_sequence_as_rows_end_and_others_mov
                     torch.testing.assert_close(batch.cache.keys[layer][job.slot, :, :written], own.keys[0], atol=1e-4, rtol=1e-4)
                     torch.testing.assert_close(batch.cache.values[layer][job.slot, :, :written], own.values[0], atol=1e-4, rtol=1e-4)
     assert moved and steps > 25
+
+
+def test_a_sliding_window_layer_sees_only_its_window(models):
+    """A model whose second layer attends to the last 6 positions only (Qwen2's sliding window; Mistral v0.1 and
+    Gemma have such layers too), prompts and answers far longer than that, prefilled in parts of 4: each greedy
+    sequence is its answer alone, which `generate` makes with the window applied."""
+    import copy
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tasks.serve.batch import DenseBatch
+
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=6,
+                         max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    reference = Qwen2ForCausalLM(config).eval()
+    served = copy.deepcopy(reference)
+    prompts = {k: [(7 * k + 11 * i) % 299 + 1 for i in range(9 + 5 * k)] for k in range(4)}  # 9..24 tokens
+    batch = DenseBatch(served, kv_cache_tokens=4096, max_batch_tokens=4, max_rows=4)
+    results = Collector()
+    try:
+        for k, ids in prompts.items():
+            batch.submit(results.job(k, ids, 24))
+        results.wait(list(prompts))
+    finally:
+        batch.close()
+    for k, ids in prompts.items():
+        assert results.finished[k] == (alone(reference, ids, 24), None), k
+
+
+def test_a_model_whose_attention_the_batch_cannot_run_is_refused_before_serving():
+    """Gemma 2 soft-caps its attention logits, which the batch's attention does not: refused as the batch starts, with
+    the reason, instead of failing every request."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tasks.serve.batch import DenseBatch
+    from tessera.core.errors import ConfigError
+
+    config = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_logit_softcapping=50.0)
+    with pytest.raises(ConfigError, match="Gemma2ForCausalLM cannot be served here: Gemma2Attention needs attention soft-capping, which"):
+        DenseBatch(Gemma2ForCausalLM(config).eval(), kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4)

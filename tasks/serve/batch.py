@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+from tessera.core.errors import ConfigError
+
 ATTENTION = "tessera_dense"
 COLUMN_STEP = 256  # the cache's columns are a multiple of this
 ROW_STEP = 8  # and its rows of this: sizes that change less often than the batch does
@@ -66,24 +68,41 @@ class Layout:
     used: int  # columns 0..used-1 are read
     write_rows: torch.Tensor = field(init=False)  # [tokens]: the row of every token of the forward, in order
     write_columns: torch.Tensor = field(init=False)  # [tokens]: its column
-    unseen: torch.Tensor = field(init=False)  # [held, 1, 1, used]: True where a row's generating token must not look
-    causal: list[torch.Tensor] = field(init=False)  # per part, [length, its last column + 1]: what each token sees
+    seen: torch.Tensor = field(init=False)  # [held]: the last column a row's generating token sees (not generating: 0)
+    _masks: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self):
         device = self.rows.device
         self.write_rows = torch.cat([self.rows] + [torch.full((n,), row, device=device) for row, _, n in self.parts])
         self.write_columns = torch.cat([self.columns] + [torch.arange(at, at + n, device=device)
                                                          for _, at, n in self.parts])
-        # each row sees its columns up to the one its generating token is written to (rows not generating: column 0)
-        seen = torch.zeros(self.held, dtype=torch.long, device=device).index_put_((self.rows,), self.columns)
-        self.unseen = (torch.arange(self.used, device=device)[None, :] > seen[:, None])[:, None, None, :]
-        self.causal = [torch.arange(at, at + n, device=device)[:, None] >= torch.arange(at + n, device=device)
-                       for _, at, n in self.parts]
+        self.seen = torch.zeros(self.held, dtype=torch.long, device=device).index_put_((self.rows,), self.columns)
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What each token sees, for layers that see every earlier position (window None) or only the last `window`
+        (a sliding-window layer: Mistral v0.1, Gemma 2 and 3): the generating tokens' `unseen` ([held, 1, 1, used],
+        True where a row's token must not look) and each prompt part's `causal` ([length, its last column + 1], True
+        where it looks). Built once per step and window, not once per layer."""
+        if window not in self._masks:
+            device, reach = self.rows.device, window or self.used + 1
+            column = torch.arange(self.used, device=device)[None, :]
+            unseen = (column > self.seen[:, None]) | (column <= self.seen[:, None] - reach)
+            causal = []
+            for _, at, n in self.parts:
+                query, key = torch.arange(at, at + n, device=device)[:, None], torch.arange(at + n, device=device)
+                causal.append((key <= query) & (key > query - reach))
+            self._masks[window] = unseen[:, None, None, :], causal
+        return self._masks[window]
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, layout: Layout | None = None, **_):
+def _attention(module, query, key, value, attention_mask, scaling=None, layout: Layout | None = None,
+               sliding_window: int | None = None, softcap: float | None = None, s_aux=None, **_):
     """Each token of the packed forward (`query`: [1, heads, tokens, dim]) against its own row of the cache (`key`,
-    `value`: [rows, key heads, columns, dim])."""
+    `value`: [rows, key heads, columns, dim]). A sliding-window layer sees only the last `sliding_window` positions."""
+    if softcap is not None or s_aux is not None:  # Gemma 2's logit soft-capping, gpt-oss's attention sinks
+        missing = "soft-capping" if softcap is not None else "sinks"
+        raise NotImplementedError(f"{type(module).__name__} needs attention {missing}, which Tessera's engine does not do")
+    unseen, causal_masks = layout.masks(sliding_window)
     _, heads, tokens, dim = query.shape
     key_heads = key.shape[1]
     per_token = query[0].transpose(0, 1)  # [tokens, heads, dim]
@@ -95,11 +114,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, layout: 
         grouped[layout.rows] = per_token[:generating].to(key.dtype)
         grouped = grouped.view(layout.held, key_heads, heads // key_heads, dim)
         scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # [held, key heads, group, columns]
-        scores.masked_fill_(layout.unseen, float("-inf"))
+        scores.masked_fill_(unseen, float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
         out.append(attended.view(layout.held, heads, dim)[layout.rows].to(query.dtype))
     at = generating
-    for (row, start, length), causal in zip(layout.parts, layout.causal):
+    for (row, start, length), causal in zip(layout.parts, causal_masks):
         end = start + length
         part = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, at:at + length].to(key.dtype), key[row:row + 1, :, :end], value[row:row + 1, :, :end],
@@ -185,6 +204,7 @@ class DenseBatch:
         self.waiting: list[Job] = []
         self.running: list[Job] = []  # in the order they joined: their prompts are prefilled in that order
         self.rows: list[Job] = []  # row i of the cache is rows[i]'s
+        self._first_forward()
         self._thread = threading.Thread(target=self._loop, name="tessera-batch", daemon=True)
         self._thread.start()
 
@@ -201,6 +221,28 @@ class DenseBatch:
     def close(self) -> None:
         self.inbox.put(None)
         self._thread.join()
+
+    def _first_forward(self) -> None:
+        """One token through the model before anyone is served, in a cache dropped after: a model whose attention
+        needs what ours does not do fails here, as the server starts, instead of in every request."""
+        self.cache.reserve(1, 1)
+        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        try:
+            with torch.inference_mode():
+                self._forward([0], Layout(rows=first, columns=first, parts=[], held=1, used=1), keep=[0])
+        except NotImplementedError as exc:
+            raise ConfigError(f"{type(self.model).__name__} cannot be served here: {exc}; vLLM serves it "
+                              f"(README: 'On a GPU: vLLM')") from None
+        finally:
+            self.cache.keys.clear()
+            self.cache.values.clear()
+
+    def _forward(self, ids: list[int], layout: Layout, keep: list[int]) -> torch.Tensor:
+        """The logits at positions `keep` of one packed forward of `ids`, each token written where `layout` says."""
+        self.cache.place(layout)
+        ids, keep = torch.tensor([ids], device=self.device), torch.tensor(keep, device=self.device)
+        return self.model(input_ids=ids, position_ids=layout.write_columns[None, :], past_key_values=self.cache,
+                          use_cache=True, layout=layout, logits_to_keep=keep).logits[0]
 
     # ---- the loop ----
 
@@ -273,12 +315,8 @@ class DenseBatch:
             if job.prefilled == len(job.ids):
                 done.append(job)
                 keep.append(at - 1)
-        self.cache.place(layout)
-        if not keep:  # only parts of prompts, none whole yet: nothing to read from this forward but the cache
-            keep = [len(ids) - 1]
-        ids, keep = torch.tensor([ids], device=self.device), torch.tensor(keep, device=self.device)
-        logits = self.model(input_ids=ids, position_ids=layout.write_columns[None, :], past_key_values=self.cache,
-                            use_cache=True, layout=layout, logits_to_keep=keep).logits[0]
+        # (only parts of prompts, none whole yet: no logits are read, the forward only fills the cache)
+        logits = self._forward(ids, layout, keep or [len(ids) - 1])
         self._advance(generating + done, logits[: len(generating) + len(done)])
 
     def _advance(self, jobs: list[Job], logits: torch.Tensor) -> None:
