@@ -150,11 +150,12 @@ class InProcessEngine:
     def __init__(self, model_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from tasks.serve.batch import in_passing_thread
         from tasks.serve.engine import engine_for
         from tasks.serve.settings import ServeSettings
         from tessera.core.generation import prompt_ids
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        model = in_passing_thread(lambda: AutoModelForCausalLM.from_pretrained(model_dir).eval())
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.engine = engine_for(model, tokenizer, ServeSettings())
         self.prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]

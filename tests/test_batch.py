@@ -190,3 +190,30 @@ def test_a_model_whose_attention_the_batch_cannot_run_is_refused_before_serving(
                           num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_logit_softcapping=50.0)
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM cannot be served here: Gemma2Attention needs attention soft-capping, which"):
         DenseBatch(Gemma2ForCausalLM(config).eval(), kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4)
+
+
+def test_all_of_the_models_work_is_done_in_the_batchs_own_thread(tiny_model_dir):
+    """On CPU a second live thread that ran torch's parallel work made every step ~50% slower (tasks.serve.batch,
+    in_passing_thread): the model is loaded in a thread that ends, and packed, tried and run in the batch's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.serve.batch import DenseBatch, in_passing_thread
+    from tasks.serve.packed_linear import PackedLinear
+
+    model = in_passing_thread(lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval())
+    assert "tessera-load" not in {t.name for t in threading.enumerate()}
+    ran_in: set[str] = set()
+    model.register_forward_pre_hook(lambda *_: ran_in.add(threading.current_thread().name))
+    batch = DenseBatch(model, kv_cache_tokens=4096, max_batch_tokens=64, max_rows=4)
+    results = Collector()
+    try:
+        assert ran_in == {"tessera-batch"}  # the first forward, before serving
+        batch.submit(results.job(1, [3, 4, 5], 6))
+        results.wait([1])
+    finally:
+        batch.close()
+    assert ran_in == {"tessera-batch"} and len(results.finished[1][0]) == 6
+    assert any(type(m) is PackedLinear for m in model.modules()) or not torch.backends.mkldnn.is_available()
+    with pytest.raises(ValueError, match="invalid literal"):  # what the load raises is raised in the caller
+        in_passing_thread(lambda: int("not a number"))

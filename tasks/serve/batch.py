@@ -21,6 +21,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from transformers import AttentionInterface
@@ -31,6 +32,7 @@ from tessera.core.errors import ConfigError
 ATTENTION = "tessera_dense"
 COLUMN_STEP = 256  # the cache's columns are a multiple of this
 ROW_STEP = 8  # and its rows of this: sizes that change less often than the batch does
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -189,7 +191,9 @@ class DenseCache:
 
 class DenseBatch:
     """The generation loop, in a thread of its own: `submit` jobs, `cancel` them; `close` stops it. A job waits
-    until a row is free and its columns fit: rows x the longest row's columns stay within `kv_cache_tokens`."""
+    until a row is free and its columns fit: rows x the longest row's columns stay within `kv_cache_tokens`.
+    All of the model's work is done in that thread (packing its linears, a first forward, every step); load the
+    model with `in_passing_thread`, so that no other live thread has run torch's parallel work on CPU (see there)."""
 
     def __init__(self, model, kv_cache_tokens: int, max_batch_tokens: int, max_rows: int):
         model.set_attn_implementation(ATTENTION)
@@ -197,8 +201,6 @@ class DenseBatch:
         self.kv_cache_tokens, self.max_batch_tokens, self.max_rows = kv_cache_tokens, max_batch_tokens, max_rows
         parameter = next(model.parameters())
         self.device = parameter.device
-        if self.device.type == "cpu":
-            pack_linears(model, max_rows)  # a quarter to a half of the linears' time (tasks.serve.packed_linear)
         # on CPU the cache is fp32 whatever the weights: bf16's batched matmuls over strided keys took 2.7x fp32's
         # time for a step's attention (SmolLM2-135M, 12 rows of 150 columns: 354 against 133 us per layer)
         cache_dtype = torch.float32 if parameter.device.type == "cpu" else parameter.dtype
@@ -207,9 +209,12 @@ class DenseBatch:
         self.waiting: list[Job] = []
         self.running: list[Job] = []  # in the order they joined: their prompts are prefilled in that order
         self.rows: list[Job] = []  # row i of the cache is rows[i]'s
-        self._first_forward()
-        self._thread = threading.Thread(target=self._loop, name="tessera-batch", daemon=True)
+        started, failed = threading.Event(), []
+        self._thread = threading.Thread(target=self._run, args=(started, failed), name="tessera-batch", daemon=True)
         self._thread.start()
+        started.wait()
+        if failed:
+            raise failed[0]
 
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
@@ -224,6 +229,18 @@ class DenseBatch:
     def close(self) -> None:
         self.inbox.put(None)
         self._thread.join()
+
+    def _run(self, started: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            if self.device.type == "cpu":
+                pack_linears(self.model, self.max_rows)  # a quarter to a half of the linears' time
+            self._first_forward()
+        except BaseException as exc:  # noqa: BLE001 - raised in the thread that started the batch
+            failed.append(exc)
+            return
+        finally:
+            started.set()
+        self._loop()
 
     def _first_forward(self) -> None:
         """One token through the model before anyone is served, in a cache dropped after: a model whose attention
@@ -348,6 +365,29 @@ class DenseBatch:
                 self.rows[job.slot], last.slot = last, job.slot
         if not job.cancelled:
             job.emit(list(job.tokens), True, error)
+
+
+def in_passing_thread(load: Callable[[], T]) -> T:
+    """load() in a thread that ends when it returns. On CPU, the OpenMP threads that torch's parallel work starts
+    (loading a model does some) wait for more work as long as the thread that started them lives; with the batch's
+    own, more threads wait than there are cores, and libgomp then has them sleep instead of spin between parallel
+    regions: every step of the batch took ~50% longer (SmolLM2-135M, 1 row: 30 ms when the loop's thread was the
+    only one, 48 when the model had been loaded in the main thread, which lives on)."""
+    result: list = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(load())
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="tessera-load")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return result[0]
 
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ps: list[float]) -> torch.Tensor:
