@@ -150,8 +150,8 @@ class InProcessEngine:
     def __init__(self, model_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from tasks.serve.batch import in_passing_thread
         from tasks.serve.engine import engine_for
+        from tasks.serve.loading import in_passing_thread
         from tasks.serve.settings import ServeSettings
         from tessera.core.generation import prompt_ids
 

@@ -21,7 +21,6 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from transformers import AttentionInterface
@@ -32,7 +31,6 @@ from tessera.core.errors import ConfigError
 ATTENTION = "tessera_dense"
 COLUMN_STEP = 256  # the cache's columns are a multiple of this
 ROW_STEP = 8  # and its rows of this: sizes that change less often than the batch does
-T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -193,7 +191,7 @@ class DenseBatch:
     """The generation loop, in a thread of its own: `submit` jobs, `cancel` them; `close` stops it. A job waits
     until a row is free and its columns fit: rows x the longest row's columns stay within `kv_cache_tokens`.
     All of the model's work is done in that thread (packing its linears, a first forward, every step); load the
-    model with `in_passing_thread`, so that no other live thread has run torch's parallel work on CPU (see there)."""
+    model in a thread that has ended (tasks.serve.loading.in_passing_thread, which says why)."""
 
     def __init__(self, model, kv_cache_tokens: int, max_batch_tokens: int, max_rows: int):
         model.set_attn_implementation(ATTENTION)
@@ -365,29 +363,6 @@ class DenseBatch:
                 self.rows[job.slot], last.slot = last, job.slot
         if not job.cancelled:
             job.emit(list(job.tokens), True, error)
-
-
-def in_passing_thread(load: Callable[[], T]) -> T:
-    """load() in a thread that ends when it returns. On CPU, the OpenMP threads that torch's parallel work starts
-    (loading a model does some) wait for more work as long as the thread that started them lives; with the batch's
-    own, more threads wait than there are cores, and libgomp then has them sleep instead of spin between parallel
-    regions: every step of the batch took ~50% longer (SmolLM2-135M, 1 row: 30 ms when the loop's thread was the
-    only one, 48 when the model had been loaded in the main thread, which lives on)."""
-    result: list = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(load())
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="tessera-load")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return result[0]
 
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ps: list[float]) -> torch.Tensor:

@@ -55,12 +55,10 @@ stats = _answering_in_openais_shape(FastAPI(title="Tessera model endpoint: its s
 @bentoml.asgi_app(stats, path="/_tessera")
 class ChatService:
     def __init__(self) -> None:
-        from tasks.serve.batch import in_passing_thread  # with torch: imported when the model is
-
         self.model_uri = os.environ[MODEL_URI_ENV]
         self.api_key = os.environ.get(API_KEY_ENV)
         self.settings = ServeSettings.from_env()
-        loaded = in_passing_thread(lambda: load_registered(self.model_uri))  # not in this thread: the batch runs faster
+        loaded = load_registered(self.model_uri)
         self.tokenizer, self.task = loaded.tokenizer, loaded.task
         self.engine = engine_for(loaded.model, loaded.tokenizer, self.settings)
         self.answering = 0  # requests whose answer is being made (a stream: while it is being sent)
